@@ -1,0 +1,309 @@
+"""The typed configuration tree: loaded from YAML, overridden by CLI flags, validated once.
+
+Everything below the CLI receives a `Config` and trusts it. Each field may carry
+`metadata={"check": ...}`: a predicate plus the phrase used when it fails, so
+messages read like `tiles.overlap: must be in [0, 1), got 1.5`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from autoseg.errors import InputError
+
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _range(lo: float, hi: float, closed_hi: bool = True) -> dict:
+    bracket = "]" if closed_hi else ")"
+    if closed_hi:
+        return {"check": (lambda v: lo <= v <= hi, f"must be in [{lo}, {hi}{bracket}")}
+    return {"check": (lambda v: lo <= v < hi, f"must be in [{lo}, {hi}{bracket}")}
+
+
+def _min(lo: float, strict: bool = False) -> dict:
+    if strict:
+        return {"check": (lambda v: v > lo, f"must be > {lo}")}
+    return {"check": (lambda v: v >= lo, f"must be >= {lo}")}
+
+
+def _all(pred: Callable[[Any], bool], phrase: str) -> dict:
+    return {"check": (lambda vs: len(vs) > 0 and all(pred(v) for v in vs), phrase)}
+
+
+@dataclass
+class DataConfig:
+    images: Path | None = None
+    masks: Path | None = None
+    test_images: Path | None = None
+    test_masks: Path | None = None
+    # Mask files may be named `<stem><suffix>.<ext>`; the bare stem always matches.
+    mask_suffixes: list[str] = field(default_factory=lambda: ["_mask", "_masks", "_label", "_labels", "_gt"])
+    # Class name -> RGB colour, for colour-coded masks. A classes.json beside the masks also works.
+    palette: dict[str, list[int]] | None = None
+    # Mask value excluded from loss and metrics. Set to null to treat every value as a class.
+    ignore_index: int | None = field(default=255, metadata=_range(0, 65535))
+    # Share of images held out for testing when no test folders are given (split by image).
+    test_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
+
+
+@dataclass
+class TilesConfig:
+    size: int = field(default=64, metadata=_min(8))
+    overlap: float = field(default=0.25, metadata=_range(0.0, 1.0, closed_hi=False))
+
+
+@dataclass
+class RepsConfig:
+    num_reps: int = field(default=200, metadata=_min(1))
+    # Tiles taken from each cluster: clusters = ceil(num_reps / reps_per_cluster).
+    reps_per_cluster: int = field(default=1, metadata=_min(1))
+    embedder: Literal["handcrafted", "cnn"] = "handcrafted"
+    # Optional local state_dict for the cnn embedder (e.g. a torchvision ResNet-18); random weights if null.
+    embedder_weights: Path | None = None
+    # Tiles whose feature distance to a kept tile is below this are dropped as near-duplicates.
+    dedup_threshold: float = field(default=1e-3, metadata=_min(0.0))
+    class_aware: bool = True
+    contact_sheet: bool = False
+    write_pngs: bool = False
+
+
+@dataclass
+class SpaceConfig:
+    levels: list[int] = field(
+        default_factory=lambda: [2, 3, 4], metadata=_all(lambda v: 1 <= v <= 6, "must be levels in 1..6")
+    )
+    kernels: list[int] = field(
+        default_factory=lambda: [3, 5], metadata=_all(lambda v: v in (3, 5, 7), "must be kernels from {3, 5, 7}")
+    )
+    channels: list[int] = field(
+        default_factory=lambda: [8, 16, 32, 64], metadata=_all(lambda v: v >= 1, "must be positive channel counts")
+    )
+    conv: list[Literal["standard", "separable"]] = field(default_factory=lambda: ["standard", "separable"])
+    upsample: list[Literal["transpose", "bilinear"]] = field(default_factory=lambda: ["transpose", "bilinear"])
+    # Extra tile sizes to search over; empty means tiles.size only.
+    tile_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SearchConfig:
+    trials: int = field(default=20, metadata=_min(1))
+    objective: Literal["penalty", "pareto"] = "penalty"
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    pruner: Literal["median", "none"] = "median"
+    latency_budget_ms: float | None = field(default=None, metadata=_min(0.0, strict=True))
+    # penalty objective: score - alpha*log10(latency/latency_ref_ms) - beta*log10(macs/macs_ref)
+    alpha: float = field(default=0.05, metadata=_min(0.0))
+    beta: float = field(default=0.0, metadata=_min(0.0))
+    latency_ref_ms: float = field(default=10.0, metadata=_min(0.0, strict=True))
+    macs_ref: float = field(default=1e8, metadata=_min(0.0, strict=True))
+    # Stop the study after this many budget prunes in a row: no candidate fits the budget.
+    max_budget_prunes: int = field(default=20, metadata=_min(1))
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+
+
+@dataclass
+class TrainConfig:
+    folds: int = field(default=3, metadata=_min(2))
+    epochs: int = field(default=5, metadata=_min(1))
+    # Epochs for the final retrain of the best net on all representatives.
+    final_epochs: int = field(default=20, metadata=_min(1))
+    lr: float = field(default=3e-3, metadata=_min(0.0, strict=True))
+    weight_decay: float = field(default=1e-4, metadata=_min(0.0))
+    batch_size: int | None = field(default=None, metadata=_min(1))
+    dice_weight: float = field(default=1.0, metadata=_min(0.0))
+    # "none", "inverse" (inverse sqrt of pixel frequency) or one weight per class.
+    class_weights: Literal["none", "inverse"] | list[float] = "none"
+    augment: bool = True
+    threads: int | None = field(default=None, metadata=_min(1))
+
+
+@dataclass
+class DeviceConfig:
+    # "local", "user@host", "user@host:port" or a Host alias from ~/.ssh/config.
+    target: str = "local"
+    python: str = "python3"
+    trust_new_host: bool = False
+    fallback: Literal["none", "local"] = "none"
+    known_hosts: Path | None = None
+    ssh_config: Path | None = None
+    identity_file: Path | None = None
+    connect_timeout_s: float = field(default=10.0, metadata=_min(0.0, strict=True))
+    reconnect_attempts: int = field(default=3, metadata=_min(0))
+    threads: int | None = field(default=None, metadata=_min(1))
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    warmup: int = field(default=5, metadata=_min(0))
+    min_runs: int = field(default=20, metadata=_min(1))
+    min_seconds: float = field(default=0.5, metadata=_min(0.0))
+    cooldown_s: float = field(default=0.0, metadata=_min(0.0))
+    max_model_mb: float = field(default=256.0, metadata=_min(0.0, strict=True))
+    # Input size for latency measurement; null means the tile size.
+    measure_size: int | None = field(default=None, metadata=_min(8))
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "window"] = "whole"
+    window_overlap: float = field(default=0.5, metadata=_range(0.0, 1.0, closed_hi=False))
+    batch: int = field(default=8, metadata=_min(1))
+    num_examples: int = field(default=4, metadata=_min(0))
+
+
+@dataclass
+class ExportConfig:
+    opset: int = field(default=17, metadata=_range(11, 23))
+    simplify: bool = True
+    parity_atol: float = field(default=1e-4, metadata=_min(0.0, strict=True))
+
+
+@dataclass
+class Config:
+    out: Path = Path("runs/autoseg")
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tiles: TilesConfig = field(default_factory=TilesConfig)
+    reps: RepsConfig = field(default_factory=RepsConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read YAML (if given), apply dotted-key overrides, validate, and return the tree."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise InputError(f"{path}: cannot read config ({e.strerror}); check the --config path") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise InputError(f"{path}:{where} is not valid YAML; fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise InputError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise InputError(f"{dotted}: cannot override, {p} is not a section")
+        node[leaf] = value
+    return _build(Config, raw, "")
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain YAML/JSON-ready form of the tree (paths become strings)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    if isinstance(cfg, list | tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise InputError(
+            f"{prefix}{unknown[0]}: unknown key; known keys here are {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+            continue
+        v = _coerce(tp, value, key)
+        check: Check | None = fields[name].metadata.get("check")
+        if check is not None and v is not None and not isinstance(v, str) and not check[0](v):
+            raise InputError(f"{key}: {check[1]}, got {_show(value)}")
+        kwargs[name] = v
+    return cls(**kwargs)
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(a, value, key)
+            except InputError as e:
+                errors.append(str(e))
+        raise InputError(errors[-1] if len(errors) == 1 else f"{key}: {_expected(tp)}, got {_show(value)}")
+    if origin is Literal:
+        if value not in args:
+            raise InputError(f"{key}: must be one of {', '.join(map(str, args))}, got {_show(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise InputError(f"{key}: must be a list, got {_show(value)}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{key}: must be a mapping, got {_show(value)}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{key}: must be true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{key}: must be an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(f"{key}: must be a number, got {_show(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise InputError(f"{key}: must be a string, got {_show(value)}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            raise InputError(f"{key}: must be a path, got {_show(value)}")
+        return Path(value).expanduser()
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in this file, not user input
+
+
+def _expected(tp: Any) -> str:
+    names = [getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None)]
+    return "must be " + " or ".join(names)
