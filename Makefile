@@ -28,7 +28,8 @@ test-all: $(STAMP) sshd
 
 # The SSH tests run a real OpenSSH server on 127.0.0.1.
 sshd:
-	@command -v /usr/sbin/sshd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; }
+	@test -x /usr/sbin/sshd || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; }
+	@mkdir -p /run/sshd
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

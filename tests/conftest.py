@@ -1,0 +1,90 @@
+"""Shared fixtures: a real OpenSSH server on 127.0.0.1 and tiny ONNX models."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from sshd_server import SSHServer, unavailable_reason
+
+from autoseg.config import DeviceConfig
+
+
+def conv_relu_onnx(cin: int = 3, cout: int = 8, k: int = 3, seed: int = 0, graph_name: str = "g") -> bytes:
+    """Conv + Relu with dynamic N, H, W; input "input", output "logits" (like export.onnx_bytes)."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((cout, cin, k, k)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(cout, np.float32), "b")
+    pad = k // 2
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[pad] * 4),
+         helper.make_node("Relu", ["c"], ["logits"])],
+        graph_name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", cin, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", cout, "H", "W"])],
+        [w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8  # readable by any onnxruntime >= 1.10
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx() -> bytes:
+    return conv_relu_onnx()
+
+
+def _require_sshd() -> None:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """One sshd for the whole session; tests that stop or replace a server use fresh_sshd_server."""
+    _require_sshd()
+    server = SSHServer(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_sshd_server(tmp_path: Path) -> Iterator[SSHServer]:
+    _require_sshd()
+    server = SSHServer(tmp_path / "sshd").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def agent_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where SSHDevice deploys the agent in tests (instead of ~/.cache/autoseg-agent)."""
+    return tmp_path_factory.mktemp("agent-root")
+
+
+@pytest.fixture(scope="session")
+def ssh_device_config(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., DeviceConfig]:
+    """Factory: DeviceConfig for a test server (host key already trusted unless known_hosts is given)."""
+
+    def make(server: SSHServer, **overrides: object) -> DeviceConfig:
+        if "known_hosts" not in overrides:
+            overrides["known_hosts"] = server.write_known_hosts(tmp_path_factory.mktemp("kh") / "known_hosts")
+        values: dict = {
+            "target": server.target,
+            "python": sys.executable,  # the venv python, like --device-python on a real device
+            "identity_file": server.user_key,
+            "connect_timeout_s": 5.0,
+            "reconnect_attempts": 1,
+            "warmup": 1,
+            "min_runs": 3,
+            "min_seconds": 0.02,
+        }
+        values.update(overrides)
+        return DeviceConfig(**values)
+
+    return make
