@@ -17,6 +17,12 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     # Third-party chatter stays out of plain logs unless asked for.
     for name in ("paramiko", "matplotlib", "PIL", "optuna"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Optuna prints through its own handler; our per-trial line says the same thing more plainly.
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if verbose else optuna.logging.WARNING)
+    optuna.logging.enable_propagation()
 
 
 def progress_enabled() -> bool:

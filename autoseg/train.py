@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoseg.config import TrainConfig
 from autoseg.metrics import IGNORE, confusion_matrix, metrics_from_confusion
 from autoseg.unet import Arch, UNet, build_unet, validate_arch
 
@@ -40,6 +41,23 @@ class TrainSettings:
     augment: bool
     seed: int
     threads: int | None = None  # torch.set_num_threads for the duration of training; None keeps the default
+
+
+def training_settings(
+    t: TrainConfig, seed: int, class_weights: tuple[float, ...] | None, epochs: int | None = None
+) -> TrainSettings:
+    """The training knobs of the config; `epochs` overrides for the final retrain."""
+    return TrainSettings(
+        epochs=t.epochs if epochs is None else epochs,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        batch_size=t.batch_size,
+        dice_weight=t.dice_weight,
+        class_weights=class_weights,
+        augment=t.augment,
+        seed=seed,
+        threads=t.threads,
+    )
 
 
 # ---------------------------------------------------------------- loss

@@ -1,0 +1,374 @@
+"""`autoseg` command line: parse flags, load the config once, run, map errors to exit codes.
+
+Exit codes: 0 ok, 1 internal error, 2 bad input or config, 3 device unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from autoseg import __version__
+from autoseg.config import Config, load_config
+from autoseg.errors import AutosegError, InputError
+from autoseg.logs import progress_enabled, setup_logging
+from autoseg.rundir import os_reason
+
+log = logging.getLogger("autoseg")
+
+# flag dest -> dotted config key
+_FLAG_KEYS = {
+    "images": "data.images",
+    "masks": "data.masks",
+    "test_images": "data.test_images",
+    "test_masks": "data.test_masks",
+    "ignore_index": "data.ignore_index",
+    "tile": "tiles.size",
+    "overlap": "tiles.overlap",
+    "num_reps": "reps.num_reps",
+    "reps_per_cluster": "reps.reps_per_cluster",
+    "embedder": "reps.embedder",
+    "embedder_weights": "reps.embedder_weights",
+    "trials": "search.trials",
+    "objective": "search.objective",
+    "sampler": "search.sampler",
+    "latency_budget_ms": "search.latency_budget_ms",
+    "folds": "train.folds",
+    "epochs": "train.epochs",
+    "final_epochs": "train.final_epochs",
+    "batch_size": "train.batch_size",
+    "device": "device.target",
+    "device_python": "device.python",
+    "fallback": "device.fallback",
+    "known_hosts": "device.known_hosts",
+    "identity_file": "device.identity_file",
+    "eval_mode": "eval.mode",
+    "out": "out",
+    "seed": "seed",
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file; flags override it")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", help="folder of training images")
+    p.add_argument("--masks", help="folder of label masks (paired with images by file stem)")
+    p.add_argument("--ignore-index", type=int, help="mask value left out of loss and metrics (default 255)")
+    p.add_argument("--tile", type=int, help="tile size in pixels")
+    p.add_argument("--overlap", type=float, help="tile overlap in [0, 1)")
+    p.add_argument("--seed", type=int)
+
+
+def _add_reps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-reps", type=int, help="number of representative tiles")
+    p.add_argument("--reps-per-cluster", type=int, help="representatives taken from each cluster")
+    p.add_argument("--embedder", choices=["handcrafted", "cnn"])
+    p.add_argument("--embedder-weights", help="local state_dict for the cnn embedder (e.g. ResNet-18)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="local, user@host, user@host:port or a ~/.ssh/config Host alias")
+    p.add_argument("--device-python", help="python on the device that has numpy and onnxruntime")
+    p.add_argument("--trust-new-host", action="store_true", default=None, help="accept and record an unknown host key")
+    p.add_argument("--fallback", choices=["none", "local"], help="measure locally if the device is lost")
+    p.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
+    p.add_argument("--identity-file", help="private key for the device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoseg",
+        description="Find the smallest U-Net that still segments well, measured on the device that runs it.",
+    )
+    parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("search", help="search architectures, retrain the best, export and report")
+    _add_common(p)
+    _add_data(p)
+    _add_reps(p)
+    _add_device(p)
+    p.add_argument("--test-images", help="folder of full-size test images")
+    p.add_argument("--test-masks", help="folder of their masks")
+    p.add_argument("--trials", type=int)
+    p.add_argument("--folds", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--final-epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--objective", choices=["penalty", "pareto"])
+    p.add_argument("--sampler", choices=["tpe", "nsga2"])
+    p.add_argument("--latency-budget-ms", type=float)
+    p.add_argument("--eval-mode", choices=["whole", "window"])
+    p.add_argument("--out", help="run directory (rerun the same command to resume)")
+    p.add_argument("--resume-anyway", action="store_true", help="resume a study made with another config")
+
+    p = sub.add_parser("demo", help="generate the built-in demo data and run the whole pipeline on it")
+    _add_common(p)
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--trials", type=int)
+    p.add_argument("--device", help="measure on this device instead of locally")
+    p.add_argument("--device-python")
+    p.add_argument("--trust-new-host", action="store_true", default=None)
+
+    p = sub.add_parser("tiles", help="count the moving-window tiles of a dataset")
+    _add_common(p)
+    _add_data(p)
+
+    p = sub.add_parser("reps", help="choose representative tiles and write their manifest")
+    _add_common(p)
+    _add_data(p)
+    _add_reps(p)
+    p.add_argument("--out", help="run directory for the manifest and index cache")
+    p.add_argument("--contact-sheet", action="store_true", default=None, help="also write contact_sheet.png")
+    p.add_argument("--write-pngs", action="store_true", default=None, help="also write each tile as PNG")
+
+    p = sub.add_parser("eval", help="evaluate a run's exported model on full-size images")
+    _add_common(p)
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--test-images", help="folder of test images (default: the run's held-out images)")
+    p.add_argument("--test-masks", help="folder of their masks")
+    p.add_argument("--eval-mode", choices=["whole", "window"])
+
+    p = sub.add_parser("export", help="re-export a run's best net to a verified ONNX file")
+    _add_common(p)
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--to", type=Path, help="output path (default RUN/best/model.onnx)")
+    p.add_argument("--opset", type=int)
+
+    p = sub.add_parser("report", help="write report.md/html/json for a run (finished or running)")
+    _add_common(p)
+    p.add_argument("run", type=Path, help="run directory")
+
+    p = sub.add_parser("device", help="device utilities")
+    dsub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    c = dsub.add_parser("check", help="connect, deploy the agent, print fingerprint and a reference latency")
+    _add_common(c)
+    _add_device(c)
+    return parser
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dest, key in _FLAG_KEYS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            out[key] = str(v) if isinstance(v, Path) else v
+    for flag, key in (
+        ("trust_new_host", "device.trust_new_host"),
+        ("contact_sheet", "reps.contact_sheet"),
+        ("write_pngs", "reps.write_pngs"),
+    ):
+        if getattr(args, flag, None):
+            out[key] = True
+    return out
+
+
+def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    overrides = dict(base or {})
+    overrides.update(overrides_from(args))
+    return load_config(args.config, overrides)
+
+
+def _run_config(run: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    """A run's saved config, with this command's flags on top."""
+    path = run / "config.yml"
+    if not path.exists():
+        raise InputError(f"{path}: not found; is {run} a run directory written by `autoseg search`?")
+    overrides = overrides_from(args)
+    overrides.update(extra or {})
+    return load_config(path, overrides)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import run_search, summary_lines
+
+    card = run_search(_config(args), resume_anyway=args.resume_anyway, progress=progress_enabled())
+    for line in summary_lines(card):
+        print(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from autoseg.demo_data import generate_demo
+    from autoseg.pipeline import run_search, summary_lines
+
+    out = Path(args.out)
+    images, masks = generate_demo(out / "data")
+    base = {
+        "data.images": str(images),
+        "data.masks": str(masks),
+        "tiles.size": 64,
+        "tiles.overlap": 0.25,
+        "reps.num_reps": 96,
+        "reps.contact_sheet": True,
+        "search.trials": 10,
+        "search.alpha": 0.05,
+        "search.space.levels": [1, 2, 3],
+        "search.space.channels": [4, 8, 16, 32],
+        "train.folds": 3,
+        "train.epochs": 4,
+        "train.final_epochs": 30,
+        "out": str(out / "run"),
+    }
+    if args.trials:
+        base["search.trials"] = args.trials
+    cfg = _config(args, base) if args.config else load_config(None, {**base, **overrides_from(args)})
+    card = run_search(cfg, progress=progress_enabled())
+    for line in summary_lines(card):
+        print(line)
+    print(f"report: {cfg.out / 'report.html'}")
+    return 0
+
+
+def cmd_tiles(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import prepare_data, tile_index
+
+    cfg = _config(args)
+    stage = prepare_data(cfg, progress_enabled())
+    index = tile_index(cfg, stage, cfg.tiles.size)
+    from autoseg.tiles import stride_for
+
+    print(
+        f"{len(stage.train_ids)} training images, tile {cfg.tiles.size}, stride "
+        f"{stride_for(cfg.tiles.size, cfg.tiles.overlap)}: {len(index)} tiles "
+        f"({len(stage.test_ids)} images held out for testing)"
+    )
+    return 0
+
+
+def cmd_reps(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import prepare_data, select_reps
+    from autoseg.rundir import RunDir
+
+    cfg = _config(args)
+    run = RunDir(cfg.out).prepare()
+    stage = prepare_data(cfg, progress_enabled())
+    reps = select_reps(cfg, stage, cfg.tiles.size, run, progress_enabled())
+    print(f"{len(reps.rows)} representatives of {reps.n_tiles} tiles -> {run.reps / 'manifest.csv'}")
+    if cfg.reps.contact_sheet:
+        print(f"contact sheet: {run.reps / 'contact_sheet.png'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import evaluate_model, prepare_data
+    from autoseg.rundir import RunDir
+    from autoseg.unet import Arch
+
+    run = RunDir(args.run)
+    card = _read_card(run)
+    extra = {}
+    if args.test_images or args.test_masks:
+        extra = {"data.test_images": args.test_images, "data.test_masks": args.test_masks}
+    cfg = _run_config(args.run, args, extra)
+    # Same config and seed give the same split, so this is the run's own held-out set unless folders are given.
+    stage = prepare_data(cfg, progress_enabled())
+    arch = Arch.from_dict(card["arch_dict"])
+    metrics = evaluate_model(
+        cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, card["tile"], progress_enabled()
+    )
+    if metrics is None:
+        raise InputError(f"{args.run}: no test images to evaluate on; pass --test-images and --test-masks")
+    m = metrics["mean"]
+    print(
+        f"{len(stage.test_ids)} image(s): mIoU {m['miou']:.3f}, macro Dice {m['macro_dice']:.3f}, "
+        f"pixel acc {m['pixel_acc']:.3f} -> {run.eval / 'metrics.json'}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from autoseg.pipeline import export_checkpoint
+    from autoseg.rundir import RunDir
+    from autoseg.unet import Arch, build_unet
+
+    run = RunDir(args.run)
+    cfg = _run_config(args.run, args, {"export.opset": args.opset} if args.opset else None)
+    ckpt_path = run.best / "model.pt"
+    if not ckpt_path.exists():
+        raise InputError(f"{ckpt_path}: not found; run `autoseg search` to completion first")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = build_unet(Arch.from_dict(ckpt["arch"]), ckpt["in_channels"], ckpt["num_classes"])
+    model.load_state_dict(ckpt["state_dict"])
+    info = export_checkpoint(ckpt, model.eval(), args.to or run.best / "model.onnx", cfg)
+    print(
+        f"{info.path}: {info.size_bytes / 1e3:.1f} kB, opset {info.opset}, "
+        f"parity max |diff| {info.parity_max_abs_diff:.2e}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from autoseg.report import write_report
+
+    if not (args.run / "study.db").exists():
+        raise InputError(f"{args.run}: no study.db here; give a run directory written by `autoseg search`")
+    write_report(args.run)
+    print(f"{args.run / 'report.html'}")
+    return 0
+
+
+def cmd_device_check(args: argparse.Namespace) -> int:
+    from autoseg.device_check import check_device
+
+    cfg = _config(args)
+    report = check_device(cfg.device)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _read_card(run: Any) -> dict[str, Any]:
+    path = run.best / "model_card.json"
+    if not path.exists():
+        raise InputError(f"{path}: not found; run `autoseg search` to completion first")
+    return json.loads(path.read_text())
+
+
+COMMANDS = {
+    "search": cmd_search,
+    "demo": cmd_demo,
+    "tiles": cmd_tiles,
+    "reps": cmd_reps,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "report": cmd_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    handler = cmd_device_check if args.command == "device" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except AutosegError as e:
+        print(f"autoseg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        # Disk full or permissions while writing: say where, without a traceback.
+        if e.errno is not None and e.filename is not None:
+            print(f"autoseg: error: {e.filename}: {os_reason(e)}; free space or choose another --out", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("autoseg: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

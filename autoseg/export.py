@@ -1,0 +1,254 @@
+"""Torch -> ONNX: bytes for latency trials, and the final simplified, checked, self-describing model.
+
+The search exports every trial with `onnx_bytes` (fast, no simplification) so the device measures
+exactly what `torch` traced. The final model goes through `export_final`: simplify with onnxsim,
+attach metadata, run the ONNX checker, write atomically, and prove parity with torch at two sizes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+import autoseg
+from autoseg.errors import AutosegError, InputError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+_DYNAMIC_AXES = {INPUT_NAME: {0: "N", 2: "H", 3: "W"}, OUTPUT_NAME: {0: "N", 2: "H", 3: "W"}}
+# Keys every final model carries; callers are expected to pass these (they are not derivable here).
+RECOMMENDED_KEYS = ("classes", "mean", "std", "arch")
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    path: Path
+    size_bytes: int
+    opset: int
+    parity_max_abs_diff: float
+    nodes_before: int
+    nodes_after: int
+    simplified: bool
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def _cpu_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode CPU model, leaving the caller's model (device, train flag) untouched."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    m = model if on_cpu and not model.training else copy.deepcopy(model).cpu()
+    return m.eval()
+
+
+def onnx_bytes(model: torch.nn.Module, in_channels: int, size: int, opset: int = 17) -> bytes:
+    """Trace `model` on a (1, C, size, size) input; N, H and W stay dynamic in the graph."""
+    m = _cpu_eval_copy(model)
+    buf = io.BytesIO()
+    dummy = torch.zeros(1, in_channels, size, size)
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter is deprecated; the dynamo one needs onnxscript (not a dependency).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            m,
+            (dummy,),
+            buf,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=_DYNAMIC_AXES,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    return buf.getvalue()
+
+
+def _strip(graph: onnx.GraphProto) -> None:
+    graph.name = ""
+    graph.doc_string = ""
+    for node in graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for attr in node.attribute:  # If/Loop/Scan bodies
+            if attr.HasField("g"):
+                _strip(attr.g)
+            for g in attr.graphs:
+                _strip(g)
+
+
+def graph_hash(model_bytes: bytes) -> str:
+    """sha256 of the computation: producer, doc strings, graph name and metadata are cleared first,
+    so two exports of the same weights hash equal whatever tool version or model card they carry."""
+    proto = onnx.load_from_string(model_bytes)
+    proto.producer_name = ""
+    proto.producer_version = ""
+    proto.doc_string = ""
+    del proto.metadata_props[:]
+    _strip(proto.graph)
+    for fn in proto.functions:
+        fn.doc_string = ""
+        for node in fn.node:
+            node.doc_string = ""
+    return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
+
+
+def op_counts(model: onnx.ModelProto | bytes) -> dict[str, int]:
+    """Node count per op type of the main graph (as onnxruntime's quantization tests count them)."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    return dict(collections.Counter(n.op_type for n in proto.graph.node))
+
+
+def _simplify(proto: onnx.ModelProto, in_channels: int, tile: int) -> tuple[onnx.ModelProto, bool]:
+    import onnxsim  # heavy import, only needed for the final export
+
+    try:
+        # onnxsim prints its check progress to stdout; library code must not.
+        with contextlib.redirect_stdout(io.StringIO()):
+            simp, ok = onnxsim.simplify(
+                proto,
+                check_n=2,
+                test_input_shapes={INPUT_NAME: [1, in_channels, tile, tile]},
+                certify=False,
+            )
+    except Exception as e:  # onnxsim raises many kinds; any failure means "keep the traced graph"
+        log.warning("onnxsim failed (%s: %s); keeping the unsimplified model", type(e).__name__, e)
+        return proto, False
+    if not ok:
+        log.warning("onnxsim's output check failed; keeping the unsimplified model")
+        return proto, False
+    # onnxsim records its provenance in metadata_props; our model card lives there, keep it clean.
+    keep = [p for p in simp.metadata_props if not p.key.startswith("onnxsim.")]
+    del simp.metadata_props[:]
+    simp.metadata_props.extend(keep)
+    return simp, True
+
+
+def _as_text(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _parity(model: torch.nn.Module, path: Path, in_channels: int, tile: int) -> float:
+    """Max |onnxruntime - torch| over seeded random inputs at tile and 2*tile (batch 2 then 1)."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for n, size in ((2, tile), (1, 2 * tile)):
+        x = rng.standard_normal((n, in_channels, size, size), dtype=np.float32)
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        ref = _torch_logits(model, x)
+        if got.shape != ref.shape:
+            raise AutosegError(
+                f"{path}: ONNX output shape {got.shape} != torch {ref.shape} at input {x.shape}"
+            )
+        worst = max(worst, float(np.max(np.abs(got - ref))))
+    return worst
+
+
+def export_final(
+    model: torch.nn.Module,
+    path: Path,
+    in_channels: int,
+    tile: int,
+    metadata: dict[str, str],
+    opset: int = 17,
+    simplify: bool = True,
+    atol: float = 1e-4,
+) -> ExportInfo:
+    """Export, simplify, annotate, check and write `path`; raise AutosegError if parity > atol.
+
+    `metadata` should carry classes (names, JSON), mean, std and arch; non-string values are
+    JSON-encoded. tile, in_channels, num_classes, opset and autoseg_version are added here.
+    The file appears at `path` only after it passed the checker and the parity test.
+    """
+    path = Path(path)
+    m = _cpu_eval_copy(model)
+    raw = onnx_bytes(m, in_channels, tile, opset)
+    proto = onnx.load_from_string(raw)
+    before = op_counts(proto)
+    simplified = False
+    if simplify:
+        proto, simplified = _simplify(proto, in_channels, tile)
+    after = op_counts(proto)
+    log.debug("ONNX nodes %d -> %d (simplified=%s); before %s, after %s",
+             sum(before.values()), sum(after.values()), simplified, before, after)
+
+    num_classes = _torch_logits(m, np.zeros((1, in_channels, tile, tile), np.float32)).shape[1]
+    props = {k: _as_text(v) for k, v in metadata.items()}
+    arch = getattr(model, "arch", None)  # autoseg.unet.UNet carries its Arch
+    if "arch" not in props and hasattr(arch, "to_dict"):
+        props["arch"] = json.dumps(arch.to_dict())
+    missing = [k for k in RECOMMENDED_KEYS if k not in props]
+    if missing:
+        log.warning("ONNX metadata lacks %s; consumers of %s will not find them", missing, path.name)
+    props.update(
+        tile=str(tile),
+        in_channels=str(in_channels),
+        num_classes=str(num_classes),
+        opset=str(opset),
+        autoseg_version=autoseg.__version__,
+        simplified=json.dumps(simplified),
+    )
+    del proto.metadata_props[:]
+    for k, v in sorted(props.items()):
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto, full_check=True)
+
+    data = proto.SerializeToString()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        diff = _parity(m, tmp, in_channels, tile)
+        if not diff <= atol:  # also catches NaN
+            raise AutosegError(
+                f"{path}: ONNX parity failed: max |onnxruntime - torch| = {diff:.3g} > atol {atol:g}; "
+                "export without simplification or raise export.parity_atol"
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.debug("wrote %s (%d bytes, parity %.2g)", path, len(data), diff)
+    return ExportInfo(
+        path=path,
+        size_bytes=len(data),
+        opset=opset,
+        parity_max_abs_diff=diff,
+        nodes_before=sum(before.values()),
+        nodes_after=sum(after.values()),
+        simplified=simplified,
+    )
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file (weights are not loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file; pass the model.onnx written by `autoseg export`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable ONNX model ({e}); re-export it") from e
+    return {p.key: p.value for p in proto.metadata_props}

@@ -1,0 +1,328 @@
+"""One run of `autoseg search`, top to bottom.
+
+data -> tiles -> representative tiles -> device -> Optuna search -> retrain the best net
+-> export (simplified, verified ONNX) -> evaluate on full test images -> model card -> report.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from autoseg import __version__
+from autoseg.config import Config, config_to_dict
+from autoseg.data import Dataset, scan_dataset, split_by_image
+from autoseg.errors import InputError
+from autoseg.export import ExportInfo, export_final
+from autoseg.infer import evaluate, ort_runner
+from autoseg.latency import open_device, settings_from_config
+from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
+from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
+from autoseg.search import (
+    Objective,
+    SearchTask,
+    TileData,
+    check_space,
+    choose_best,
+    open_study,
+    pareto_summary,
+    run_trials,
+    tile_choices,
+)
+from autoseg.tiles import TileIndex, build_index
+from autoseg.train import train_model, training_settings
+from autoseg.unet import Arch, build_unet
+from autoseg.visual import write_examples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataStage:
+    ds: Dataset  # training images (and the held-out split when no test folders are given)
+    train_ids: np.ndarray
+    test_ds: Dataset
+    test_ids: np.ndarray
+
+
+# ------------------------------------------------------------------ data stage
+
+
+def prepare_data(cfg: Config, progress: bool = False) -> DataStage:
+    """Scan images and masks, and decide which images train and which test (by image, never by tile)."""
+    d = cfg.data
+    if d.images is None or d.masks is None:
+        raise InputError("data.images / data.masks: both folders are required; pass --images DIR --masks DIR")
+    ds = scan_dataset(d.images, d.masks, d, progress=progress)
+    if (d.test_images is None) != (d.test_masks is None):
+        raise InputError("data.test_images / data.test_masks: give both folders, or neither")
+    if d.test_images is not None and d.test_masks is not None:
+        test_ds = scan_dataset(d.test_images, d.test_masks, d, progress=progress, class_map=ds.class_map)
+        return DataStage(ds, np.arange(len(ds.pairs)), test_ds, np.arange(len(test_ds.pairs)))
+    train_ids, test_ids = split_by_image(len(ds.pairs), d.test_fraction, cfg.seed)
+    return DataStage(ds, train_ids, ds, test_ids)
+
+
+def tile_index(cfg: Config, stage: DataStage, tile: int) -> TileIndex:
+    return build_index(stage.ds.sizes, tile, cfg.tiles.overlap, images=stage.train_ids)
+
+
+def select_reps(cfg: Config, stage: DataStage, tile: int, run: RunDir, progress: bool = False) -> RepSet:
+    """Representative tiles of the training images at one tile size, cached under RUN/index."""
+    index = tile_index(cfg, stage, tile)
+    reps = build_reps(stage.ds, index, cfg.reps, cfg.seed, run.index, progress=progress)
+    folder = run.reps if len(tile_choices(cfg)) == 1 else run.reps / f"tile{tile}"
+    write_manifest(stage.ds, reps, folder / "manifest.csv")
+    if cfg.reps.contact_sheet:
+        write_contact_sheet(stage.ds, reps, folder / "contact_sheet.png")
+    if cfg.reps.write_pngs:
+        write_tile_pngs(stage.ds, reps, folder / "tiles")
+    return reps
+
+
+def class_weights(cfg: Config, ds: Dataset) -> tuple[float, ...] | None:
+    cw = cfg.train.class_weights
+    k = ds.class_map.num_classes
+    if cw == "none":
+        return None
+    if isinstance(cw, list):
+        if len(cw) != k:
+            raise InputError(f"train.class_weights: needs {k} weights (one per class), got {len(cw)}")
+        return tuple(float(v) for v in cw)
+    freq = ds.class_pixels / max(1, ds.class_pixels.sum())
+    w = 1.0 / np.sqrt(np.maximum(freq, 1e-6))
+    return tuple(float(v) for v in w / w.mean())
+
+
+def data_summary(stage: DataStage, reps_by_tile: dict[int, RepSet]) -> dict[str, Any]:
+    summary = stage.ds.summary()
+    summary["train_images"] = [stage.ds.pairs[i].stem for i in stage.train_ids]
+    summary["test_images"] = [stage.test_ds.pairs[i].stem for i in stage.test_ids]
+    summary["test_source"] = "split" if stage.test_ds is stage.ds else "folders"
+    summary["tiles"] = {str(t): r.n_tiles for t, r in reps_by_tile.items()}
+    summary["reps"] = {str(t): len(r.rows) for t, r in reps_by_tile.items()}
+    return summary
+
+
+# ------------------------------------------------------------------ search
+
+
+@contextmanager
+def run_lock(run: RunDir) -> Iterator[None]:
+    """One search per run directory; the OS drops the lock if the process is killed."""
+    path = run.root / ".lock"
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{run.root}: another autoseg search is running here; wait or use another --out") from None
+        yield
+
+
+def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False) -> dict[str, Any]:
+    run = RunDir(cfg.out).prepare()
+    with run_lock(run):
+        write_text_atomic(run.config, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        tiles = tile_choices(cfg)
+        check_space(cfg.search.space, tiles)
+
+        stage = prepare_data(cfg, progress)
+        if len(stage.train_ids) == 0:
+            raise InputError(
+                f"{cfg.data.images}: no training images left after the test split; lower data.test_fraction"
+            )
+        reps_by_tile = {t: select_reps(cfg, stage, t, run, progress) for t in tiles}
+        write_json_atomic(run.data, data_summary(stage, reps_by_tile))
+        task = SearchTask(
+            data={t: TileData(*rep_arrays(stage.ds, r)) for t, r in reps_by_tile.items()},
+            in_channels=stage.ds.channels,
+            num_classes=stage.ds.class_map.num_classes,
+            class_weights=class_weights(cfg, stage.ds),
+        )
+
+        settings = settings_from_config(cfg.device, cfg.seed)
+        with closing(open_device(cfg.device, run.latency_cache)) as device:
+            log.info("measuring latency on %s (%s)", device.name, device.source)
+            study = open_study(run, cfg, resume_anyway)
+            objective = Objective(cfg, task, device, settings, run)
+            run_trials(study, objective, cfg.search.trials, progress)
+        best = choose_best(study, cfg.search)
+
+        card = finalize(cfg, run, stage, task, best, progress)
+        card["pareto_front"] = pareto_summary(study)
+        write_json_atomic(run.best / "model_card.json", card)
+    _write_report(run)
+    return card
+
+
+# ------------------------------------------------------------------ the chosen net
+
+
+def finalize(
+    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, best: Any, progress: bool = False
+) -> dict[str, Any]:
+    """Retrain the chosen net on all representatives, export it verified, and test it on full images."""
+    arch = Arch.from_dict(best.user_attrs["arch_dict"])
+    tile = int(best.user_attrs["tile"])
+    log.info("retraining trial %d (%s) for %d epochs", best.number, arch.key(), cfg.train.final_epochs)
+    data = task.data[tile]
+    torch.manual_seed(cfg.seed)
+    model = build_unet(arch, task.in_channels, task.num_classes)
+    settings = training_settings(cfg.train, cfg.seed, task.class_weights, epochs=cfg.train.final_epochs)
+    model = train_model(model, data.x, data.y, task.num_classes, settings, progress=progress).eval()
+
+    ds = stage.ds
+    checkpoint = {
+        "arch": arch.to_dict(),
+        "in_channels": task.in_channels,
+        "num_classes": task.num_classes,
+        "tile": tile,
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+        "classes": list(ds.class_map.names),
+        "class_map": ds.class_map.to_dict(),
+        "state_dict": model.state_dict(),
+        "config": config_to_dict(cfg),
+    }
+    run.best.mkdir(parents=True, exist_ok=True)
+    tmp = run.best / ".model.pt.tmp"
+    torch.save(checkpoint, tmp)
+    tmp.replace(run.best / "model.pt")
+    info = export_checkpoint(checkpoint, model, run.best / "model.onnx", cfg)
+
+    metrics = evaluate_model(cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, tile, progress)
+    lat = best.user_attrs.get("latency", {})
+    card = {
+        "trial": best.number,
+        "arch": arch.key(),
+        "arch_dict": arch.to_dict(),
+        "params": best.user_attrs.get("params"),
+        "macs": best.user_attrs.get("macs"),
+        "latency_ms": best.user_attrs.get("latency_ms"),
+        "latency_stats": lat.get("stats"),
+        "latency_source": best.user_attrs.get("latency_source"),
+        "device": best.user_attrs.get("device"),
+        "fingerprint": lat.get("fingerprint"),
+        "cv_score": best.user_attrs.get("cv_mean"),
+        "cv_std": best.user_attrs.get("cv_std"),
+        "fold_scores": best.user_attrs.get("fold_scores"),
+        "test_miou": metrics["mean"]["miou"] if metrics else None,
+        "test_dice": metrics["mean"]["macro_dice"] if metrics else None,
+        "test_pixel_acc": metrics["mean"]["pixel_acc"] if metrics else None,
+        "test_per_class": metrics["per_class"] if metrics else None,
+        "test_images": len(stage.test_ids),
+        "classes": list(ds.class_map.names),
+        "in_channels": task.in_channels,
+        "tile": tile,
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+        "onnx": _export_dict(info),
+        "autoseg_version": __version__,
+    }
+    return card
+
+
+def export_checkpoint(checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, cfg: Config) -> ExportInfo:
+    arch = Arch.from_dict(checkpoint["arch"])
+    metadata = {
+        "classes": json_list(checkpoint["classes"]),
+        "tile": str(checkpoint["tile"]),
+        "mean": json_list(checkpoint["mean"]),
+        "std": json_list(checkpoint["std"]),
+        "arch": arch.key(),
+        "input_multiple": str(arch.multiple),
+        "autoseg_version": __version__,
+    }
+    info = export_final(
+        model,
+        path,
+        checkpoint["in_channels"],
+        checkpoint["tile"],
+        metadata,
+        opset=cfg.export.opset,
+        simplify=cfg.export.simplify,
+        atol=cfg.export.parity_atol,
+    )
+    log.info(
+        "exported %s: %.1f kB, opset %d, %d -> %d nodes, parity max |diff| %.2e",
+        path,
+        info.size_bytes / 1e3,
+        info.opset,
+        info.nodes_before,
+        info.nodes_after,
+        info.parity_max_abs_diff,
+    )
+    return info
+
+
+def evaluate_model(
+    cfg: Config,
+    run: RunDir,
+    onnx_path: Path,
+    ds: Dataset,
+    ids: np.ndarray,
+    arch: Arch,
+    tile: int,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """Metrics of the exported ONNX model on full-size test images, per image, per class and overall."""
+    if len(ids) == 0:
+        log.warning("no test images: pass --test-images/--test-masks or raise data.test_fraction")
+        return None
+    run_fn = ort_runner(onnx_path)
+    e = cfg.eval
+    metrics = evaluate(run_fn, ds, ids, e.mode, tile, e.window_overlap, e.batch, arch.multiple, progress=progress)
+    metrics["mode"] = e.mode
+    metrics["model"] = str(onnx_path)
+    write_json_atomic(run.eval / "metrics.json", metrics)
+    if e.num_examples:
+        write_examples(run_fn, ds, ids[: e.num_examples], arch.multiple, run.eval / "examples")
+    return metrics
+
+
+def json_list(values: Any) -> str:
+    import json
+
+    return json.dumps(list(values))
+
+
+def _export_dict(info: ExportInfo) -> dict[str, Any]:
+    return {
+        "path": str(info.path),
+        "size_bytes": info.size_bytes,
+        "opset": info.opset,
+        "parity_max_abs_diff": info.parity_max_abs_diff,
+        "nodes_before": info.nodes_before,
+        "nodes_after": info.nodes_after,
+        "simplified": info.simplified,
+    }
+
+
+def _write_report(run: RunDir) -> None:
+    from autoseg.report import write_report
+
+    write_report(run.root)
+
+
+def summary_lines(card: dict[str, Any]) -> list[str]:
+    def fmt(v: Any, spec: str) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    return [
+        f"best architecture: {card['arch']} (trial {card['trial']}, tile {card['tile']})",
+        f"  CV mIoU:   {fmt(card['cv_score'], '.3f')} ± {fmt(card['cv_std'], '.3f')}",
+        f"  test mIoU: {fmt(card['test_miou'], '.3f')} on {card['test_images']} image(s)",
+        f"  latency:   {fmt(card['latency_ms'], '.2f')} ms median on {card['device']} ({card['latency_source']})",
+        f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
+        f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
+    ]

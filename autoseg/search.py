@@ -1,0 +1,425 @@
+"""The Optuna search over U-Net architectures: latency first, then cross-validated training.
+
+One study per run directory, in SQLite, so a rerun of the same command resumes it.
+Per trial: sample an architecture, export it, measure it on the device, drop it if it
+misses the latency budget (before any training), else train it with k-fold CV on the
+representative tiles and report each fold to the pruner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
+from autoseg.errors import DeviceUnreachable, InputError
+from autoseg.export import onnx_bytes
+from autoseg.latency import Device, MeasureError, MeasureSettings
+from autoseg.rundir import RunDir, write_bytes_atomic
+from autoseg.train import TrainSettings, cross_validate, training_settings
+from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
+
+log = logging.getLogger(__name__)
+
+STUDY_NAME = "autoseg"
+CHANNEL_STEPS = (0, 1, 2)  # how many places up the sorted channel list each deeper level moves
+
+# Config keys that do not change what a trial means: a rerun may change them and still resume.
+_RESUMABLE_KEYS = {
+    "out",
+    "search.trials",
+    "search.max_budget_prunes",
+    "train.final_epochs",
+    "train.threads",
+    "train.batch_size",
+    "reps.contact_sheet",
+    "reps.write_pngs",
+    "data.test_images",
+    "data.test_masks",
+    "device.python",
+    "device.trust_new_host",
+    "device.fallback",
+    "device.known_hosts",
+    "device.ssh_config",
+    "device.identity_file",
+    "device.connect_timeout_s",
+    "device.reconnect_attempts",
+    "eval",
+    "export",
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: Arch
+    tile: int
+
+
+@dataclass(frozen=True)
+class TileData:
+    """Representative tiles at one tile size, ready for training."""
+
+    x: np.ndarray  # float32 (R, C, T, T), normalised
+    y: np.ndarray  # int64 (R, T, T), IGNORE = -1
+    groups: np.ndarray  # int64 (R,), source image of each tile
+
+
+@dataclass(frozen=True)
+class SearchTask:
+    data: dict[int, TileData]  # by tile size
+    in_channels: int
+    num_classes: int
+    class_weights: tuple[float, ...] | None
+
+
+# ------------------------------------------------------------------ the space
+
+
+def tile_choices(cfg: Config) -> list[int]:
+    return sorted(set(cfg.search.space.tile_sizes) or {cfg.tiles.size})
+
+
+def check_space(space: SpaceConfig, tiles: Sequence[int]) -> None:
+    """Refuse a space in which no architecture is valid, and say why."""
+    for tile in tiles:
+        for levels in space.levels:
+            arch = Arch(tuple([min(space.kernels)] * levels), tuple([min(space.channels)] * levels))
+            try:
+                validate_arch(arch, tile)
+                return
+            except ValueError:
+                continue
+    deepest = 2 ** (min(space.levels) - 1)
+    raise InputError(
+        f"search.space: no valid architecture: every tile size in {sorted(tiles)} must be divisible by "
+        f"2^(levels-1) = {deepest} for the shallowest level count {min(space.levels)}; "
+        "allow fewer levels or use a tile size that is a multiple of it"
+    )
+
+
+def sample_candidate(trial: optuna.Trial, space: SpaceConfig, tiles: Sequence[int]) -> Candidate:
+    """Sample with fixed distributions per name (Optuna needs that), monotone channels by construction."""
+    levels = trial.suggest_categorical("levels", sorted(set(space.levels)))
+    tile = trial.suggest_categorical("tile", list(tiles)) if len(tiles) > 1 else tiles[0]
+    channels = sorted(set(space.channels))
+    kernels = sorted(set(space.kernels))
+    idx = channels.index(trial.suggest_categorical("c0", channels))
+    ks, cs = [], []
+    for i in range(levels):
+        if i > 0:
+            step = trial.suggest_categorical(f"cstep{i}", list(CHANNEL_STEPS))
+            idx = min(idx + step, len(channels) - 1)
+        cs.append(channels[idx])
+        ks.append(trial.suggest_categorical(f"k{i}", kernels))
+    conv = trial.suggest_categorical("conv", list(dict.fromkeys(space.conv)))
+    upsample = trial.suggest_categorical("upsample", list(dict.fromkeys(space.upsample)))
+    return Candidate(Arch(tuple(ks), tuple(cs), conv, upsample), tile)
+
+
+def penalty_objective(score: float, latency_ms: float, macs: float, cfg: SearchConfig) -> float:
+    """score - alpha*log10(latency/ref) - beta*log10(macs/ref): the default scalar objective."""
+    lat = max(latency_ms, 1e-6) / cfg.latency_ref_ms
+    mac = max(macs, 1.0) / cfg.macs_ref
+    return score - cfg.alpha * math.log10(lat) - cfg.beta * math.log10(mac)
+
+
+# ------------------------------------------------------------------ the study
+
+
+def config_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The flattened config keys that define what the study's trials mean."""
+    flat = _flatten(config_to_dict(cfg))
+    return {k: v for k, v in flat.items() if k not in _RESUMABLE_KEYS and k.split(".")[0] not in _RESUMABLE_KEYS}
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(config_fingerprint(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "palette":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if cfg.search.sampler == "nsga2":
+            pop = max(4, min(50, cfg.search.trials // 4))
+            return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=pop)
+        startup = max(3, min(10, cfg.search.trials // 3))
+        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, group=True, n_startup_trials=startup)
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    if cfg.search.pruner == "none" or cfg.search.objective == "pareto":
+        return optuna.pruners.NopPruner()
+    # The first fold of a few trials must finish before anything is pruned on its score.
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+
+
+def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.Study:
+    """Create the study, or resume it after checking it was made with the same config."""
+    directions = ["maximize"] if cfg.search.objective == "penalty" else ["maximize", "minimize"]
+    existed = run.study_db.exists()
+    study = optuna.create_study(
+        storage=run.storage_url,
+        study_name=STUDY_NAME,
+        directions=directions,
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+        load_if_exists=True,
+    )
+    mine = config_fingerprint(cfg)
+    theirs = study.user_attrs.get("config")
+    if existed and theirs is not None and theirs != mine:
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if not resume_anyway:
+            raise InputError(
+                f"{run.study_db}: made with a different config (changed: {', '.join(changed[:5])}); "
+                "use a new --out directory, or --resume-anyway to continue this study"
+            )
+        log.warning("resuming %s despite config changes: %s", run.study_db, ", ".join(changed))
+    if [d.name.lower() for d in study.directions] != directions:
+        raise InputError(
+            f"{run.study_db}: was made for objective "
+            f"{'pareto' if len(study.directions) == 2 else 'penalty'}; use a new --out for --objective "
+            f"{cfg.search.objective}"
+        )
+    if theirs is None or resume_anyway:
+        study.set_user_attr("config", mine)
+        study.set_user_attr("config_hash", config_hash(cfg))
+        study.set_user_attr("objective", cfg.search.objective)
+    _requeue_interrupted(study)
+    return study
+
+
+def _requeue_interrupted(study: optuna.Study) -> None:
+    """A trial left RUNNING by a kill, or failed by a lost device, is run again with the same params."""
+    done = set(study.user_attrs.get("requeued", []))
+    requeued = []
+    for t in study.get_trials(deepcopy=False):
+        stale = t.state == TrialState.RUNNING
+        lost = t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
+        if not (stale or lost) or t.number in done:
+            continue
+        if stale:
+            # Only one search runs per run directory (see pipeline's lock), so RUNNING here means killed.
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, skip_if_exists=False)
+        requeued.append(t.number)
+    if requeued:
+        log.info("resuming: trial(s) %s were interrupted and will run again", ", ".join(map(str, requeued)))
+        study.set_user_attr("requeued", sorted(done | set(requeued)))
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def budget_prune_streak(study: optuna.Study) -> int:
+    streak = 0
+    for t in sorted(finished_trials(study), key=lambda t: t.number, reverse=True):
+        if t.user_attrs.get("pruned_reason") != "latency_budget":
+            break
+        streak += 1
+    return streak
+
+
+# ------------------------------------------------------------------ one trial
+
+
+def measure_candidate(
+    cand: Candidate, task: SearchTask, device: Device, settings: MeasureSettings, measure_size: int | None
+) -> tuple[bytes, Any, int, int]:
+    """Export with weights seeded by the architecture, so the same net hashes the same for the cache."""
+    torch.manual_seed(int(cand.arch.digest(), 16) % (2**31))
+    model = build_unet(cand.arch, task.in_channels, task.num_classes).eval()
+    size = measure_size or cand.tile
+    blob = onnx_bytes(model, task.in_channels, size)
+    m = device.measure(blob, (1, task.in_channels, size, size), settings)
+    params = count_params(model)
+    macs = count_macs(cand.arch, task.in_channels, task.num_classes, cand.tile, cand.tile)
+    return blob, m, params, macs
+
+
+class Objective:
+    """The callable handed to study.optimize."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        task: SearchTask,
+        device: Device,
+        settings: MeasureSettings,
+        run: RunDir,
+        on_trial: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg, self.task, self.device, self.settings, self.run = cfg, task, device, settings, run
+        self.tiles = sorted(task.data)
+        self.on_trial = on_trial or log.info
+        self.streak = 0
+        self.stop_message: str | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        scfg = self.cfg.search
+        cand = sample_candidate(trial, scfg.space, self.tiles)
+        trial.set_user_attr("arch", cand.arch.key())
+        trial.set_user_attr("arch_dict", cand.arch.to_dict())
+        trial.set_user_attr("tile", cand.tile)
+        try:
+            validate_arch(cand.arch, cand.tile)
+        except ValueError as e:
+            trial.set_user_attr("pruned_reason", "invalid")
+            self._say(trial, cand, f"invalid: {e}")
+            raise optuna.TrialPruned(str(e)) from None
+
+        try:
+            blob, m, params, macs = measure_candidate(
+                cand, self.task, self.device, self.settings, self.cfg.device.measure_size
+            )
+        except DeviceUnreachable:
+            trial.set_user_attr("interrupted", True)
+            raise
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("macs", macs)
+        trial.set_user_attr("latency", m.to_dict())
+        trial.set_user_attr("latency_source", m.source)
+        trial.set_user_attr("device", m.device)
+        trial.set_user_attr("fingerprint_id", m.fingerprint_id)
+        write_bytes_atomic(self.run.trial(trial.number) / "model.onnx", blob)
+        if m.error != MeasureError.OK:
+            trial.set_user_attr("pruned_reason", "measure_failed")
+            self._say(trial, cand, f"measurement failed: {m.message}")
+            raise optuna.TrialPruned(m.message)
+        latency = float(m.median_ms)
+        trial.set_user_attr("latency_ms", latency)
+        lat_txt = f"{latency:.2f} ms ({m.source}{', cached' if m.cached else ''})"
+
+        budget = scfg.latency_budget_ms
+        if budget is not None and latency > budget:
+            trial.set_user_attr("pruned_reason", "latency_budget")
+            self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned: over budget {budget:g} ms")
+            self.streak += 1
+            if self.streak >= scfg.max_budget_prunes:
+                self.stop_message = (
+                    f"search.latency_budget_ms: {self.streak} candidates in a row were slower than "
+                    f"{budget:g} ms on {m.device}; raise --latency-budget-ms or allow smaller nets "
+                    f"(the study is kept in {self.run.study_db})"
+                )
+                trial.study.stop()
+            raise optuna.TrialPruned("latency over budget")
+        self.streak = 0
+
+        data = self.task.data[cand.tile]
+        s = self.train_settings()
+        pareto = scfg.objective == "pareto"
+
+        def on_fold(i: int, running: float) -> None:
+            if pareto:
+                return
+            trial.report(running, i)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_reason", "median")
+                raise optuna.TrialPruned(f"fold {i}: running mean {running:.3f} below the median")
+
+        try:
+            scores = cross_validate(
+                cand.arch, data.x, data.y, data.groups, self.task.num_classes, s, self.cfg.train.folds, on_fold
+            )
+        except optuna.TrialPruned:
+            self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned by the median rule")
+            raise
+        cv_mean, cv_std = float(np.mean(scores)), float(np.std(scores))
+        trial.set_user_attr("fold_scores", [float(v) for v in scores])
+        trial.set_user_attr("cv_mean", cv_mean)
+        trial.set_user_attr("cv_std", cv_std)
+        value = penalty_objective(cv_mean, latency, macs, scfg)
+        trial.set_user_attr("penalty_value", value)
+        self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  cv {cv_mean:.3f}±{cv_std:.3f}  obj {value:.3f}")
+        if pareto:
+            return cv_mean, latency
+        return value
+
+    def train_settings(self) -> TrainSettings:
+        return training_settings(self.cfg.train, self.cfg.seed, self.task.class_weights)
+
+    def _say(self, trial: optuna.Trial, cand: Candidate, text: str) -> None:
+        self.on_trial(f"trial {trial.number:3d}  {cand.arch.key():<36} tile {cand.tile:<4} {text}")
+
+
+def _size(params: int, macs: int) -> str:
+    return f"{params / 1e3:7.1f}k params {macs / 1e6:8.1f}M MACs"
+
+
+def run_trials(study: optuna.Study, objective: Objective, n_trials: int, progress: bool = False) -> None:
+    """Run until the study holds n_trials finished trials (completed or pruned)."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    objective.streak = budget_prune_streak(study)
+    remaining = n_trials - len(finished_trials(study))
+    if remaining <= 0:
+        log.info("study already holds %d finished trials; nothing to run", n_trials)
+        return
+    bar = tqdm(total=n_trials, initial=n_trials - remaining, desc="trials", unit="trial", disable=not progress)
+
+    def tick(study: optuna.Study, trial: FrozenTrial) -> None:
+        bar.update(1)
+        if len(finished_trials(study)) >= n_trials:
+            study.stop()
+
+    with bar, logging_redirect_tqdm():
+        # Optuna counts failed trials too; catch=() makes a failure (a bug, or a lost device) end the run.
+        study.optimize(objective, n_trials=remaining, callbacks=[tick], catch=())
+    if objective.stop_message:
+        raise InputError(objective.stop_message)
+
+
+def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
+    """Penalty: the best value. Pareto: the front's member with the best penalty value."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not done:
+        raise InputError(
+            "search: no trial completed (all were pruned or failed); raise search.trials or "
+            "relax search.latency_budget_ms"
+        )
+    if cfg.objective == "penalty":
+        return study.best_trial
+    front = study.best_trials
+    return max(front, key=lambda t: t.user_attrs.get("penalty_value", -math.inf))
+
+
+def pareto_summary(study: optuna.Study) -> list[dict[str, Any]]:
+    """The completed trials that no other trial beats on both score and latency."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    rows = []
+    for t in done:
+        s, lat = t.user_attrs.get("cv_mean"), t.user_attrs.get("latency_ms")
+        dominated = any(
+            o.user_attrs["cv_mean"] >= s
+            and o.user_attrs["latency_ms"] <= lat
+            and (o.user_attrs["cv_mean"] > s or o.user_attrs["latency_ms"] < lat)
+            for o in done
+        )
+        if not dominated:
+            rows.append({"trial": t.number, "arch": t.user_attrs["arch"], "cv_mean": s, "latency_ms": lat})
+    return sorted(rows, key=lambda r: r["latency_ms"])

@@ -1,0 +1,225 @@
+"""The command line as a user meets it: exit codes, one-line errors, no tracebacks, whole runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from autoseg.demo_data import generate_demo
+from PIL import Image
+
+FAST = ["--tile", "32", "--num-reps", "16", "--folds", "2", "--epochs", "1", "--final-epochs", "1", "-q"]
+
+
+def autoseg(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autoseg", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, Path]:
+    return generate_demo(tmp_path_factory.mktemp("demo"), n_images=6, size=64, seed=1)
+
+
+def small_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "small.yml"
+    cfg.write_text(
+        "search:\n  space:\n    levels: [1, 2]\n    kernels: [3]\n    channels: [4, 8]\n"
+        "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n"
+        "eval:\n  num_examples: 1\n"
+    )
+    return cfg
+
+
+def test_missing_folder(tmp_path):
+    proc = autoseg("tiles", "--images", tmp_path / "nope", "--masks", tmp_path / "nope2")
+    assert_one_line_error(proc, 2, "nope")
+
+
+def test_bad_overlap_names_the_key(demo):
+    images, masks = demo
+    proc = autoseg("tiles", "--images", images, "--masks", masks, "--overlap", "1.5")
+    assert_one_line_error(proc, 2, "tiles.overlap", "1.5")
+
+
+def test_tile_larger_than_every_image(demo, tmp_path):
+    images, masks = demo
+    proc = autoseg("reps", "--images", images, "--masks", masks, "--tile", "512", "--out", tmp_path / "r")
+    assert_one_line_error(proc, 2, "512")
+    assert not (tmp_path / "r" / "reps" / "manifest.csv").exists()
+
+
+def test_unwritable_run_directory(demo, tmp_path):
+    images, masks = demo
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = autoseg("reps", "--images", images, "--masks", masks, "--out", blocker / "run")
+    assert_one_line_error(proc, 2, str(blocker / "run"), "--out")
+
+
+def test_bad_config_file(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("tiles:\n  overlap: 1.5\n")
+    proc = autoseg("search", "--config", cfg)
+    assert_one_line_error(proc, 2, "tiles.overlap: must be in [0.0, 1.0), got 1.5")
+
+
+def test_tiles_counts(demo):
+    images, masks = demo
+    proc = autoseg("tiles", "--images", images, "--masks", masks, "--tile", "32", "--overlap", "0")
+    assert proc.returncode == 0, proc.stderr
+    # 6 images, 1 held out by the default split, 4 tiles of 32 in each 64x64 image.
+    assert "20 tiles" in proc.stdout
+
+
+def test_reps_writes_manifest_and_contact_sheet(demo, tmp_path):
+    images, masks = demo
+    out = tmp_path / "r"
+    proc = autoseg(
+        "reps", "--images", images, "--masks", masks, "--tile", "32", "--num-reps", "8", "--out", out, "--contact-sheet"
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = (out / "reps" / "manifest.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 8
+    assert (out / "reps" / "contact_sheet.png").stat().st_size > 0
+
+
+def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
+    images, masks = demo
+    out = tmp_path / "run"
+    proc = autoseg(
+        "search",
+        "--config",
+        small_config(tmp_path),
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--trials",
+        "2",
+        "--out",
+        out,
+        *FAST,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "best architecture:" in proc.stdout and "test mIoU" in proc.stdout
+    for rel in (
+        "config.yml",
+        "data.json",
+        "study.db",
+        "latency_cache.db",
+        "reps/manifest.csv",
+        "best/model.onnx",
+        "best/model_card.json",
+        "eval/metrics.json",
+        "report.html",
+        "report.md",
+        "report.json",
+    ):
+        assert (out / rel).exists(), rel
+    card = json.loads((out / "best" / "model_card.json").read_text())
+    for key in (
+        "arch",
+        "params",
+        "macs",
+        "latency_ms",
+        "latency_source",
+        "cv_score",
+        "test_miou",
+        "test_dice",
+        "test_per_class",
+        "onnx",
+    ):
+        assert key in card, key
+    assert card["latency_source"] == "local"
+    assert card["onnx"]["parity_max_abs_diff"] <= 1e-4
+
+    assert autoseg("eval", out, "-q").returncode == 0
+    exported = tmp_path / "again.onnx"
+    proc = autoseg("export", out, "--to", exported, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert exported.stat().st_size > 0
+    (out / "report.html").unlink()
+    assert autoseg("report", out).returncode == 0
+    assert (out / "report.html").exists()
+
+
+def _finished(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_kill_9_then_rerun_resumes(demo, tmp_path):
+    images, masks = demo
+    out = tmp_path / "run"
+    args = [
+        "search",
+        "--config",
+        small_config(tmp_path),
+        "--images",
+        images,
+        "--masks",
+        masks,
+        "--trials",
+        "5",
+        "--out",
+        out,
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoseg", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while _finished(out / "study.db") < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    if proc.poll() is not None:
+        pytest.fail("the search ended before it could be killed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(out / "study.db") as con:
+        before = dict(
+            con.execute("SELECT number, datetime_complete FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchall()
+        )
+    assert len(before) >= 2
+
+    again = autoseg(*args)
+    assert again.returncode == 0, again.stderr
+    with sqlite3.connect(out / "study.db") as con:
+        after = dict(
+            con.execute("SELECT number, datetime_complete FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchall()
+        )
+    assert len(after) == 5
+    for number, completed in before.items():
+        assert after[number] == completed  # finished trials kept, not redone
+
+
+def test_mismatched_image_and_mask_sizes(tmp_path):
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "i" / "a.png")
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "m" / "a.png")
+    proc = autoseg("tiles", "--images", tmp_path / "i", "--masks", tmp_path / "m")
+    assert_one_line_error(proc, 2, "a.png")

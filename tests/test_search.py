@@ -1,0 +1,160 @@
+"""The search loop on real components: local onnxruntime, Optuna's SQLite storage, real training."""
+
+from __future__ import annotations
+
+from contextlib import closing
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoseg.config import load_config
+from autoseg.errors import InputError
+from autoseg.latency import open_device, settings_from_config
+from autoseg.rundir import RunDir
+from autoseg.search import (
+    Objective,
+    SearchTask,
+    TileData,
+    check_space,
+    choose_best,
+    open_study,
+    pareto_summary,
+    penalty_objective,
+    run_trials,
+)
+
+TINY = {
+    "tiles.size": 16,
+    "search.space.levels": [1, 2],
+    "search.space.kernels": [3],
+    "search.space.channels": [4, 8],
+    "search.space.conv": ["standard"],
+    "search.space.upsample": ["transpose", "bilinear"],
+    "train.folds": 2,
+    "train.epochs": 1,
+    "device.warmup": 0,
+    "device.min_runs": 2,
+    "device.min_seconds": 0.0,
+}
+
+
+def tiny_task() -> SearchTask:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3, 16, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)  # learnable: class follows channel 0's sign
+    groups = np.arange(12) // 3
+    return SearchTask(data={16: TileData(x, y, groups)}, in_channels=3, num_classes=2, class_weights=None)
+
+
+def run_search(tmp_path, trials: int, **overrides):
+    cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "search.trials": trials, **overrides})
+    run = RunDir(cfg.out).prepare()
+    study = open_study(run, cfg)
+    with closing(open_device(cfg.device, run.latency_cache)) as device:
+        objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
+        run_trials(study, objective, cfg.search.trials)
+    return cfg, run, study
+
+
+def test_penalty_objective_matches_formula():
+    cfg = load_config(
+        None, {"search.alpha": 0.1, "search.beta": 0.05, "search.latency_ref_ms": 10.0, "search.macs_ref": 1e6}
+    )
+    v = penalty_objective(0.8, 100.0, 1e7, cfg.search)
+    assert v == pytest.approx(0.8 - 0.1 * 1.0 - 0.05 * 1.0)
+
+
+def test_space_with_no_valid_architecture_is_refused():
+    cfg = load_config(None, {"search.space.levels": [4, 5]})
+    with pytest.raises(InputError, match=r"no valid architecture.*divisible by 2\^\(levels-1\) = 8"):
+        check_space(cfg.search.space, [36])
+    check_space(cfg.search.space, [64])
+
+
+def test_trials_complete_and_store_their_record(tmp_path):
+    cfg, run, study = run_search(tmp_path, trials=3)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) + len([t for t in study.trials if t.state == TrialState.PRUNED]) == 3
+    t = done[0]
+    for key in (
+        "arch",
+        "arch_dict",
+        "tile",
+        "params",
+        "macs",
+        "latency",
+        "latency_ms",
+        "latency_source",
+        "device",
+        "fingerprint_id",
+        "fold_scores",
+        "cv_mean",
+        "cv_std",
+    ):
+        assert key in t.user_attrs, key
+    assert t.user_attrs["latency_source"] == "local"
+    assert len(t.user_attrs["fold_scores"]) == cfg.train.folds
+    assert (run.trial(t.number) / "model.onnx").stat().st_size > 0
+    assert choose_best(study, cfg.search).state == TrialState.COMPLETE
+
+
+def test_over_budget_candidates_are_pruned_before_training(tmp_path):
+    _, _, study = run_search(tmp_path, trials=3, **{"search.latency_budget_ms": 1e-6})
+    assert len(study.trials) == 3
+    for t in study.trials:
+        assert t.state == TrialState.PRUNED
+        assert t.user_attrs["pruned_reason"] == "latency_budget"
+        assert "fold_scores" not in t.user_attrs and not t.intermediate_values  # no training happened
+
+
+def test_impossible_budget_stops_and_keeps_the_study(tmp_path):
+    with pytest.raises(InputError, match=r"search\.latency_budget_ms: 2 candidates in a row were slower"):
+        run_search(tmp_path, trials=10, **{"search.latency_budget_ms": 1e-6, "search.max_budget_prunes": 2})
+    study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [t.state for t in study.trials] == [TrialState.PRUNED, TrialState.PRUNED]
+
+
+def test_rerun_resumes_without_redoing_finished_trials(tmp_path):
+    _, _, first = run_search(tmp_path, trials=2)
+    before = {t.number: (t.params, t.datetime_complete) for t in first.trials}
+    _, _, second = run_search(tmp_path, trials=4)
+    after = {t.number: (t.params, t.datetime_complete) for t in second.trials}
+    assert len(after) == 4
+    for n, rec in before.items():
+        assert after[n] == rec
+
+
+def test_killed_trial_is_run_again_with_its_params(tmp_path):
+    cfg, run, study = run_search(tmp_path, trials=1)
+    # A trial left RUNNING, as after kill -9 in the middle of it.
+    stale = study.ask()
+    stale.suggest_categorical("levels", [1, 2])
+    params = dict(stale.params)
+    study = open_study(run, cfg)
+    states = {t.number: t.state for t in study.trials}
+    assert states[stale.number] == TrialState.FAIL
+    _, _, study = run_search(tmp_path, trials=2)
+    rerun = [t for t in study.trials if t.number > stale.number]
+    assert rerun and rerun[0].params["levels"] == params["levels"]
+
+
+def test_changed_config_is_refused_unless_resume_anyway(tmp_path):
+    _, run, _ = run_search(tmp_path, trials=1)
+    other = load_config(None, {**TINY, "out": str(run.root), "search.alpha": 0.5})
+    with pytest.raises(InputError, match=r"different config \(changed: search.alpha\).*--resume-anyway"):
+        open_study(run, other)
+    open_study(run, other, resume_anyway=True)
+    # Asking for more trials is not a different config.
+    more = load_config(None, {**TINY, "out": str(run.root), "search.alpha": 0.5, "search.trials": 9})
+    open_study(run, more)
+
+
+def test_pareto_objective_returns_score_and_latency(tmp_path):
+    cfg, _, study = run_search(tmp_path, trials=2, **{"search.objective": "pareto", "search.sampler": "nsga2"})
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert done and all(len(t.values) == 2 for t in done)
+    assert done[0].values[1] == pytest.approx(done[0].user_attrs["latency_ms"])
+    front = pareto_summary(study)
+    assert front and choose_best(study, cfg.search).number in {r["trial"] for r in front}
