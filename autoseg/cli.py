@@ -220,11 +220,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "train.folds": 3,
         "train.epochs": 4,
         "train.final_epochs": 30,
-        "out": str(out / "run"),
+        "out": str(out),
     }
-    if args.trials:
-        base["search.trials"] = args.trials
-    cfg = _config(args, base) if args.config else load_config(None, {**base, **overrides_from(args)})
+    cfg = _config(args, base)  # flags (--trials, --device, ...) win over the demo's settings
     card = run_search(cfg, progress=progress_enabled())
     for line in summary_lines(card):
         print(line)

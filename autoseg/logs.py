@@ -26,5 +26,5 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 def progress_enabled() -> bool:
-    """tqdm bars only when INFO is shown and stderr is a terminal-like stream."""
-    return logging.getLogger().isEnabledFor(logging.INFO)
+    """tqdm bars only when INFO is shown and stderr is a terminal: logs in files and CI stay plain."""
+    return logging.getLogger().isEnabledFor(logging.INFO) and sys.stderr.isatty()

@@ -1,0 +1,206 @@
+"""ONNX export: parity with torch, metadata, dynamic shapes, stable graph hash, simplification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from autoseg.errors import AutosegError, InputError
+from autoseg.export import (
+    ExportInfo,
+    export_final,
+    graph_hash,
+    onnx_bytes,
+    op_counts,
+    read_metadata,
+)
+from autoseg.unet import Arch, build_unet
+
+META = {
+    "classes": json.dumps(["bg", "a", "b", "c", "d"]),
+    "mean": "[0.5, 0.5, 0.5]",
+    "std": "[0.25, 0.25, 0.25]",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny nets: one thread is as fast, and immune to OpenMP stalls when the machine is busy."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class TinyFCN(nn.Module):
+    """Fully convolutional, one down/up level: the ops a U-Net exports (conv, BN, pool, convT, concat)."""
+
+    def __init__(self, cin: int = 3, k: int = 5):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(cin, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.head = nn.Conv2d(16, k, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        return self.head(torch.cat([a, self.up(self.b(a))], 1))
+
+
+class Drifting(nn.Module):
+    """Adds a call counter: tracing freezes it, so torch and ONNX disagree (parity must fail)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(x) + float(self.calls)
+
+
+def _tiny() -> nn.Module:
+    return TinyFCN()
+
+
+def _unet() -> nn.Module:
+    return build_unet(Arch((3, 3), (16, 64)), 3, 5)
+
+
+def _unet_bilinear() -> nn.Module:
+    return build_unet(Arch((3, 3, 3), (8, 8, 16), "separable", "bilinear"), 3, 5)
+
+
+FACTORIES = {"tiny": _tiny, "unet": _unet, "unet_bilinear": _unet_bilinear}
+
+
+def _model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = FACTORIES[name]()
+    # Non-trivial BN statistics, so folding BN into conv is actually exercised.
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module", params=list(FACTORIES))
+def exported(request, tmp_path_factory) -> tuple[nn.Module, ExportInfo]:
+    model = _model(request.param)
+    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
+    return model, export_final(model, path, in_channels=3, tile=32, metadata=META)
+
+
+def test_parity_and_file(exported):
+    _, info = exported
+    assert info.path.is_file() and info.path.stat().st_size == info.size_bytes
+    assert info.parity_max_abs_diff <= 1e-4
+    assert info.opset == 17
+    onnx.checker.check_model(str(info.path))
+    assert not list(info.path.parent.glob(".*.tmp"))  # atomic write leaves nothing behind
+    assert json.loads(json.dumps(info.to_dict()))["path"] == str(info.path)
+
+
+def test_metadata_round_trip(exported):
+    model, info = exported
+    meta = read_metadata(info.path)
+    for k, v in META.items():
+        assert meta[k] == v
+    assert json.loads(meta["classes"])[0] == "bg"
+    assert meta["tile"] == "32" and meta["in_channels"] == "3" and meta["num_classes"] == "5"
+    assert meta["opset"] == "17" and meta["autoseg_version"]
+    assert not any(k.startswith("onnxsim.") for k in meta)
+    if hasattr(model, "arch"):
+        assert Arch.from_dict(json.loads(meta["arch"])) == model.arch
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (3, 3, 48, 80), (1, 3, 128, 64)])
+def test_dynamic_shapes(exported, shape):
+    model, info = exported
+    sess = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+    got = sess.run(["logits"], {"input": x})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert got.shape == (shape[0], 5, *shape[2:])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_simplification_reduces_nodes(exported):
+    _, info = exported
+    assert info.simplified
+    assert info.nodes_after <= info.nodes_before
+    counts = op_counts(info.path.read_bytes())
+    assert sum(counts.values()) == info.nodes_after
+    assert "Identity" not in counts  # the exporter's Identity nodes are what onnxsim removes here
+
+
+def test_simplification_removes_identities_of_unet(tmp_path):
+    # A freshly built net (as exported for latency trials) has BN folded into identical zero biases,
+    # which the exporter shares through Identity nodes; onnxsim removes them.
+    torch.manual_seed(0)
+    model = _unet().eval()
+    before = op_counts(onnx_bytes(model, 3, 32))
+    info = export_final(model, tmp_path / "m.onnx", 3, 32, META)
+    after = op_counts(info.path.read_bytes())
+    assert before.get("Identity", 0) > 0 and after.get("Identity", 0) == 0
+    assert info.nodes_after < info.nodes_before
+    assert after["Conv"] == before["Conv"]  # the computation itself is unchanged
+
+
+def test_unsimplified_export(tmp_path):
+    info = export_final(_model("tiny"), tmp_path / "raw.onnx", 3, 16, META, simplify=False)
+    assert not info.simplified and info.nodes_after == info.nodes_before
+    assert read_metadata(info.path)["simplified"] == "false"
+
+
+def test_graph_hash_stable_and_weight_sensitive():
+    a1 = onnx_bytes(_model("unet", seed=0), 3, 32)
+    a2 = onnx_bytes(_model("unet", seed=0), 3, 64)  # a re-export (other trace size) of the same weights
+    b = onnx_bytes(_model("unet", seed=1), 3, 32)
+    assert graph_hash(a1) == graph_hash(a2)
+    assert graph_hash(a1) != graph_hash(b)
+    # Producer, doc strings, graph name and metadata do not change the hash.
+    proto = onnx.load_from_string(a1)
+    proto.producer_name, proto.producer_version, proto.graph.name = "other", "9.9", "renamed"
+    proto.doc_string = proto.graph.node[0].doc_string = "notes"
+    proto.metadata_props.add(key="k", value="v")
+    assert graph_hash(proto.SerializeToString()) == graph_hash(a1)
+    assert len(graph_hash(a1)) == 64
+
+
+def test_export_leaves_training_model_untouched():
+    model = _model("tiny").train()
+    onnx_bytes(model, 3, 16)
+    assert model.training
+
+
+def test_parity_failure_raises_and_writes_nothing(tmp_path):
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(AutosegError, match=r"parity failed: max \|onnxruntime - torch\| = \d"):
+        export_final(Drifting(), path, 3, 8, META, simplify=False)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_read_metadata_errors(tmp_path):
+    with pytest.raises(InputError, match="no such ONNX file"):
+        read_metadata(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a readable ONNX model"):
+        read_metadata(junk)
+
+
+def test_export_info_path_type(exported):
+    assert isinstance(exported[1].path, Path)
