@@ -8,10 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from sshd_server import SSHServer, unavailable_reason
 
 from autoseg.config import DeviceConfig
+
+# The tests train tiny nets: one thread is faster than two, and it avoids OpenMP stalls when the
+# 2-core CI machine also runs sshd, the agent and onnxruntime.
+torch.set_num_threads(1)
 
 
 def conv_relu_onnx(cin: int = 3, cout: int = 8, k: int = 3, seed: int = 0, graph_name: str = "g") -> bytes:

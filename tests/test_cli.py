@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from autoseg.demo_data import generate_demo
 from PIL import Image
+
+from autoseg.demo_data import generate_demo
 
 FAST = ["--tile", "32", "--num-reps", "16", "--folds", "2", "--epochs", "1", "--final-epochs", "1", "-q"]
 
@@ -45,6 +46,7 @@ def small_config(tmp_path: Path) -> Path:
     cfg.write_text(
         "search:\n  space:\n    levels: [1, 2]\n    kernels: [3]\n    channels: [4, 8]\n"
         "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n"
+        "train:\n  threads: 1\n"
         "eval:\n  num_examples: 1\n"
     )
     return cfg
