@@ -234,9 +234,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise InputError(
-            f"{prefix}{unknown[0]}: unknown key; known keys here are {', '.join(sorted(fields))}"
-        )
+        raise InputError(f"{prefix}{unknown[0]}: unknown key; known keys here are {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}{name}"

@@ -64,7 +64,9 @@ class RunDir:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
-            raise InputError(f"{self.root}: cannot write the run directory ({os_reason(e)}); choose another --out") from None
+            raise InputError(
+                f"{self.root}: cannot write the run directory ({os_reason(e)}); choose another --out"
+            ) from None
         return self
 
 
