@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-all lint bench clean sshd
+.PHONY: demo test test-all lint bench clean sshd chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,9 +22,13 @@ test: $(STAMP) sshd
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP) sshd
+test-all: $(STAMP) sshd chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m ''
+
+# The report's rendering test uses Debian's headless Chromium.
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # The SSH tests run a real OpenSSH server on 127.0.0.1.
 sshd:

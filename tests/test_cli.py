@@ -226,3 +226,13 @@ def test_mismatched_image_and_mask_sizes(tmp_path):
     Image.fromarray(np.zeros((16, 32), np.uint8)).save(tmp_path / "m" / "a.png")
     proc = autoseg("tiles", "--images", tmp_path / "i", "--masks", tmp_path / "m")
     assert_one_line_error(proc, 2, "a.png")
+
+
+def test_disk_full_run_directory(demo, tmp_path):
+    images, masks = demo
+    out = tmp_path / "run"
+    out.mkdir()
+    # The kernel's own ENOSPC: the run directory's write probe lands on /dev/full.
+    (out / ".write-probe").symlink_to("/dev/full")
+    proc = autoseg("reps", "--images", images, "--masks", masks, "--out", out)
+    assert_one_line_error(proc, 2, str(out), "disk full")
