@@ -1,0 +1,56 @@
+"""`make bench`: every benchmark with a small budget, one after another, so none measures under another's load.
+
+Each writes benchmarks/results/<name>.md; this script adds results/summary.md with exit codes and wall times.
+Run one on its own, with flags for a bigger budget: `python -m benchmarks.bench_search --help`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+# (module, flags for the small budget, results file, what it measures)
+SUITE = [
+    ("benchmarks.bench_tiles", [], "tiles.md", "tile indexing: throughput, peak RSS, ratio to a ResNet-18 embedding"),
+    ("benchmarks.bench_infer", [], "inference.md", "inference: seed-style loop vs whole image and batched windows"),
+    ("benchmarks.bench_latency", ["--quick"], "latency.md", "latency: SSH overhead vs local, repeatability"),
+    ("benchmarks.bench_reps", ["--quick"], "reps.md", "representative vs random vs all tiles, test mIoU over 3 seeds"),
+    ("benchmarks.bench_search", ["--quick"], "search.md", "a small real search; latency-first pruning vs train-first"),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    only = set(argv if argv is not None else sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for module, flags, result, what in SUITE:
+        name = module.split(".")[-1]
+        if only and name not in only:
+            continue
+        print(f"\n=== {name}: {what}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", module, *flags])
+        rows.append((name, result, what, code, time.perf_counter() - start))
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"Machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "",
+        "| benchmark | what | exit | wall time |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| [{n}]({r}) | {w} | {c} | {t:.0f} s |" for n, r, w, c, t in rows]
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return max((c for *_, c, _ in rows), default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
