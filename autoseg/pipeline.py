@@ -7,11 +7,12 @@ data -> tiles -> representative tiles -> device -> Optuna search -> retrain the 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,11 @@ def prepare_data(cfg: Config, progress: bool = False) -> DataStage:
     if (d.test_images is None) != (d.test_masks is None):
         raise InputError("data.test_images / data.test_masks: give both folders, or neither")
     if d.test_images is not None and d.test_masks is not None:
-        test_ds = scan_dataset(d.test_images, d.test_masks, d, progress=progress, class_map=ds.class_map)
+        test_ds = scan_dataset(
+            d.test_images, d.test_masks, d, progress=progress, class_map=ds.class_map, channels=ds.channels
+        )
+        # The net sees test images normalised as it saw training images.
+        test_ds = replace(test_ds, mean=ds.mean, std=ds.std)
         return DataStage(ds, np.arange(len(ds.pairs)), test_ds, np.arange(len(test_ds.pairs)))
     train_ids, test_ids = split_by_image(len(ds.pairs), d.test_fraction, cfg.seed)
     return DataStage(ds, train_ids, ds, test_ids)
@@ -291,8 +296,6 @@ def evaluate_model(
 
 
 def json_list(values: Any) -> str:
-    import json
-
     return json.dumps(list(values))
 
 
