@@ -465,6 +465,8 @@ def _macs_outliers(pts: list[dict], fit: dict, k: int = 3) -> list[dict]:
 
 def plot_latency_vs_macs(pts: list[dict], fit: dict | None, outliers: list[dict], ylabel: str,
                          mixed: bool = False) -> bytes:
+    from matplotlib.ticker import FuncFormatter
+
     fig = _figure(7.8, 4.9)
     ax = fig.add_subplot()
     colours = {"COMPLETE": "#1f6fb4", "PRUNED": "#ef8a17"}
@@ -477,6 +479,9 @@ def plot_latency_vs_macs(pts: list[dict], fit: dict | None, outliers: list[dict]
                    c=colours.get(state, "#777777"), marker=markers.get(src, "o"), label=label, zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Plain millisecond labels: "0.8", not "8 x 10^-1", on the narrow ranges small nets span.
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     if fit:
         macs = [p["macs"] for p in pts]
         gx = np.geomspace(min(macs), max(macs), 50)
@@ -1048,5 +1053,5 @@ def write_report(run_dir: Path) -> dict:
     _write_atomic(run_dir / "report.json", (json.dumps(rep, indent=2, ensure_ascii=False) + "\n").encode())
     _write_atomic(run_dir / "report.md", render_markdown(rep, config_text, data_raw).encode())
     _write_atomic(run_dir / "report.html", render_html(rep, pngs, examples, config_text, data_raw).encode())
-    log.info("report written to %s", run_dir / "report.html")
+    log.debug("report written to %s", run_dir / "report.html")
     return rep
