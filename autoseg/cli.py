@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["penalty", "pareto"])
     p.add_argument("--sampler", choices=["tpe", "nsga2"])
     p.add_argument("--latency-budget-ms", type=float)
-    p.add_argument("--eval-mode", choices=["whole", "window"])
+    p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
     p.add_argument("--out", help="run directory (rerun the same command to resume)")
     p.add_argument("--resume-anyway", action="store_true", help="resume a study made with another config")
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--test-images", help="folder of test images (default: the run's held-out images)")
     p.add_argument("--test-masks", help="folder of their masks")
-    p.add_argument("--eval-mode", choices=["whole", "window"])
+    p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
 
     p = sub.add_parser("export", help="re-export a run's best net to a verified ONNX file")
     _add_common(p)

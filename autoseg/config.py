@@ -151,7 +151,8 @@ class DeviceConfig:
 
 @dataclass
 class EvalConfig:
-    mode: Literal["whole", "window"] = "whole"
+    # auto: whole image up to 2048x2048 pixels, moving window beyond (bounded memory on big images).
+    mode: Literal["auto", "whole", "window"] = "auto"
     window_overlap: float = field(default=0.5, metadata=_range(0.0, 1.0, closed_hi=False))
     batch: int = field(default=8, metadata=_min(1))
     num_examples: int = field(default=4, metadata=_min(0))

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray], np.ndarray]  # float32 NCHW -> logits NCHW
-MODES = ("whole", "window")
+MODES = ("auto", "whole", "window")
+# "auto" runs the whole image at once up to this many pixels, and windows beyond, to bound memory.
+WHOLE_MAX_PIXELS = 2048 * 2048
 
 
 # ---------------------------------------------------------------- runners
@@ -162,7 +164,9 @@ def predict_windows(
 def predict(
     run: RunFn, x: np.ndarray, mode: str, tile: int, overlap: float, batch: int, multiple: int
 ) -> np.ndarray:
-    """Dispatch on `mode` ("whole" or "window"): CHW -> KHW logits."""
+    """Dispatch on `mode` ("auto", "whole" or "window"): CHW -> KHW logits."""
+    if mode == "auto":
+        mode = "whole" if x.shape[-2] * x.shape[-1] <= WHOLE_MAX_PIXELS else "window"
     if mode == "whole":
         return predict_whole(run, x, multiple)
     if mode == "window":

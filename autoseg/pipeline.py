@@ -291,7 +291,10 @@ def evaluate_model(
     metrics["model"] = str(onnx_path)
     write_json_atomic(run.eval / "metrics.json", metrics)
     if e.num_examples:
-        write_examples(run_fn, ds, ids[: e.num_examples], arch.multiple, run.eval / "examples")
+        write_examples(
+            run_fn, ds, ids[: e.num_examples], run.eval / "examples", mode=e.mode, tile=tile,
+            overlap=e.window_overlap, batch=e.batch, multiple=arch.multiple,
+        )
     return metrics
 
 

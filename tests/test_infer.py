@@ -164,6 +164,23 @@ def test_normalize():
         normalize(np.zeros((4, 4, 3), np.uint8), (0.5,), (0.5,))
 
 
+def test_auto_mode_switches_to_windows_on_big_images(monkeypatch):
+    import autoseg.infer as infer
+
+    calls: list[tuple[int, ...]] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        return np.repeat(x[:, :1], 2, axis=1)
+
+    predict(run, _image(16, 16), "auto", 8, 0.0, 4, 1)
+    assert calls[-1][-2:] == (16, 16)  # small: one whole-image call
+    monkeypatch.setattr(infer, "WHOLE_MAX_PIXELS", 100)
+    calls.clear()
+    predict(run, _image(16, 16), "auto", 8, 0.0, 4, 1)
+    assert all(c[-2:] == (8, 8) for c in calls)  # big: windows of the tile size
+
+
 def test_predict_rejects_unknown_mode():
     with pytest.raises(InputError, match=r"eval\.mode"):
         predict(torch_runner(_net("pointwise")), _image(8, 8), "tiles", 8, 0.0, 1, 1)
