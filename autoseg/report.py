@@ -14,8 +14,6 @@ import io
 import json
 import logging
 import math
-import os
-import secrets
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
@@ -27,6 +25,7 @@ import numpy as np
 import yaml
 
 from autoseg.errors import InputError
+from autoseg.rundir import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -891,19 +890,6 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
 # ---------------------------------------------------------------- entry
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A unique name opened with "xb" (not mkstemp, which forces mode 0600): the report stays readable
-    # by whoever may read the run directory, per the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _clean(o: Any) -> Any:
     """JSON-ready copy: NaN/inf become null, numpy scalars and tuples become plain values."""
     if isinstance(o, dict):
@@ -1050,8 +1036,8 @@ def write_report(run_dir: Path) -> dict:
         "eval": {k: v for k, v in metrics.items() if k != "per_image"} if metrics else None,
         "plots": plots,
     })
-    _write_atomic(run_dir / "report.json", (json.dumps(rep, indent=2, ensure_ascii=False) + "\n").encode())
-    _write_atomic(run_dir / "report.md", render_markdown(rep, config_text, data_raw).encode())
-    _write_atomic(run_dir / "report.html", render_html(rep, pngs, examples, config_text, data_raw).encode())
+    write_bytes_atomic(run_dir / "report.json", (json.dumps(rep, indent=2, ensure_ascii=False) + "\n").encode())
+    write_bytes_atomic(run_dir / "report.md", render_markdown(rep, config_text, data_raw).encode())
+    write_bytes_atomic(run_dir / "report.html", render_html(rep, pngs, examples, config_text, data_raw).encode())
     log.debug("report written to %s", run_dir / "report.html")
     return rep

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from autoseg.config import RepsConfig
 from autoseg.data import IGNORE, Dataset, load_pair
 from autoseg.errors import InputError
+from autoseg.rundir import write_bytes_atomic
 from autoseg.tiles import TileIndex, crop
 
 log = logging.getLogger(__name__)
@@ -727,7 +727,7 @@ def _save_cache(
         rows=reps.rows, cluster=reps.cluster, class_hist=reps.class_hist,
         counts=np.array([reps.n_tiles, reps.n_after_dedup, reps.n_clusters], dtype=np.int64),
     )
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _load_cache(path: Path, key: str, index: TileIndex) -> RepSet | None:
@@ -790,7 +790,7 @@ def write_manifest(ds: Dataset, reps: RepSet, path: Path) -> None:
             ds.pairs[int(reps.image[k])].image.name, int(reps.x[k]), int(reps.y[k]),
             reps.tile, int(reps.cluster[k]), hist,
         ])
-    _atomic_write_bytes(Path(path), out.getvalue().encode())
+    write_bytes_atomic(Path(path), out.getvalue().encode())
 
 
 def class_palette(ds: Dataset) -> np.ndarray:
@@ -883,20 +883,7 @@ def write_tile_pngs(ds: Dataset, reps: RepSet, folder: Path) -> None:
         _atomic_save_png(Image.fromarray(colourise(mask, palette)), folder / f"{base}_mask.png")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_png(img: Image.Image, path: Path) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
