@@ -235,6 +235,16 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
+def find_twin(study: optuna.Study, cand: Candidate, number: int) -> FrozenTrial | None:
+    """An earlier trial that trained (or was median-pruned on) the same architecture at the same tile."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.number == number or t.user_attrs.get("arch") != cand.arch.key() or t.user_attrs.get("tile") != cand.tile:
+            continue
+        if t.state == TrialState.COMPLETE or t.user_attrs.get("pruned_reason") == "median":
+            return t
+    return None
+
+
 def budget_prune_streak(study: optuna.Study) -> int:
     streak = 0
     for t in sorted(finished_trials(study), key=lambda t: t.number, reverse=True):
@@ -328,10 +338,24 @@ class Objective:
                 trial.study.stop()
             raise optuna.TrialPruned("latency over budget")
         self.streak = 0
+        pareto = scfg.objective == "pareto"
+
+        twin = find_twin(trial.study, cand, trial.number)
+        if twin is not None:
+            # Training is deterministic for an architecture, tile and seed: the twin's folds are this trial's.
+            for key in ("fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason"):
+                if key in twin.user_attrs:
+                    trial.set_user_attr(key, twin.user_attrs[key])
+            trial.set_user_attr("same_as_trial", twin.number)
+            if twin.state == TrialState.PRUNED:
+                self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned, as its twin trial {twin.number}")
+                raise optuna.TrialPruned(f"same architecture as pruned trial {twin.number}")
+            cv_mean, value = twin.user_attrs["cv_mean"], twin.user_attrs["penalty_value"]
+            self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  cv {cv_mean:.3f}  same as trial {twin.number}")
+            return (cv_mean, latency) if pareto else value
 
         data = self.task.data[cand.tile]
         s = self.train_settings()
-        pareto = scfg.objective == "pareto"
 
         def on_fold(i: int, running: float) -> None:
             if pareto:

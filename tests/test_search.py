@@ -158,3 +158,16 @@ def test_pareto_objective_returns_score_and_latency(tmp_path):
     assert done[0].values[1] == pytest.approx(done[0].user_attrs["latency_ms"])
     front = pareto_summary(study)
     assert front and choose_best(study, cfg.search).number in {r["trial"] for r in front}
+
+
+def test_a_repeated_architecture_is_not_trained_again(tmp_path):
+    _, _, study = run_search(tmp_path, trials=1)
+    first = study.trials[0]
+    study.enqueue_trial(first.params)
+    _, _, study = run_search(tmp_path, trials=2)
+    second = study.trials[1]
+    assert second.params == first.params
+    assert second.user_attrs["same_as_trial"] == first.number
+    assert second.user_attrs["fold_scores"] == first.user_attrs["fold_scores"]
+    assert not second.intermediate_values  # no fold was trained or reported
+    assert second.user_attrs["latency"]["cached"]  # and the device was not asked again
