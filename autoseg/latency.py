@@ -92,6 +92,8 @@ class Measurement:
     temp_after_c: float | None
     throttled: bool | None
     cached: bool = False
+    # Cores other processes kept busy while this was timed (None where the device cannot tell).
+    cpu_others: float | None = None
 
     @property
     def median_ms(self) -> float | None:
@@ -121,6 +123,7 @@ class Measurement:
             temp_after_c=d.get("temp_after_c"),
             throttled=d.get("throttled"),
             cached=bool(d.get("cached", False)),
+            cpu_others=d.get("cpu_others"),
         )
 
 
@@ -180,6 +183,7 @@ class LocalDevice:
                 error=error, message=message, stats=stats, source="local", device=self.name,
                 fingerprint=fp, fingerprint_id=_fp.fingerprint_id(fp),
                 temp_before_c=extra.get("tb"), temp_after_c=extra.get("ta"), throttled=extra.get("thr"),
+                cpu_others=extra.get("busy"),
             )
 
         try:
@@ -195,7 +199,8 @@ class LocalDevice:
             del sess
         used = r.get("providers_used") or []
         return result(MeasureError.OK, f"providers: {', '.join(used)}" if used else "", r["stats"],
-                      tb=r.get("temp_before_c"), ta=r.get("temp_after_c"), thr=r.get("throttled"))
+                      tb=r.get("temp_before_c"), ta=r.get("temp_after_c"), thr=r.get("throttled"),
+                      busy=r.get("cpu_others"))
 
     def close(self) -> None:
         pass
@@ -479,6 +484,7 @@ class SSHDevice:
         return self._result(
             MeasureError.OK, f"providers: {', '.join(used)}" if used else "", r["stats"],
             tb=r.get("temp_before_c"), ta=r.get("temp_after_c"), thr=r.get("throttled"),
+            busy=r.get("cpu_others"),
         )
 
     def _result(self, error: MeasureError, message: str, stats: dict | None = None, **x: Any) -> Measurement:
@@ -487,6 +493,7 @@ class SSHDevice:
             error=error, message=_one_line(message), stats=stats, source="device", device=self.target.name,
             fingerprint=fp, fingerprint_id=_fp.fingerprint_id(fp) if fp else "",
             temp_before_c=x.get("tb"), temp_after_c=x.get("ta"), throttled=x.get("thr"),
+            cpu_others=x.get("busy"),
         )
 
     def _from_error(self, reply: dict, op: str) -> Measurement:
@@ -994,6 +1001,11 @@ class CachedDevice:
 
     inner: Device
     cache: LatencyCache
+    # A measurement taken while other processes kept more than this many cores busy is retried once,
+    # then kept but not cached (None: never check).
+    max_busy_cores: float | None = 0.5
+    busy_retries: int = 1
+    busy_wait_s: float = 5.0
     hits: int = field(default=0, init=False)
     misses: int = field(default=0, init=False)
 
@@ -1019,10 +1031,26 @@ class CachedDevice:
             return replace(Measurement.from_dict(hit), cached=True)
         self.misses += 1
         m = self.inner.measure(model, shape, settings)
+        for attempt in range(1, self.busy_retries + 1):
+            if not self._busy(m):
+                break
+            # Other work on the device inflates latency while its spread still looks tight: wait, try again.
+            log.info("device %s busy (other processes used %.1f cores); measuring again", self.name, m.cpu_others)
+            time.sleep(self.busy_wait_s * attempt)
+            again = self.inner.measure(model, shape, settings)
+            m = min((m, again), key=lambda x: x.cpu_others if x.cpu_others is not None else 0.0)
+        if self._busy(m):
+            log.warning("device %s stayed busy (%.1f cores used by other processes): latency may be inflated "
+                        "and is not cached", self.name, m.cpu_others)
+            return replace(m, message=_one_line(f"{m.message}; device busy: others used {m.cpu_others:.1f} cores"))
         if m.error == MeasureError.OK and m.fingerprint_id:
             # Store under the measuring device's id: after a fallback that is the local machine.
             self.cache.put(ghash, m.fingerprint_id, key, m.to_dict())
         return m
+
+    def _busy(self, m: Measurement) -> bool:
+        limit = self.max_busy_cores
+        return limit is not None and m.error == MeasureError.OK and m.cpu_others is not None and m.cpu_others > limit
 
     def close(self) -> None:
         try:
@@ -1056,4 +1084,5 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None) -> Device:
                 raise
             log.warning("%s; falling back to local measurement, results are labelled source=local", e)
             dev = LocalDevice()
-    return CachedDevice(dev, LatencyCache(cache_path if cache_path is not None else ":memory:"))
+    cache = LatencyCache(cache_path if cache_path is not None else ":memory:")
+    return CachedDevice(dev, cache, max_busy_cores=cfg.max_busy_cores, busy_wait_s=cfg.busy_wait_s)

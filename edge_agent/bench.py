@@ -6,6 +6,7 @@ autoseg's LocalDevice calls these same functions in-process, so local and device
 from __future__ import annotations
 
 import os
+import resource
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -121,6 +122,23 @@ def measure_session(
     return summarize(times)
 
 
+def _busy_cpu_s() -> Optional[float]:
+    """CPU seconds the whole machine spent busy (Linux /proc/stat), or None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process, onnxruntime's threads included."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def measure_report(
     sess: ort.InferenceSession,
     shape: Sequence[int],
@@ -130,14 +148,24 @@ def measure_report(
     seed: int = 0,
     cooldown_s: float = 0.0,
 ) -> Dict[str, Any]:
-    """The body of a `measure` reply: stats plus the thermal state around the measurement."""
+    """The body of a `measure` reply: stats plus the thermal state around the measurement.
+
+    `cpu_others` is how many cores other processes kept busy while we timed: a busy device
+    gives inflated latencies even when their spread looks tight, so the host can retry or refuse to cache.
+    """
     if cooldown_s > 0:
         time.sleep(cooldown_s)
     temp_before = _fp.temperature_c()
+    busy_before, own_before, wall_before = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
     stats = measure_session(sess, shape, warmup, min_runs, min_seconds, seed=seed)
+    busy_after, own_after, wall = _busy_cpu_s(), _own_cpu_s(), time.perf_counter() - wall_before
     temp_after = _fp.temperature_c()
+    others = None
+    if busy_before is not None and busy_after is not None and wall > 0:
+        others = max(0.0, (busy_after - busy_before) - (own_after - own_before)) / wall
     return {
         "stats": stats,
+        "cpu_others": others,
         "temp_before_c": temp_before,
         "temp_after_c": temp_after,
         "throttled": _fp.throttled(),

@@ -45,7 +45,7 @@ def small_config(tmp_path: Path) -> Path:
     cfg = tmp_path / "small.yml"
     cfg.write_text(
         "search:\n  space:\n    levels: [1, 2]\n    kernels: [3]\n    channels: [4, 8]\n"
-        "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n"
+        "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n  max_busy_cores: null\n"
         "train:\n  threads: 1\n"
         "eval:\n  num_examples: 1\n"
     )

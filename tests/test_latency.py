@@ -220,7 +220,7 @@ class TestDeviceContract:
 
     def test_cache_hit_does_not_touch_the_device(self, device, tiny_onnx, tmp_path):
         counting = CountingDevice(device)
-        cached = CachedDevice(counting, LatencyCache(tmp_path / "cache.db"))
+        cached = CachedDevice(counting, LatencyCache(tmp_path / "cache.db"), max_busy_cores=None)
         first = cached.measure(tiny_onnx, SHAPE, FAST)
         t0 = time.perf_counter()
         second = cached.measure(conv_relu_onnx(graph_name="renamed"), SHAPE, FAST)  # same graph
@@ -235,7 +235,7 @@ class TestDeviceContract:
 
 
 def test_open_device_local_is_cached(tmp_path, tiny_onnx):
-    dev = open_device(DeviceConfig(target="local"), tmp_path / "latency_cache.db")
+    dev = open_device(DeviceConfig(target="local", max_busy_cores=None), tmp_path / "latency_cache.db")
     with dev:
         assert isinstance(dev, CachedDevice) and dev.source == "local" and dev.name == "local"
         assert not dev.measure(tiny_onnx, SHAPE, FAST).cached
@@ -476,3 +476,22 @@ def test_open_device_ssh_uses_the_cache(sshd_server, ssh_device_config, agent_ro
     with open_device(ssh_device_config(sshd_server), cache_path) as dev:
         again = dev.measure(tiny_onnx, SHAPE, FAST)
         assert again.cached and again.median_ms == first.median_ms and dev.misses == 0
+
+
+def test_busy_machine_is_measured_again_and_not_cached(tiny_onnx, tmp_path):
+    """A real CPU burner beside the measurement: the agent sees it, the cache refuses the inflated number."""
+    import subprocess
+
+    cfg = DeviceConfig(warmup=1, min_runs=5, min_seconds=0.3, max_busy_cores=0.5, busy_wait_s=0.05)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        with open_device(cfg, tmp_path / "cache.db") as dev:
+            first = dev.measure(tiny_onnx, (1, 3, 16, 16), settings_from_config(cfg))
+            assert first.cpu_others is not None and first.cpu_others > 0.5
+            assert "device busy" in first.message
+            second = dev.measure(tiny_onnx, (1, 3, 16, 16), settings_from_config(cfg))
+            assert not second.cached and dev.hits == 0  # nothing inflated was stored
+    finally:
+        burner.kill()
+        burner.wait()

@@ -37,6 +37,7 @@ TINY = {
     "device.warmup": 0,
     "device.min_runs": 2,
     "device.min_seconds": 0.0,
+    "device.max_busy_cores": None,
 }
 
 

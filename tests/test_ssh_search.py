@@ -39,7 +39,7 @@ def test_search_measures_every_trial_on_the_device(sshd_server, device_flags, en
     cfg = tmp_path / "c.yml"
     cfg.write_text(
         "search:\n  space:\n    levels: [1, 2]\n    kernels: [3]\n    channels: [4, 8]\n"
-        "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\ntrain:\n  threads: 1\n"
+        "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n  max_busy_cores: null\ntrain:\n  threads: 1\n"
     )
     out = tmp_path / "run"
     proc = autoseg("search", "--config", cfg, "--images", images, "--masks", masks, "--out", out, "--trials", "2",
