@@ -934,7 +934,11 @@ def _one_line(text: str) -> str:
 
 
 def _graph_hash(model: bytes) -> str:
-    """sha256 of the ONNX graph with names/doc strings/producer cleared: same net, same hash."""
+    """sha256 of the ONNX graph with names/doc strings/producer cleared: same net, same hash.
+
+    Internal tensor names are renamed in order of first use: the exporter numbers them from a
+    process-wide counter, so the same net exported twice in one process can name them differently.
+    """
     try:
         import onnx  # heavy import, only needed here
 
@@ -942,10 +946,27 @@ def _graph_hash(model: bytes) -> str:
     except Exception:  # not ONNX: it cannot be measured anyway, hash the bytes
         return hashlib.sha256(model).hexdigest()
     proto.producer_name = proto.producer_version = proto.doc_string = proto.domain = ""
-    proto.graph.name = proto.graph.doc_string = ""
     del proto.metadata_props[:]
-    for node in proto.graph.node:
-        node.doc_string = ""
+    g = proto.graph
+    g.name = g.doc_string = ""
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    names: dict[str, str] = {}
+
+    def canon(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for node in g.node:
+        node.name = node.doc_string = ""
+        node.input[:] = [canon(n) for n in node.input]
+        node.output[:] = [canon(n) for n in node.output]
+    inits = sorted(g.initializer, key=lambda t: canon(t.name))
+    for t in inits:
+        t.name = canon(t.name)
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.value_info[:]
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 

@@ -495,3 +495,28 @@ def test_busy_machine_is_measured_again_and_not_cached(tiny_onnx, tmp_path):
     finally:
         burner.kill()
         burner.wait()
+
+
+def test_graph_hash_ignores_exporter_tensor_names():
+    import torch
+
+    from autoseg.export import onnx_bytes
+    from autoseg.unet import Arch, build_unet
+
+    def export(arch: Arch, seed: int) -> bytes:
+        torch.manual_seed(seed)
+        return onnx_bytes(build_unet(arch, 3, 2).eval(), 3, 32)
+
+    a, other = Arch((3, 3), (8, 16)), Arch((3, 5, 3), (4, 8, 8))
+    first = export(a, 1)
+    export(other, 5)  # moves the exporter's internal name counters
+    assert _graph_hash(export(a, 1)) == _graph_hash(first)
+    assert _graph_hash(export(a, 2)) != _graph_hash(first)  # other weights, other graph
+
+
+def test_graph_hash_is_independent_of_internal_names(tiny_onnx):
+    proto = onnx.load_from_string(tiny_onnx)
+    for node in proto.graph.node:
+        node.output[:] = [n if n == "logits" else f"renamed_{n}" for n in node.output]
+        node.input[:] = [n if n in ("input", "w", "b") else f"renamed_{n}" for n in node.input]
+    assert _graph_hash(proto.SerializeToString()) == _graph_hash(tiny_onnx)
