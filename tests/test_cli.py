@@ -52,6 +52,11 @@ def small_config(tmp_path: Path) -> Path:
     return cfg
 
 
+def search_args(tmp_path: Path, images: Path, masks: Path, out: Path, trials: int) -> list[object]:
+    return ["search", "--config", small_config(tmp_path), "--images", images, "--masks", masks,
+            "--trials", trials, "--out", out, *FAST]
+
+
 def test_missing_folder(tmp_path):
     proc = autoseg("tiles", "--images", tmp_path / "nope", "--masks", tmp_path / "nope2")
     assert_one_line_error(proc, 2, "nope")
@@ -108,20 +113,7 @@ def test_reps_writes_manifest_and_contact_sheet(demo, tmp_path):
 def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     images, masks = demo
     out = tmp_path / "run"
-    proc = autoseg(
-        "search",
-        "--config",
-        small_config(tmp_path),
-        "--images",
-        images,
-        "--masks",
-        masks,
-        "--trials",
-        "2",
-        "--out",
-        out,
-        *FAST,
-    )
+    proc = autoseg(*search_args(tmp_path, images, masks, out, trials=2))
     assert proc.returncode == 0, proc.stderr
     assert "best architecture:" in proc.stdout and "test mIoU" in proc.stdout
     for rel in (
@@ -178,20 +170,7 @@ def _finished(db: Path) -> int:
 def test_kill_9_then_rerun_resumes(demo, tmp_path):
     images, masks = demo
     out = tmp_path / "run"
-    args = [
-        "search",
-        "--config",
-        small_config(tmp_path),
-        "--images",
-        images,
-        "--masks",
-        masks,
-        "--trials",
-        "5",
-        "--out",
-        out,
-        *FAST,
-    ]
+    args = search_args(tmp_path, images, masks, out, trials=5)
     proc = subprocess.Popen(
         [sys.executable, "-m", "autoseg", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
