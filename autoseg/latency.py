@@ -1016,6 +1016,9 @@ class LatencyCache:
             self._db.close()
 
 
+BUSY_STREAK_GIVE_UP = 3  # busy measurements in a row after which we stop waiting and retrying
+
+
 @dataclass
 class CachedDevice:
     """A Device that answers from the LatencyCache when it can and measures (and stores) otherwise."""
@@ -1029,6 +1032,7 @@ class CachedDevice:
     busy_wait_s: float = 5.0
     hits: int = field(default=0, init=False)
     misses: int = field(default=0, init=False)
+    busy_streak: int = field(default=0, init=False)
 
     @property
     def name(self) -> str:
@@ -1052,7 +1056,9 @@ class CachedDevice:
             return replace(Measurement.from_dict(hit), cached=True)
         self.misses += 1
         m = self.inner.measure(model, shape, settings)
-        for attempt in range(1, self.busy_retries + 1):
+        # A device that stays busy is not waited for on every candidate: after a few, only flag it.
+        retries = self.busy_retries if self.busy_streak < BUSY_STREAK_GIVE_UP else 0
+        for attempt in range(1, retries + 1):
             if not self._busy(m):
                 break
             # Other work on the device inflates latency while its spread still looks tight: wait, try again.
@@ -1060,6 +1066,7 @@ class CachedDevice:
             time.sleep(self.busy_wait_s * attempt)
             again = self.inner.measure(model, shape, settings)
             m = min((m, again), key=lambda x: x.cpu_others if x.cpu_others is not None else 0.0)
+        self.busy_streak = self.busy_streak + 1 if self._busy(m) else 0
         if self._busy(m):
             log.warning("device %s stayed busy (%.1f cores used by other processes): latency may be inflated "
                         "and is not cached", self.name, m.cpu_others)

@@ -343,9 +343,12 @@ class Objective:
         twin = find_twin(trial.study, cand, trial.number)
         if twin is not None:
             # Training is deterministic for an architecture, tile and seed: the twin's folds are this trial's.
-            for key in ("fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason"):
+            # The twin's latency too: one net, one latency, even when a busy device measured it twice.
+            for key in ("fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason", "latency",
+                        "latency_ms", "latency_source", "device", "fingerprint_id"):
                 if key in twin.user_attrs:
                     trial.set_user_attr(key, twin.user_attrs[key])
+            latency = float(twin.user_attrs.get("latency_ms", latency))
             trial.set_user_attr("same_as_trial", twin.number)
             if twin.state == TrialState.PRUNED:
                 self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned, as its twin trial {twin.number}")
