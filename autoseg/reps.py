@@ -41,9 +41,9 @@ from autoseg.tiles import TileIndex, crop
 log = logging.getLogger(__name__)
 
 # Bump when the features or the selection change: old caches then miss instead of lying.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 # Share of the total feature weight given to the tile's class histogram (the rest is appearance).
-CLASS_SHARE = 1.0 / 3.0
+CLASS_SHARE = 2.0 / 3.0  # bench_reps: +0.009 mIoU over random on drone (5 seeds), +0.004 on isbi
 # Standardised features are clipped here, so a handful of outliers cannot eat the clusters.
 Z_CLIP = 5.0
 PCA_DIMS = 32
