@@ -47,6 +47,7 @@ _FLAG_KEYS = {
     "known_hosts": "device.known_hosts",
     "identity_file": "device.identity_file",
     "eval_mode": "eval.mode",
+    "int8": "export.int8",
     "out": "out",
     "seed": "seed",
 }
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["tpe", "nsga2"])
     p.add_argument("--latency-budget-ms", type=float)
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
+    p.add_argument("--int8", action="store_true", default=None,
+                   help="also export an int8 model calibrated on the representative tiles")
     p.add_argument("--out", help="run directory (rerun the same command to resume)")
     p.add_argument("--resume-anyway", action="store_true", help="resume a study made with another config")
 
@@ -220,6 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "train.folds": 3,
         "train.epochs": 3,
         "train.final_epochs": 25,
+        "export.int8": True,
         "out": str(out),
     }
     cfg = _config(args, base)  # flags (--trials, --device, ...) win over the demo's settings

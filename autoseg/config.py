@@ -167,6 +167,9 @@ class ExportConfig:
     opset: int = field(default=17, metadata=_range(11, 23))
     simplify: bool = True
     parity_atol: float = field(default=1e-4, metadata=_min(0.0, strict=True))
+    # Also write best/model.int8.onnx (static int8, calibrated on the representative tiles), with its
+    # test metrics and device latency beside the float model's.
+    int8: bool = False
 
 
 @dataclass

@@ -24,9 +24,9 @@ from autoseg import __version__
 from autoseg.config import Config, config_to_dict
 from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.errors import InputError
-from autoseg.export import ExportInfo, export_final
+from autoseg.export import ExportInfo, export_final, quantize_int8
 from autoseg.infer import evaluate, ort_runner
-from autoseg.latency import open_device, settings_from_config
+from autoseg.latency import Device, MeasureSettings, open_device, settings_from_config
 from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
 from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
 from autoseg.search import (
@@ -161,9 +161,10 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             study = open_study(run, cfg, resume_anyway)
             objective = Objective(cfg, task, device, settings, run)
             run_trials(study, objective, cfg.search.trials, progress)
-        best = choose_best(study, cfg.search)
-
-        card = finalize(cfg, run, stage, task, best, progress)
+            best = choose_best(study, cfg.search)
+            card = finalize(cfg, run, stage, task, best, progress)
+            if cfg.export.int8:
+                card["int8"] = int8_variant(cfg, run, stage, task, card, device, settings, progress)
         card["pareto_front"] = pareto_summary(study)
         write_json_atomic(run.best / "model_card.json", card)
     _write_report(run)
@@ -237,6 +238,44 @@ def finalize(
     return card
 
 
+def int8_variant(
+    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, card: dict[str, Any], device: Device,
+    settings: MeasureSettings, progress: bool = False,
+) -> dict[str, Any]:
+    """Quantize the exported net to int8, test it like the float one, and time both on the device."""
+    arch, tile = Arch.from_dict(card["arch_dict"]), int(card["tile"])
+    fp32 = run.best / "model.onnx"
+    info = quantize_int8(fp32, run.best / "model.int8.onnx", task.data[tile].x)
+    metrics = evaluate_model(
+        cfg, run, info.path, stage.test_ds, stage.test_ids, arch, tile, progress, name="metrics.int8.json"
+    )
+    size = cfg.device.measure_size or tile
+    shape = (1, task.in_channels, size, size)
+    timed = {key: device.measure(p.read_bytes(), shape, settings) for key, p in (("fp32", fp32), ("int8", info.path))}
+    out = {
+        **info.to_dict(),
+        "test_miou": metrics["mean"]["miou"] if metrics else None,
+        "test_dice": metrics["mean"]["macro_dice"] if metrics else None,
+        "test_pixel_acc": metrics["mean"]["pixel_acc"] if metrics else None,
+        "test_per_class": metrics["per_class"] if metrics else None,
+        "latency_ms": timed["int8"].median_ms,
+        "fp32_latency_ms": timed["fp32"].median_ms,  # the float model, timed beside it
+        "latency_source": timed["int8"].source,
+        "device": timed["int8"].device,
+        "measure_size": size,
+    }
+    log.info(
+        "int8: %s, %.1f kB, test mIoU %s (float %s), %s ms vs %s ms float on %s",
+        info.path.name, info.size_bytes / 1e3, _fmt(out["test_miou"]), _fmt(card.get("test_miou")),
+        _fmt(out["latency_ms"], ".2f"), _fmt(out["fp32_latency_ms"], ".2f"), out["device"],
+    )
+    return out
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
 def export_checkpoint(checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, cfg: Config) -> ExportInfo:
     arch = Arch.from_dict(checkpoint["arch"])
     metadata = {
@@ -279,8 +318,11 @@ def evaluate_model(
     arch: Arch,
     tile: int,
     progress: bool = False,
+    name: str = "metrics.json",
 ) -> dict[str, Any] | None:
-    """Metrics of the exported ONNX model on full-size test images, per image, per class and overall."""
+    """Metrics of the exported ONNX model on full-size test images, per image, per class and overall.
+
+    Writes eval/`name`; example images only for the main model (name metrics.json)."""
     if len(ids) == 0:
         log.warning("no test images: pass --test-images/--test-masks or raise data.test_fraction")
         return None
@@ -289,8 +331,8 @@ def evaluate_model(
     metrics = evaluate(run_fn, ds, ids, e.mode, tile, e.window_overlap, e.batch, arch.multiple, progress=progress)
     metrics["mode"] = e.mode
     metrics["model"] = str(onnx_path)
-    write_json_atomic(run.eval / "metrics.json", metrics)
-    if e.num_examples:
+    write_json_atomic(run.eval / name, metrics)
+    if e.num_examples and name == "metrics.json":
         write_examples(
             run_fn, ds, ids[: e.num_examples], run.eval / "examples", mode=e.mode, tile=tile,
             overlap=e.window_overlap, batch=e.batch, multiple=arch.multiple,
@@ -331,4 +373,7 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
         f"  latency:   {fmt(card['latency_ms'], '.2f')} ms median on {card['device']} ({card['latency_source']})",
         f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
         f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
-    ]
+    ] + ([
+        f"  int8:      test mIoU {fmt(q['test_miou'], '.3f')}, {fmt(q['latency_ms'], '.2f')} ms "
+        f"(float {fmt(q['fp32_latency_ms'], '.2f')} ms), ONNX {q['size_bytes'] / 1e3:.1f} kB: {q['path']}"
+    ] if (q := card.get("int8")) else [])

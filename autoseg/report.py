@@ -1004,6 +1004,15 @@ def write_report(run_dir: Path) -> dict:
                   "nodes before → after simplify": (f"{onnx['nodes_before']} → {onnx['nodes_after']}"
                                                     if "nodes_before" in onnx else None),
                   "simplified": onnx.get("simplified")}
+        q = (card or {}).get("int8")
+        if isinstance(q, dict):  # export.int8: the quantized model beside the float one
+            export.update({
+                "int8 file": q.get("path"), "int8 size": _si(q.get("size_bytes"), "B"),
+                "int8 test mIoU (float's)": f"{_f(q.get('test_miou'))} ({_f(card.get('test_miou'))})",
+                "int8 latency ms (float's), source": f"{_f(q.get('latency_ms'), '.2f')} "
+                f"({_f(q.get('fp32_latency_ms'), '.2f')}), {q.get('latency_source')} on {q.get('device')}",
+                "int8 argmax agreement with float, calibration tiles": _f(q.get("argmax_agreement"), '.4f'),
+            })
         export = {k: v for k, v in export.items() if v is not None}
 
     running = sum(r["state"] in ("RUNNING", "WAITING") for r in rows)

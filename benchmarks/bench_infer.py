@@ -8,7 +8,7 @@ the random weights). Image: one size x size RGB scene from the same generator, u
 
 baseline  seed-style loop: torch, one tile x tile window at a time, 25% overlap, mean blending, no_grad
 ours      onnxruntime on the exported (simplified) model: whole image in one pass, and batched
-          windows with Gaussian blending
+          windows with Gaussian blending; and the optional int8 export (`--int8`), whole image
 
 Targets: throughput >= 5x the baseline; mIoU of our argmax against the baseline's argmax (the
 overlapped-window result is the reference) >= 0.995; achieved GFLOP/s (2 x MACs from count_macs
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import autoseg
-from autoseg.export import export_final
+from autoseg.export import export_final, quantize_int8
 from autoseg.infer import normalize, ort_runner, predict_whole, predict_windows, window_grid
 from autoseg.metrics import confusion_matrix, metrics_from_confusion
 from autoseg.unet import Arch, build_unet, count_macs
@@ -278,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path = Path(tmp) / "model.onnx"
         meta = {"classes": [str(i) for i in range(NUM_CLASSES)], "mean": mean, "std": std}
         exp = export_final(model, onnx_path, 3, t, meta)
+        # int8: the optional export (--int8), calibrated on crops of other scenes, as the search's reps would be.
+        crng = np.random.default_rng(args.seed + 2)
+        calib = np.stack([normalize(synthetic_scene(t, crng)[0], mean, std) for _ in range(32)])
+        q_path = Path(tmp) / "model.int8.onnx"
+        qinfo = quantize_int8(onnx_path, q_path, calib)
+        run = ort_runner(q_path)
+        res = timed(lambda run=run: predict_whole(run, x, ARCH.multiple), args.repeats)
+        runs.append(("ours: onnxruntime default thread(s), whole image, int8", "int8", *res, flops_whole))
         for threads in (None, 1):
             run = ort_runner(onnx_path, threads=threads)
             label = f"onnxruntime {threads or 'default'} thread(s)"
@@ -307,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = [r for r in rows if r["kind"] != "base"]
     best = max(ours, key=lambda r: r["mps"])
     best_whole = max((r for r in ours if r["kind"] == "whole"), key=lambda r: r["share"])
+    best_float = max((r for r in ours if r["kind"] != "int8"), key=lambda r: r["mps"])
     worst_agree = min(r["agree_miou"] for r in ours)
     seed_default = next(r for r in rows if r["kind"] == "base" and f"torch {default_threads} " in r["name"])
     notes = [
@@ -316,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         f"i.e. at most {base_best / (flops_whole / 1e9 / peak):.1f}x the fastest baseline "
         f"(which itself runs at {max(r['share'] for r in rows if r['kind'] == 'base'):.0%} of GEMM).",
     ]
+    notes.append(f"best float32 path ({best_float['name'][6:]}): {best_float['speedup']:.1f}x; int8 is the "
+                 f"optional `--int8` export ({qinfo.size_bytes / 1e3:.0f} kB, QDQ, per-channel weights, calibrated "
+                 f"on {qinfo.calibration_tiles} crops of other scenes); its GFLOP/s count the same MACs in int8, so "
+                 "its % of the float32 GEMM peak is not a float32 efficiency.")
     one = [r for r in ours if r["kind"] == "whole" and "1 thread" in r["name"]]
     if one and "torch 1 thread(s)" in gemm:
         notes.append(f"against the 1-thread GEMM ({gemm['torch 1 thread(s)']:.1f} GFLOP/s) the 1-thread "
@@ -325,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
          f"{best['speedup']:.1f}x"),
         ("mIoU vs overlapped-window reference >= 0.995 (every one of ours)", worst_agree >= 0.995,
          f"{worst_agree:.4f}"),
-        ("GFLOP/s >= 70% of the best measured GEMM (whole image)", best_whole["share"] >= 0.70,
+        ("GFLOP/s >= 70% of the best measured GEMM (whole image, float32)", best_whole["share"] >= 0.70,
          f"{best_whole['share']:.0%}"),
     ]
 

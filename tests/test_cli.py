@@ -113,9 +113,9 @@ def test_reps_writes_manifest_and_contact_sheet(demo, tmp_path):
 def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     images, masks = demo
     out = tmp_path / "run"
-    proc = autoseg(*search_args(tmp_path, images, masks, out, trials=2))
+    proc = autoseg(*search_args(tmp_path, images, masks, out, trials=2), "--int8")
     assert proc.returncode == 0, proc.stderr
-    assert "best architecture:" in proc.stdout and "test mIoU" in proc.stdout
+    assert "best architecture:" in proc.stdout and "test mIoU" in proc.stdout and "int8:" in proc.stdout
     for rel in (
         "config.yml",
         "data.json",
@@ -124,7 +124,9 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
         "reps/manifest.csv",
         "best/model.onnx",
         "best/model_card.json",
+        "best/model.int8.onnx",
         "eval/metrics.json",
+        "eval/metrics.int8.json",
         "report.html",
         "report.md",
         "report.json",
@@ -146,6 +148,10 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
         assert key in card, key
     assert card["latency_source"] == "local"
     assert card["onnx"]["parity_max_abs_diff"] <= 1e-4
+    q = card["int8"]  # --int8: quantized, tested and timed beside the float model
+    assert q["test_miou"] is not None and q["latency_ms"] > 0 and q["fp32_latency_ms"] > 0
+    assert q["latency_source"] == "local" and 0.5 < q["argmax_agreement"] <= 1.0
+    assert "int8 test mIoU" in (out / "report.md").read_text()
 
     assert autoseg("eval", out, "-q").returncode == 0
     exported = tmp_path / "again.onnx"

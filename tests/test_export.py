@@ -19,6 +19,7 @@ from autoseg.export import (
     graph_hash,
     onnx_bytes,
     op_counts,
+    quantize_int8,
     read_metadata,
 )
 from autoseg.unet import Arch, build_unet
@@ -204,3 +205,37 @@ def test_read_metadata_errors(tmp_path):
 
 def test_export_info_path_type(exported):
     assert isinstance(exported[1].path, Path)
+
+
+def test_quantize_int8_keeps_the_float_answer_and_metadata(tmp_path):
+    model = _model("unet")
+    fp32 = export_final(model, tmp_path / "model.onnx", in_channels=3, tile=32, metadata=META).path
+    calib = np.random.default_rng(0).standard_normal((12, 3, 32, 32), dtype=np.float32)
+    info = quantize_int8(fp32, tmp_path / "model.int8.onnx", calib, batch=5)
+
+    assert info.path.is_file() and info.path.stat().st_size == info.size_bytes
+    assert info.size_bytes < 0.5 * fp32.stat().st_size  # int8 weights
+    assert info.calibration_tiles == 12
+    ops = op_counts(onnx.load(str(info.path)))
+    assert ops.get("QuantizeLinear", 0) >= 3 and ops.get("DequantizeLinear", 0) >= 3
+    meta = read_metadata(info.path)
+    assert meta["quantization"] == "int8-qdq" and meta["classes"] == META["classes"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    # Recompute the agreement independently, on fresh inputs too: int8 keeps nearly every pixel's class.
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    same = np.mean(ref.run(None, {"input": calib})[0].argmax(1) == q.run(None, {"input": calib})[0].argmax(1))
+    assert info.argmax_agreement == pytest.approx(same)
+    assert info.argmax_agreement > 0.9
+    x = np.random.default_rng(1).standard_normal((1, 3, 64, 96), dtype=np.float32)  # dynamic H, W kept
+    a, b = ref.run(None, {"input": x})[0], q.run(None, {"input": x})[0]
+    assert b.shape == a.shape
+    assert np.abs(a - b).max() < 0.1 * (a.max() - a.min())
+
+
+def test_quantize_int8_refuses_bad_calibration_and_writes_nothing(tmp_path):
+    fp32 = export_final(_model("tiny"), tmp_path / "model.onnx", in_channels=3, tile=32, metadata=META).path
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_int8(fp32, tmp_path / "model.int8.onnx", np.zeros((0, 3, 32, 32), np.float32))
+    assert not (tmp_path / "model.int8.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
