@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         f"vs the seed's default (torch {default_threads} thread(s)): "
         f"{seed_default['s'] / best['s']:.1f}x; the target is judged against the fastest baseline.",
-        f"ceiling: even at 100% of GEMM peak the whole-image pass would take {flops_whole / 1e9 / peak:.2f} s, "
+        "ceiling: even at 100% of the float32 GEMM peak the float32 whole-image pass would take "
+        f"{flops_whole / 1e9 / peak:.2f} s, "
         f"i.e. at most {base_best / (flops_whole / 1e9 / peak):.1f}x the fastest baseline "
         f"(which itself runs at {max(r['share'] for r in rows if r['kind'] == 'base'):.0%} of GEMM).",
     ]
