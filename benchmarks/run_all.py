@@ -1,6 +1,6 @@
 """`make bench`: every benchmark with a small budget, one after another, so none measures under another's load.
 
-Each writes benchmarks/results/<name>.md; this script adds results/summary.md with exit codes and wall times.
+Each writes benchmarks/results/<name>.md; this script adds results/summary.md: which met their targets, and wall times.
 Full-budget runs, on which the targets are judged, are kept in results/full/ (written there with --out).
 Run one on its own, with flags for a bigger budget: `python -m benchmarks.bench_search --help`.
 """
