@@ -42,6 +42,7 @@ from autoseg.config import DeviceConfig
 from autoseg.export import onnx_bytes
 from autoseg.latency import AGENT_ROOT_ENV, Device, LocalDevice, MeasureError, MeasureSettings, SSHDevice
 from autoseg.latency import settings_from_config as _settings_from_config
+from autoseg.rundir import write_text_atomic
 from autoseg.unet import Arch, build_unet, count_macs, count_params
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -392,10 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         *[f"- {k}: {v}" for k, v in machine_info(fp)],
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text("\n".join(lines))
-    os.replace(tmp_out, args.out)
+    write_text_atomic(args.out, "\n".join(lines))
     print(f"wrote {args.out} ({elapsed:.0f} s)")
     return 0 if all(ok for *_, ok in checks) else 1
 

@@ -49,6 +49,7 @@ from autoseg.config import DataConfig, RepsConfig, TrainConfig
 from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.infer import evaluate, torch_runner
 from autoseg.reps import RepSet, build_reps, rep_arrays
+from autoseg.rundir import write_text_atomic
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import train_model, training_settings
 from autoseg.unet import Arch, build_unet, count_params
@@ -344,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python -m benchmarks.bench_reps {argv_text}".strip()
     params = {"steps": steps, "tile": a.tile, "seeds": seeds}
     machine += f"; load average at the end {os.getloadavg()[0]:.1f}"
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(markdown(results, primary, command, params, machine, total))
+    write_text_atomic(a.out, markdown(results, primary, command, params, machine, total))
     print(f"wrote {a.out}")
     return 0 if all_ok else 1
 

@@ -51,7 +51,7 @@ from autoseg.errors import AutosegError
 from autoseg.latency import LocalDevice, MeasureError, open_device, settings_from_config
 from autoseg.pipeline import DataStage, class_weights, finalize, prepare_data, run_search, select_reps
 from autoseg.reps import rep_arrays
-from autoseg.rundir import RunDir
+from autoseg.rundir import RunDir, write_text_atomic
 from autoseg.search import (
     Candidate,
     Objective,
@@ -586,10 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     for ok, text in checks:
         print(check_line(ok, text))
     print(f"total wall time {total:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text("\n".join(lines))
-    os.replace(tmp_out, args.out)
+    write_text_atomic(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
     return 0 if all(ok for ok, _ in checks) else 1
 

@@ -27,6 +27,7 @@ from PIL import Image
 from autoseg.config import DataConfig, RepsConfig
 from autoseg.data import load_pair, scan_dataset
 from autoseg.reps import build_reps, resnet18
+from autoseg.rundir import write_text_atomic
 from autoseg.tiles import build_index, stride_for, window_starts
 
 TARGET_SECONDS = 60.0
@@ -206,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "The timed phase includes decoding every image and mask; library imports are warmed up first.",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text("\n".join(lines))
-    os.replace(tmp_out, args.out)
+    write_text_atomic(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
     return 0 if all(ok for *_, ok in checks) else 1
 
