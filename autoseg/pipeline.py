@@ -232,7 +232,7 @@ def finalize(
         "tile": tile,
         "mean": list(ds.mean),
         "std": list(ds.std),
-        "onnx": _export_dict(info),
+        "onnx": info.to_dict(),
         "autoseg_version": __version__,
     }
     return card
@@ -273,7 +273,7 @@ def int8_variant(
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, spec)
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def export_checkpoint(checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, cfg: Config) -> ExportInfo:
@@ -344,18 +344,6 @@ def json_list(values: Any) -> str:
     return json.dumps(list(values))
 
 
-def _export_dict(info: ExportInfo) -> dict[str, Any]:
-    return {
-        "path": str(info.path),
-        "size_bytes": info.size_bytes,
-        "opset": info.opset,
-        "parity_max_abs_diff": info.parity_max_abs_diff,
-        "nodes_before": info.nodes_before,
-        "nodes_after": info.nodes_after,
-        "simplified": info.simplified,
-    }
-
-
 def _write_report(run: RunDir) -> None:
     from autoseg.report import write_report
 
@@ -363,17 +351,14 @@ def _write_report(run: RunDir) -> None:
 
 
 def summary_lines(card: dict[str, Any]) -> list[str]:
-    def fmt(v: Any, spec: str) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
     return [
         f"best architecture: {card['arch']} (trial {card['trial']}, tile {card['tile']})",
-        f"  CV mIoU:   {fmt(card['cv_score'], '.3f')} ± {fmt(card['cv_std'], '.3f')}",
-        f"  test mIoU: {fmt(card['test_miou'], '.3f')} on {card['test_images']} image(s)",
-        f"  latency:   {fmt(card['latency_ms'], '.2f')} ms median on {card['device']} ({card['latency_source']})",
+        f"  CV mIoU:   {_fmt(card['cv_score'], '.3f')} ± {_fmt(card['cv_std'], '.3f')}",
+        f"  test mIoU: {_fmt(card['test_miou'], '.3f')} on {card['test_images']} image(s)",
+        f"  latency:   {_fmt(card['latency_ms'], '.2f')} ms median on {card['device']} ({card['latency_source']})",
         f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
         f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
     ] + ([
-        f"  int8:      test mIoU {fmt(q['test_miou'], '.3f')}, {fmt(q['latency_ms'], '.2f')} ms "
-        f"(float {fmt(q['fp32_latency_ms'], '.2f')} ms), ONNX {q['size_bytes'] / 1e3:.1f} kB: {q['path']}"
+        f"  int8:      test mIoU {_fmt(q['test_miou'], '.3f')}, {_fmt(q['latency_ms'], '.2f')} ms "
+        f"(float {_fmt(q['fp32_latency_ms'], '.2f')} ms), ONNX {q['size_bytes'] / 1e3:.1f} kB: {q['path']}"
     ] if (q := card.get("int8")) else [])
