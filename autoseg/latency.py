@@ -26,7 +26,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 from pathlib import Path
@@ -1114,3 +1114,21 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None) -> Device:
             dev = LocalDevice()
     cache = LatencyCache(cache_path if cache_path is not None else ":memory:")
     return CachedDevice(dev, cache, max_busy_cores=cfg.max_busy_cores, busy_wait_s=cfg.busy_wait_s)
+
+
+def measure_each(
+    device: Device, models: Mapping[str, bytes], shape: tuple[int, ...], settings: MeasureSettings
+) -> tuple[dict[str, Measurement], str | None]:
+    """Each model timed in turn on one device, and why the rest were not: a device lost midway.
+
+    For timings taken after the models are saved, where losing the device should cost the numbers,
+    not the run.
+    """
+    timed: dict[str, Measurement] = {}
+    for key, blob in models.items():
+        try:
+            timed[key] = device.measure(blob, shape, settings)
+        except DeviceUnreachable as e:
+            log.warning("%s; %s and later models left untimed", e, key)
+            return timed, str(e)
+    return timed, None

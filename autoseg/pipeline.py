@@ -26,7 +26,7 @@ from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.errors import InputError
 from autoseg.export import ExportInfo, export_final, quantize_int8
 from autoseg.infer import evaluate, ort_runner
-from autoseg.latency import Device, MeasureSettings, open_device, settings_from_config
+from autoseg.latency import Device, MeasureSettings, measure_each, open_device, settings_from_config
 from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
 from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
 from autoseg.search import (
@@ -251,18 +251,20 @@ def int8_variant(
     )
     size = cfg.device.measure_size or tile
     shape = (1, task.in_channels, size, size)
-    timed = {key: device.measure(p.read_bytes(), shape, settings) for key, p in (("fp32", fp32), ("int8", info.path))}
+    timed, lost = measure_each(device, {"fp32": fp32.read_bytes(), "int8": info.path.read_bytes()}, shape, settings)
+    int8_m, fp32_m = timed.get("int8"), timed.get("fp32")
     out = {
         **info.to_dict(),
         "test_miou": metrics["mean"]["miou"] if metrics else None,
         "test_dice": metrics["mean"]["macro_dice"] if metrics else None,
         "test_pixel_acc": metrics["mean"]["pixel_acc"] if metrics else None,
         "test_per_class": metrics["per_class"] if metrics else None,
-        "latency_ms": timed["int8"].median_ms,
-        "fp32_latency_ms": timed["fp32"].median_ms,  # the float model, timed beside it
-        "latency_source": timed["int8"].source,
-        "device": timed["int8"].device,
+        "latency_ms": int8_m.median_ms if int8_m else None,
+        "fp32_latency_ms": fp32_m.median_ms if fp32_m else None,  # the float model, timed beside it
+        "latency_source": int8_m.source if int8_m else None,
+        "device": int8_m.device if int8_m else device.name,
         "measure_size": size,
+        "latency_error": lost or next((m.message for m in timed.values() if m.median_ms is None), None),
     }
     log.info(
         "int8: %s, %.1f kB, test mIoU %s (float %s), %s ms vs %s ms float on %s",

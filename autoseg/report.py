@@ -1012,6 +1012,7 @@ def write_report(run_dir: Path) -> dict:
                 "int8 latency ms (float's), source": f"{_f(q.get('latency_ms'), '.2f')} "
                 f"({_f(q.get('fp32_latency_ms'), '.2f')}), {q.get('latency_source')} on {q.get('device')}",
                 "int8 argmax agreement with float, calibration tiles": _f(q.get("argmax_agreement"), '.4f'),
+                "int8 timing not done": q.get("latency_error"),
             })
         export = {k: v for k, v in export.items() if v is not None}
 

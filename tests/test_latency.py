@@ -35,6 +35,7 @@ from autoseg.latency import (
     MeasureSettings,
     SSHDevice,
     _graph_hash,
+    measure_each,
     open_device,
     parse_target,
     settings_from_config,
@@ -370,6 +371,22 @@ def test_agent_killed_mid_measurement_is_measured_again(sshd_server, ssh_device_
         assert len(killer.killed) == 2
         assert m.error == MeasureError.RUN_FAILED and "died twice" in m.message
         assert dev.measure(tiny_onnx, SHAPE, FAST).error == MeasureError.OK  # reconnects lazily
+
+
+@pytest.mark.ssh
+def test_measure_each_keeps_the_run_when_the_device_is_lost(
+    fresh_sshd_server, ssh_device_config, agent_root, tiny_onnx
+):
+    dev = make_ssh_device(ssh_device_config(fresh_sshd_server), agent_root)
+    models = {"fp32": tiny_onnx, "int8": tiny_onnx}
+    timed, lost = measure_each(dev, models, SHAPE, FAST)
+    assert lost is None and list(timed) == ["fp32", "int8"]
+    assert all(m.error == MeasureError.OK and m.source == "device" for m in timed.values())
+
+    fresh_sshd_server.stop()
+    timed, lost = measure_each(dev, models, SHAPE, FAST)  # no exception: the numbers are lost, not the run
+    assert timed == {} and "unreachable" in lost
+    dev.close()
 
 
 @pytest.mark.ssh
