@@ -75,6 +75,7 @@ TARGET_LATENCY_RATIO = 0.10
 TARGET_SPEEDUP = 1.5
 TARGET_SCORE_RATIO = 0.95
 QUICK_LIMIT_S = 600.0
+BUSY_CORES = 0.5  # other processes' CPU use above which the latency re-measurement is flagged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,20 +160,26 @@ def fmt(v: Any, spec: str = ".3f") -> str:
 # ---------------------------------------------------------------- part 1: real search vs reference
 
 
-def paired_latency(archs: list[Arch], task: SearchTask, cfg: Config, rounds: int) -> list[float]:
+def paired_latency(archs: list[Arch], task: SearchTask, cfg: Config, rounds: int) -> tuple[list[float], float]:
     """Median over `rounds` of each net's median latency, measured in turn (A, B, A, B, ...) so a
-    change in machine load hits both alike. Same export and bench code as the search."""
+    change in machine load hits both alike. Same export and bench code as the search.
+
+    Also returns the most cores other processes kept busy during any measurement: load hits a big
+    net's latency harder than a small one's, so a busy machine skews the ratio, not just both numbers.
+    """
     device = LocalDevice()  # uncached: fresh numbers
     settings = settings_from_config(cfg.device, cfg.seed)
     per: list[list[float]] = [[] for _ in archs]
+    busy = 0.0
     for _ in range(rounds):
         for i, arch in enumerate(archs):
             _, m, _, _ = measure_candidate(Candidate(arch, TILE), task, device, settings, cfg.device.measure_size)
             if m.error != MeasureError.OK or m.median_ms is None:
                 raise RuntimeError(f"latency of {arch.key()} failed: {m.message}")
             per[i].append(float(m.median_ms))
+            busy = max(busy, m.cpu_others or 0.0)
     device.close()
-    return [statistics.median(v) for v in per]
+    return [statistics.median(v) for v in per], busy
 
 
 def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None) -> dict[str, Any]:
@@ -201,7 +208,10 @@ def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None)
           f"(retrain + export + evaluate {t_ref:.0f} s)", flush=True)
 
     chosen = Arch.from_dict(card["arch_dict"])
-    lat_best, lat_ref = paired_latency([chosen, REF_ARCH], task, cfg, b.latency_rounds)
+    (lat_best, lat_ref), busy = paired_latency([chosen, REF_ARCH], task, cfg, b.latency_rounds)
+    if busy > BUSY_CORES:
+        print(f"WARNING: other processes kept {busy:.1f} cores busy while the latencies were re-measured; "
+              "the latency ratio is not trustworthy, rerun on a quiet machine", flush=True)
     ref_params = count_params(build_unet(REF_ARCH, task.in_channels, task.num_classes))
     ref_macs = count_macs(REF_ARCH, task.in_channels, task.num_classes, TILE, TILE)
     miou_ratio = (card["test_miou"] or 0.0) / ref_card["test_miou"] if ref_card["test_miou"] else float("nan")
@@ -237,6 +247,7 @@ def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None)
         "front": front,
         "lat_best": lat_best,
         "lat_ref": lat_ref,
+        "busy": busy,
         "miou_ratio": miou_ratio,
         "lat_ratio": lat_ratio,
         "t_search": t_search,
@@ -427,8 +438,11 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
         card, ref = real["card"], real["ref_card"]
         checks.append((real["miou_ratio"] >= TARGET_MIOU_RATIO,
                        f"chosen test mIoU >= {TARGET_MIOU_RATIO:.0%} of the reference's: {real['miou_ratio']:.1%}"))
+        busy_note = (f" (UNRELIABLE: other processes kept {real['busy']:.1f} cores busy while it was measured)"
+                     if real["busy"] > BUSY_CORES else "")
         checks.append((real["lat_ratio"] <= TARGET_LATENCY_RATIO,
-                       f"chosen latency <= {TARGET_LATENCY_RATIO:.0%} of the reference's: {real['lat_ratio']:.1%}"))
+                       f"chosen latency <= {TARGET_LATENCY_RATIO:.0%} of the reference's: {real['lat_ratio']:.1%}"
+                       + busy_note))
         lines += [
             "## 1. Real search vs a reference U-Net",
             "",
@@ -460,6 +474,7 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
             f"| test pixel accuracy | {fmt(card['test_pixel_acc'], '.4f')} | {fmt(ref['test_pixel_acc'], '.4f')} | |",
             f"| latency, re-measured interleaved (median of {b.latency_rounds}) | {real['lat_best']:.3f} ms | "
             f"{real['lat_ref']:.3f} ms | {real['lat_ratio']:.3f} |",
+            f"| cores other processes kept busy during the re-measurement (max) | {real['busy']:.2f} | | |",
             f"| latency during the search | {fmt(card['latency_ms'])} ms | | |",
             f"| ONNX size | {card['onnx']['size_bytes'] / 1e3:.1f} kB | {ref['onnx']['size_bytes'] / 1e3:.1f} kB | |",
             "",
