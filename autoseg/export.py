@@ -47,9 +47,12 @@ class ExportInfo:
     simplified: bool
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["path"] = str(self.path)
-        return d
+        return _json_ready(self)
+
+
+def _json_ready(info: object) -> dict:
+    """asdict with paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(info).items()}  # type: ignore[call-overload]
 
 
 def _cpu_eval_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -266,9 +269,7 @@ class Int8Info:
     argmax_agreement: float
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["path"] = str(self.path)
-        return d
+        return _json_ready(self)
 
 
 def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8) -> Int8Info:
