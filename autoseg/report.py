@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from autoseg.errors import InputError
+from autoseg.pareto import pareto_front
 from autoseg.rundir import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -38,24 +39,6 @@ OUTLIER_MIN_RATIO = 1.25
 
 
 # ---------------------------------------------------------------- pure core
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated points, ordered by latency (then by score, best first).
-
-    Each point is (score, latency): score is maximised, latency minimised. A point is dominated when
-    another is at least as good on both and strictly better on one; exact duplicates both stay.
-    Points with a non-finite coordinate are never on the front.
-    """
-    pts = np.asarray(points, dtype=float).reshape(-1, 2) if len(points) else np.zeros((0, 2))
-    s, lat = pts[:, 0], pts[:, 1]
-    ok = np.isfinite(s) & np.isfinite(lat)
-    front = []
-    for i in np.flatnonzero(ok):
-        dominated = ok & (s >= s[i]) & (lat <= lat[i]) & ((s > s[i]) | (lat < lat[i]))
-        if not dominated.any():
-            front.append(int(i))
-    return sorted(front, key=lambda i: (lat[i], -s[i], i))
 
 
 def fit_loglog(x: Sequence[float], y: Sequence[float]) -> dict | None:
@@ -177,6 +160,7 @@ def _trial_row(t: Any) -> dict:
         "cv_mean": cv,
         "cv_std": _num(a.get("cv_std")),
         "fold_scores": a.get("fold_scores"),
+        "same_as_trial": a.get("same_as_trial"),
         "values": values,
         "pruned_reason": note,
         "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
@@ -949,8 +933,9 @@ def write_report(run_dir: Path) -> dict:
     names = _class_names(data_raw if isinstance(data_raw, dict) else None, card)
     chosen = _pick_chosen(rows, objective, card)
 
+    # A repeated net (same_as_trial) is its twin's point again: plotted and listed once.
     pts = [r for r in rows if r["state"] == "COMPLETE" and r["cv_mean"] is not None
-           and r["latency_ms"] is not None]
+           and r["latency_ms"] is not None and r["same_as_trial"] is None]
     front_idx = pareto_front([(p["cv_mean"], p["latency_ms"]) for p in pts])
     budget = _num(((config or {}).get("search") or {}).get("latency_budget_ms"))
     pngs: dict[str, bytes] = {}

@@ -26,6 +26,7 @@ from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
 from autoseg.errors import DeviceUnreachable, InputError
 from autoseg.export import onnx_bytes
 from autoseg.latency import Device, MeasureError, MeasureSettings
+from autoseg.pareto import pareto_front
 from autoseg.rundir import RunDir, write_bytes_atomic
 from autoseg.train import TrainSettings, cross_validate, training_settings
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
@@ -436,17 +437,14 @@ def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
 
 
 def pareto_summary(study: optuna.Study) -> list[dict[str, Any]]:
-    """The completed trials that no other trial beats on both score and latency."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    rows = []
-    for t in done:
-        s, lat = t.user_attrs.get("cv_mean"), t.user_attrs.get("latency_ms")
-        dominated = any(
-            o.user_attrs["cv_mean"] >= s
-            and o.user_attrs["latency_ms"] <= lat
-            and (o.user_attrs["cv_mean"] > s or o.user_attrs["latency_ms"] < lat)
-            for o in done
-        )
-        if not dominated:
-            rows.append({"trial": t.number, "arch": t.user_attrs["arch"], "cv_mean": s, "latency_ms": lat})
-    return sorted(rows, key=lambda r: r["latency_ms"])
+    """The completed trials that no other trial beats on both score and latency, each net once."""
+    done = [
+        t for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.COMPLETE and "same_as_trial" not in t.user_attrs
+    ]
+    front = pareto_front([(t.user_attrs["cv_mean"], t.user_attrs["latency_ms"]) for t in done])
+    return [
+        {"trial": t.number, "arch": t.user_attrs["arch"], "cv_mean": t.user_attrs["cv_mean"],
+         "latency_ms": t.user_attrs["latency_ms"]}
+        for t in (done[i] for i in front)
+    ]

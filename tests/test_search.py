@@ -171,3 +171,4 @@ def test_a_repeated_architecture_is_not_trained_again(tmp_path):
     assert second.user_attrs["same_as_trial"] == first.number
     assert second.user_attrs["fold_scores"] == first.user_attrs["fold_scores"]
     assert not second.intermediate_values  # no fold was trained or reported
+    assert [r["trial"] for r in pareto_summary(study)] == [first.number]  # one net, listed once
