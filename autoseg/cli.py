@@ -37,6 +37,7 @@ _FLAG_KEYS = {
     "objective": "search.objective",
     "sampler": "search.sampler",
     "latency_budget_ms": "search.latency_budget_ms",
+    "measure_size": "device.measure_size",
     "folds": "train.folds",
     "epochs": "train.epochs",
     "final_epochs": "train.final_epochs",
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["penalty", "pareto"])
     p.add_argument("--sampler", choices=["tpe", "nsga2"])
     p.add_argument("--latency-budget-ms", type=float)
+    p.add_argument("--measure-size", type=int,
+                   help="time each net on an N x N input, the size you deploy at (default: the tile size)")
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
     p.add_argument("--int8", action="store_true", default=None,
                    help="also export an int8 model calibrated on the representative tiles")

@@ -217,6 +217,7 @@ def finalize(
         "latency_ms": best.user_attrs.get("latency_ms"),
         "latency_stats": lat.get("stats"),
         "latency_source": best.user_attrs.get("latency_source"),
+        "measure_size": best.user_attrs.get("measure_size"),
         "device": best.user_attrs.get("device"),
         "fingerprint": lat.get("fingerprint"),
         "cv_score": best.user_attrs.get("cv_mean"),
@@ -357,7 +358,9 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
         f"best architecture: {card['arch']} (trial {card['trial']}, tile {card['tile']})",
         f"  CV mIoU:   {_fmt(card['cv_score'], '.3f')} ± {_fmt(card['cv_std'], '.3f')}",
         f"  test mIoU: {_fmt(card['test_miou'], '.3f')} on {card['test_images']} image(s)",
-        f"  latency:   {_fmt(card['latency_ms'], '.2f')} ms median on {card['device']} ({card['latency_source']})",
+        f"  latency:   {_fmt(card['latency_ms'], '.2f')} ms median"
+        + (f" at {size}x{size} px" if (size := card.get("measure_size")) else "")
+        + f" on {card['device']} ({card['latency_source']})",
         f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
         f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
     ] + ([

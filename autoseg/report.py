@@ -155,6 +155,7 @@ def _trial_row(t: Any) -> dict:
         "latency_source": a.get("latency_source") or lat.get("source"),
         "device": a.get("device") or lat.get("device"),
         "fingerprint_id": a.get("fingerprint_id") or lat.get("fingerprint_id"),
+        "measure_size": a.get("measure_size"),
         "throttled": lat.get("throttled"),
         "cached": lat.get("cached"),
         "cv_mean": cv,
@@ -217,11 +218,12 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
         "measured_trials": len(measured),
         "fingerprints": {k: {**v, "devices": sorted(v["devices"])} for k, v in fps.items()},
         "warnings": warnings,
-        "axis_label": _latency_label(sources, devices),
+        "axis_label": _latency_label(sources, devices, sorted({r["measure_size"] for r in measured
+                                                               if isinstance(r["measure_size"], int)})),
     }
 
 
-def _latency_label(sources: list[str], devices: list[str]) -> str:
+def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] = ()) -> str:
     if not sources and not devices:
         return "latency, ms (source unknown)"
     if len(sources) > 1 or len(devices) > 1:
@@ -229,7 +231,9 @@ def _latency_label(sources: list[str], devices: list[str]) -> str:
     dev = devices[0] if devices else "?"
     src = sources[0] if sources else "?"
     where = "this host" if dev == "local" else dev
-    return f"latency on {where} ({src}), ms"
+    # Small inputs make latency mostly per-layer overhead: the size is part of what the number means.
+    at = f" at {sizes[0]}x{sizes[0]} px" if len(sizes) == 1 else " at each trial's tile size" if sizes else ""
+    return f"latency{at} on {where} ({src}), ms"
 
 
 def _class_names(data: dict | None, card: dict | None) -> list[str]:

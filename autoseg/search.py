@@ -314,6 +314,7 @@ class Objective:
         trial.set_user_attr("macs", macs)
         trial.set_user_attr("latency", m.to_dict())
         trial.set_user_attr("latency_source", m.source)
+        trial.set_user_attr("measure_size", self.cfg.device.measure_size or cand.tile)
         trial.set_user_attr("device", m.device)
         trial.set_user_attr("fingerprint_id", m.fingerprint_id)
         write_bytes_atomic(self.run.trial(trial.number) / "model.onnx", blob)

@@ -51,7 +51,7 @@ def _attrs(arch: str, tile: int, params: int, macs: float, ms: float, cv: float 
            source: str = "device", device: str = "pi@edge:22") -> dict:
     a = {"arch": arch, "arch_dict": {"key": arch}, "tile": tile, "params": params, "macs": int(macs),
          "latency": _latency(ms, source, device), "latency_ms": ms, "latency_source": source,
-         "device": device, "fingerprint_id": "ab12cd34ef56ab12"}
+         "device": device, "fingerprint_id": "ab12cd34ef56ab12", "measure_size": tile}
     if cv is not None:
         a.update(fold_scores=[cv - 0.01, cv, cv + 0.01], cv_mean=cv, cv_std=0.01)
     return a
@@ -241,7 +241,7 @@ def test_full_report(tmp_path, runs, objective):
     assert rep["study"]["objective"] == objective
     assert len(rep["study"]["directions"]) == (1 if objective == "penalty" else 2)
     assert rep["warnings"] == []
-    assert rep["latency"]["axis_label"] == "latency on pi@edge:22 (device), ms"
+    assert rep["latency"]["axis_label"] == "latency at 64x64 px on pi@edge:22 (device), ms"
     assert "pi@edge:22 (device)" in rep["plots"]["pareto"]["source"]
 
     # chosen = the model card's net, found among the trials

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from contextlib import closing
 
 import numpy as np
@@ -99,6 +100,16 @@ def test_trials_complete_and_store_their_record(tmp_path):
     assert len(t.user_attrs["fold_scores"]) == cfg.train.folds
     assert (run.trial(t.number) / "model.onnx").stat().st_size > 0
     assert choose_best(study, cfg.search).state == TrialState.COMPLETE
+
+
+def test_latency_is_measured_at_measure_size(tmp_path):
+    _, run, study = run_search(tmp_path, trials=2, **{"device.measure_size": 48})
+    assert [t.user_attrs["measure_size"] for t in study.trials] == [48, 48]
+    with closing(sqlite3.connect(run.latency_cache)) as db:
+        keys = [k for (k,) in db.execute("SELECT settings_key FROM latency")]
+    assert keys and all(k.endswith("|shape=1x3x48x48") for k in keys)
+    _, _, study = run_search(tmp_path / "tile", trials=1)
+    assert study.trials[0].user_attrs["measure_size"] == 16  # default: the tile size
 
 
 def test_over_budget_candidates_are_pruned_before_training(tmp_path):
