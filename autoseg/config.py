@@ -100,7 +100,8 @@ class SearchConfig:
     sampler: Literal["tpe", "nsga2"] = "tpe"
     pruner: Literal["median", "none"] = "median"
     latency_budget_ms: float | None = field(default=None, metadata=_min(0.0, strict=True))
-    # penalty objective: score - alpha*log10(latency/latency_ref_ms) - beta*log10(macs/macs_ref)
+    # penalty objective: score - alpha*log10(latency/latency_ref_ms) - beta*log10(macs/macs_ref),
+    # latency and MACs both at the measured input size (device.measure_size, else the tile)
     alpha: float = field(default=0.05, metadata=_min(0.0))
     beta: float = field(default=0.0, metadata=_min(0.0))
     latency_ref_ms: float = field(default=10.0, metadata=_min(0.0, strict=True))

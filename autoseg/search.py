@@ -261,14 +261,17 @@ def budget_prune_streak(study: optuna.Study) -> int:
 def measure_candidate(
     cand: Candidate, task: SearchTask, device: Device, settings: MeasureSettings, measure_size: int | None
 ) -> tuple[bytes, Any, int, int]:
-    """Export with weights seeded by the architecture, so the same net hashes the same for the cache."""
+    """Export with weights seeded by the architecture, so the same net hashes the same for the cache.
+
+    Latency and MACs are both for a (1, C, size, size) input, size = measure_size or the tile.
+    """
     torch.manual_seed(int(cand.arch.digest(), 16) % (2**31))
     model = build_unet(cand.arch, task.in_channels, task.num_classes).eval()
     size = measure_size or cand.tile
     blob = onnx_bytes(model, task.in_channels, size)
     m = device.measure(blob, (1, task.in_channels, size, size), settings)
     params = count_params(model)
-    macs = count_macs(cand.arch, task.in_channels, task.num_classes, cand.tile, cand.tile)
+    macs = count_macs(cand.arch, task.in_channels, task.num_classes, size, size)  # the work that was timed
     return blob, m, params, macs
 
 

@@ -25,6 +25,7 @@ from autoseg.search import (
     penalty_objective,
     run_trials,
 )
+from autoseg.unet import Arch, count_macs
 
 TINY = {
     "tiles.size": 16,
@@ -105,6 +106,8 @@ def test_trials_complete_and_store_their_record(tmp_path):
 def test_latency_is_measured_at_measure_size(tmp_path):
     _, run, study = run_search(tmp_path, trials=2, **{"device.measure_size": 48})
     assert [t.user_attrs["measure_size"] for t in study.trials] == [48, 48]
+    arch = Arch.from_dict(study.trials[0].user_attrs["arch_dict"])
+    assert study.trials[0].user_attrs["macs"] == count_macs(arch, 3, 2, 48, 48)  # the work that was timed
     with closing(sqlite3.connect(run.latency_cache)) as db:
         keys = [k for (k,) in db.execute("SELECT settings_key FROM latency")]
     assert keys and all(k.endswith("|shape=1x3x48x48") for k in keys)
