@@ -484,7 +484,7 @@ def plot_latency_vs_macs(pts: list[dict], fit: dict | None, outliers: list[dict]
                     textcoords="offset points", ha=ha, fontsize=7.5, zorder=5,
                     bbox={"boxstyle": "round,pad=0.25", "fc": "#fff8e1", "ec": "#d4a017", "alpha": 0.95},
                     arrowprops={"arrowstyle": "-", "color": "#a07800"})
-    ax.set_xlabel("MACs per inference (analytic count at the trial's tile size)")
+    ax.set_xlabel("MACs per inference (analytic count at the input size latency was measured at)")
     ax.set_ylabel(ylabel)
     ax.set_title("Measured latency vs MACs: where MACs mislead", fontsize=10)
     ax.grid(alpha=0.3)
@@ -963,9 +963,9 @@ def write_report(run_dir: Path) -> dict:
     if fit:
         pngs["macs"] = plot_latency_vs_macs(mpts, fit, outliers, latency["axis_label"], latency["mixed"])
     plots["macs"] = {"available": "macs" in pngs, "source": (
-        f"Every trial with a latency measurement (completed and budget-pruned). MACs: analytic count "
-        f"(trial attr macs); axis: {latency['axis_label']}. Dashed: least-squares fit in log-log space; "
-        f"labelled: the trials furthest from it (≥{OUTLIER_MIN_RATIO}×).")}
+        f"Every trial with a latency measurement (completed and budget-pruned). MACs: analytic count at the "
+        f"measured input size (trial attr macs); axis: {latency['axis_label']}. Dashed: least-squares fit in "
+        f"log-log space; labelled: the trials furthest from it (≥{OUTLIER_MIN_RATIO}×).")}
 
     pc = _per_class_iou(metrics, card, names)
     per_class = None
