@@ -124,7 +124,10 @@ def sample_candidate(trial: optuna.Trial, space: SpaceConfig, tiles: Sequence[in
         cs.append(channels[idx])
         ks.append(trial.suggest_categorical(f"k{i}", kernels))
     conv = trial.suggest_categorical("conv", list(dict.fromkeys(space.conv)))
-    upsample = trial.suggest_categorical("upsample", list(dict.fromkeys(space.upsample)))
+    ups = list(dict.fromkeys(space.upsample))
+    upsample = trial.suggest_categorical("upsample", ups)
+    if levels == 1:  # no decoder: both choices are the same net, which should be trained once
+        upsample = ups[0]
     return Candidate(Arch(tuple(ks), tuple(cs), conv, upsample), tile)
 
 

@@ -15,6 +15,7 @@ from autoseg.errors import InputError
 from autoseg.latency import open_device, settings_from_config
 from autoseg.rundir import RunDir
 from autoseg.search import (
+    Candidate,
     Objective,
     SearchTask,
     TileData,
@@ -24,6 +25,7 @@ from autoseg.search import (
     pareto_summary,
     penalty_objective,
     run_trials,
+    sample_candidate,
 )
 from autoseg.unet import Arch, count_macs
 
@@ -67,6 +69,17 @@ def test_penalty_objective_matches_formula():
     )
     v = penalty_objective(0.8, 100.0, 1e7, cfg.search)
     assert v == pytest.approx(0.8 - 0.1 * 1.0 - 0.05 * 1.0)
+
+
+def test_a_one_level_net_is_one_candidate_whatever_its_upsample():
+    space = load_config(None, {"search.space.levels": [1, 2]}).search.space
+
+    def cand(levels: int, upsample: str) -> Candidate:
+        params = {"levels": levels, "c0": 8, "k0": 3, "cstep1": 1, "k1": 3, "conv": "standard", "upsample": upsample}
+        return sample_candidate(optuna.trial.FixedTrial(params), space, [64])
+
+    assert cand(1, "bilinear") == cand(1, "transpose")  # no decoder, so no upsampling to choose
+    assert cand(2, "bilinear") != cand(2, "transpose")
 
 
 def test_space_with_no_valid_architecture_is_refused():
