@@ -268,7 +268,6 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         im = Image.open(path)
         im.load()  # decode now so truncated files fail here, not later
-        return im
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         if im is not None:
             im.close()
@@ -276,6 +275,14 @@ def _open(path: Path, what: str) -> Image.Image:
         raise InputError(
             f"{path}: cannot read {what} ({reason}); re-save it as PNG or remove the pair"
         ) from None
+    pages = getattr(im, "n_frames", 1)
+    if pages > 1:  # e.g. a TIFF stack of EM slices: reading page 1 alone would drop the rest unnoticed
+        im.close()
+        raise InputError(
+            f"{path}: {what} file holds {pages} pages (a stack); autoseg reads one image per file: "
+            "save each page as its own file, named alike in the images and masks folders"
+        )
+    return im
 
 
 def _scale16(a: np.ndarray) -> np.ndarray:

@@ -156,6 +156,15 @@ def test_corrupt_file_in_dataset_is_named(tmp_path):
         scan(tmp_path)
 
 
+def test_a_tiff_stack_is_refused_not_read_as_its_first_page(tmp_path):
+    dataset(tmp_path, {"a": np.zeros((8, 10), np.uint8)})
+    pages = [Image.fromarray(gray(8, 10)) for _ in range(3)]
+    pages[0].save(tmp_path / "images" / "a.tif", save_all=True, append_images=pages[1:])
+    (tmp_path / "images" / "a.png").unlink()
+    with pytest.raises(InputError, match=r"a\.tif: image file holds 3 pages \(a stack\).*one image per file"):
+        scan(tmp_path)
+
+
 def test_size_mismatch_names_file_and_both_sizes(tmp_path):
     dataset(tmp_path, {"a": np.zeros((8, 10), np.uint8)}, images={"a": rgb(12, 9)})
     with pytest.raises(InputError) as e:
