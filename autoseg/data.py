@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from autoseg.config import DataConfig
@@ -38,6 +38,7 @@ from autoseg.errors import InputError
 log = logging.getLogger(__name__)
 
 IGNORE: int = -1
+EXIF_ORIENTATION = 0x0112
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 CLASSES_FILE = "classes.json"
 
@@ -282,6 +283,12 @@ def _open(path: Path, what: str) -> Image.Image:
             f"{path}: {what} file holds {pages} pages (a stack); autoseg reads one image per file: "
             "save each page as its own file, named alike in the images and masks folders"
         )
+    if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        # Cameras store pixels unrotated plus this tag; viewers, labelling tools and OpenCV apply it,
+        # so masks drawn on such an image match it turned, not as stored.
+        turned = ImageOps.exif_transpose(im)
+        im.close()
+        im = turned
     return im
 
 

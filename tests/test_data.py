@@ -136,6 +136,16 @@ def test_read_image_modes(tmp_path):
     assert read_image(save(tmp_path / "c.png", rgb()), channels=1).shape == (8, 10, 1)
 
 
+def test_exif_orientation_is_applied_as_viewers_and_label_tools_do(tmp_path):
+    pixels = rgb(8, 10)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored as is, shown turned 90° clockwise
+    Image.fromarray(pixels).save(tmp_path / "cam.png", exif=exif.tobytes())
+    assert np.array_equal(read_image(tmp_path / "cam.png"), np.rot90(pixels, k=-1))
+    Image.fromarray(gray(8, 10)).save(tmp_path / "m.png", exif=exif.tobytes())
+    assert read_raw_mask(tmp_path / "m.png").shape == (10, 8)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a png at all", None])
 def test_unreadable_image_is_named(tmp_path, content):
     bad = tmp_path / "bad.png"
