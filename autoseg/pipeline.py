@@ -39,6 +39,7 @@ from autoseg.search import (
     pareto_summary,
     run_trials,
     tile_choices,
+    timed_size,
 )
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import train_model, training_settings
@@ -250,7 +251,7 @@ def int8_variant(
     metrics = evaluate_model(
         cfg, run, info.path, stage.test_ds, stage.test_ids, arch, tile, progress, name="metrics.int8.json"
     )
-    size = cfg.device.measure_size or tile
+    size = timed_size(arch, tile, cfg.device.measure_size)
     shape = (1, task.in_channels, size, size)
     timed, lost = measure_each(device, {"fp32": fp32.read_bytes(), "int8": info.path.read_bytes()}, shape, settings)
     int8_m, fp32_m = timed.get("int8"), timed.get("fp32")

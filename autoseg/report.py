@@ -232,7 +232,8 @@ def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] 
     src = sources[0] if sources else "?"
     where = "this host" if dev == "local" else dev
     # Small inputs make latency mostly per-layer overhead: the size is part of what the number means.
-    at = f" at {sizes[0]}x{sizes[0]} px" if len(sizes) == 1 else " at each trial's tile size" if sizes else ""
+    at = (f" at {sizes[0]}x{sizes[0]} px" if len(sizes) == 1
+          else f" at {sizes[0]}-{sizes[-1]} px square, per net" if sizes else "")
     return f"latency{at} on {where} ({src}), ms"
 
 

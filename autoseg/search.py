@@ -261,16 +261,24 @@ def budget_prune_streak(study: optuna.Study) -> int:
 # ------------------------------------------------------------------ one trial
 
 
+def timed_size(arch: Arch, tile: int, measure_size: int | None) -> int:
+    """The input side a net is timed at: measure_size padded up to the net's multiple, as inference pads
+    a full image (or the tile, which is always a multiple)."""
+    if measure_size is None:
+        return tile
+    return -(-measure_size // arch.multiple) * arch.multiple
+
+
 def measure_candidate(
     cand: Candidate, task: SearchTask, device: Device, settings: MeasureSettings, measure_size: int | None
 ) -> tuple[bytes, Any, int, int]:
     """Export with weights seeded by the architecture, so the same net hashes the same for the cache.
 
-    Latency and MACs are both for a (1, C, size, size) input, size = measure_size or the tile.
+    Latency and MACs are both for a (1, C, size, size) input, size = timed_size(...).
     """
     torch.manual_seed(int(cand.arch.digest(), 16) % (2**31))
     model = build_unet(cand.arch, task.in_channels, task.num_classes).eval()
-    size = measure_size or cand.tile
+    size = timed_size(cand.arch, cand.tile, measure_size)
     blob = onnx_bytes(model, task.in_channels, size)
     m = device.measure(blob, (1, task.in_channels, size, size), settings)
     params = count_params(model)
@@ -320,7 +328,7 @@ class Objective:
         trial.set_user_attr("macs", macs)
         trial.set_user_attr("latency", m.to_dict())
         trial.set_user_attr("latency_source", m.source)
-        trial.set_user_attr("measure_size", self.cfg.device.measure_size or cand.tile)
+        trial.set_user_attr("measure_size", timed_size(cand.arch, cand.tile, self.cfg.device.measure_size))
         trial.set_user_attr("device", m.device)
         trial.set_user_attr("fingerprint_id", m.fingerprint_id)
         write_bytes_atomic(self.run.trial(trial.number) / "model.onnx", blob)

@@ -26,6 +26,7 @@ from autoseg.search import (
     penalty_objective,
     run_trials,
     sample_candidate,
+    timed_size,
 )
 from autoseg.unet import Arch, count_macs
 
@@ -116,9 +117,15 @@ def test_trials_complete_and_store_their_record(tmp_path):
     assert choose_best(study, cfg.search).state == TrialState.COMPLETE
 
 
+def test_timed_size_pads_measure_size_to_the_nets_multiple_as_inference_does():
+    assert timed_size(Arch((3, 3, 3), (4, 8, 8)), 16, 50) == 52  # 3 levels: a multiple of 4
+    assert timed_size(Arch((3,), (4,)), 16, 50) == 50
+    assert timed_size(Arch((3, 3, 3), (4, 8, 8)), 16, None) == 16  # default: the tile
+
+
 def test_latency_is_measured_at_measure_size(tmp_path):
-    _, run, study = run_search(tmp_path, trials=2, **{"device.measure_size": 48})
-    assert [t.user_attrs["measure_size"] for t in study.trials] == [48, 48]
+    _, run, study = run_search(tmp_path, trials=2, **{"device.measure_size": 47, "search.space.levels": [2]})
+    assert [t.user_attrs["measure_size"] for t in study.trials] == [48, 48]  # 47 padded to the 2-level multiple
     arch = Arch.from_dict(study.trials[0].user_attrs["arch_dict"])
     assert study.trials[0].user_attrs["macs"] == count_macs(arch, 3, 2, 48, 48)  # the work that was timed
     with closing(sqlite3.connect(run.latency_cache)) as db:
