@@ -224,10 +224,7 @@ def finalize(
         "cv_score": best.user_attrs.get("cv_mean"),
         "cv_std": best.user_attrs.get("cv_std"),
         "fold_scores": best.user_attrs.get("fold_scores"),
-        "test_miou": metrics["mean"]["miou"] if metrics else None,
-        "test_dice": metrics["mean"]["macro_dice"] if metrics else None,
-        "test_pixel_acc": metrics["mean"]["pixel_acc"] if metrics else None,
-        "test_per_class": metrics["per_class"] if metrics else None,
+        **_card_test_metrics(metrics),
         "test_images": len(stage.test_ids),
         "classes": list(ds.class_map.names),
         "in_channels": task.in_channels,
@@ -257,10 +254,7 @@ def int8_variant(
     int8_m, fp32_m = timed.get("int8"), timed.get("fp32")
     out = {
         **info.to_dict(),
-        "test_miou": metrics["mean"]["miou"] if metrics else None,
-        "test_dice": metrics["mean"]["macro_dice"] if metrics else None,
-        "test_pixel_acc": metrics["mean"]["pixel_acc"] if metrics else None,
-        "test_per_class": metrics["per_class"] if metrics else None,
+        **_card_test_metrics(metrics),
         "latency_ms": int8_m.median_ms if int8_m else None,
         "fp32_latency_ms": fp32_m.median_ms if fp32_m else None,  # the float model, timed beside it
         "latency_source": int8_m.source if int8_m else None,
@@ -274,6 +268,19 @@ def int8_variant(
         _fmt(out["latency_ms"], ".2f"), _fmt(out["fp32_latency_ms"], ".2f"), out["device"],
     )
     return out
+
+
+def _card_test_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The model card's plain test-metric keys (None without test images)."""
+    if not metrics:
+        return dict.fromkeys(("test_miou", "test_dice", "test_pixel_acc", "test_per_class"))
+    mean = metrics["mean"]
+    return {
+        "test_miou": mean["miou"],
+        "test_dice": mean["macro_dice"],
+        "test_pixel_acc": mean["pixel_acc"],
+        "test_per_class": metrics["per_class"],
+    }
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
