@@ -37,6 +37,7 @@ _FLAG_KEYS = {
     "objective": "search.objective",
     "sampler": "search.sampler",
     "latency_budget_ms": "search.latency_budget_ms",
+    "alpha": "search.alpha",
     "measure_size": "device.measure_size",
     "folds": "train.folds",
     "epochs": "train.epochs",
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--objective", choices=["penalty", "pareto"])
     p.add_argument("--sampler", choices=["tpe", "nsga2"])
-    p.add_argument("--latency-budget-ms", type=float)
+    p.add_argument("--latency-budget-ms", type=float, help="drop candidates slower than this before any training")
+    p.add_argument("--alpha", type=float, help="penalty objective's weight on log10(latency) (default 0.05; 0 with "
+                   "a hard budget: the best score within it)")
     p.add_argument("--measure-size", type=int,
                    help="time each net on an N x N input, the size you deploy at (default: the tile size)")
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"])

@@ -343,7 +343,7 @@ class Objective:
         budget = scfg.latency_budget_ms
         if budget is not None and latency > budget:
             trial.set_user_attr("pruned_reason", "latency_budget")
-            self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned: over budget {budget:g} ms")
+            self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned: over budget {budget:.4g} ms")
             self.streak += 1
             if self.streak >= scfg.max_budget_prunes:
                 self.stop_message = (
