@@ -995,7 +995,9 @@ def write_report(run_dir: Path) -> dict:
                                                     if "nodes_before" in onnx else None),
                   "simplified": onnx.get("simplified")}
         q = (card or {}).get("int8")
-        if isinstance(q, dict):  # export.int8: the quantized model beside the float one
+        if isinstance(q, dict) and "error" in q:
+            export["int8 not exported"] = q["error"]
+        elif isinstance(q, dict):  # export.int8: the quantized model beside the float one
             export.update({
                 "int8 file": q.get("path"), "int8 size": _si(q.get("size_bytes"), "B"),
                 "int8 test mIoU (float's)": f"{_f(q.get('test_miou'))} ({_f(card.get('test_miou'))})",

@@ -165,6 +165,22 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     assert (out / "report.html").exists()
 
 
+def test_failed_int8_export_keeps_the_float_model_and_its_card(demo, tmp_path):
+    images, masks = demo
+    out = tmp_path / "run"
+    (out / "best" / "model.int8.onnx").mkdir(parents=True)  # a directory: the quantized file cannot land there
+    proc = autoseg(*search_args(tmp_path, images, masks, out, trials=1), "--int8", "--alpha", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "alpha: 0.0" in (out / "config.yml").read_text()
+    assert "int8:      not exported: quantization failed: IsADirectoryError" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    card = json.loads((out / "best" / "model_card.json").read_text())
+    assert card["test_miou"] is not None and card["onnx"]["parity_max_abs_diff"] <= 1e-4
+    assert card["int8"]["error"].startswith("quantization failed: IsADirectoryError")
+    assert "int8 not exported" in (out / "report.md").read_text()
+    assert not list((out / "best").glob(".*.tmp"))  # the half-written quantized file is gone
+
+
 def _finished(db: Path) -> int:
     if not db.exists():
         return 0
