@@ -8,7 +8,7 @@ place; 20% of the images are held out by autoseg's own split and never seen by t
 
 real        Reference: a 4-level U-Net with 32 base channels, Arch((3,3,3,3), (32,64,128,256)). Its
             latency is measured first; autoseg.pipeline.run_search then runs with a latency budget of
-            10% of it (tile 64, local device, config defaults otherwise), as a user with that deadline
+            10% of it (tile 64, local device, search.alpha 0, config defaults otherwise), as a user with that deadline
             would run it: Pareto front, the chosen net's test mIoU (from the model card). The reference
             is retrained exactly like the chosen net (same final epochs on the same representative
             tiles, same seed, same export and evaluation on the same held-out images). Both latencies
