@@ -190,7 +190,9 @@ def paired_latency(archs: list[Arch], task: SearchTask, cfg: Config, rounds: int
 def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None) -> dict[str, Any]:
     # The target is a deadline (10% of the reference's latency), so the search gets it as its budget.
     cfg = make_config(data, root / "real", b, seed, threads)
-    _, task = prepare_task(cfg, RunDir(cfg.out).prepare())
+    # The same data stage run_search builds (same split and representatives, from the run's cache): the
+    # reference is timed on it now and retrained on it after the search.
+    stage, task = prepare_task(cfg, RunDir(cfg.out).prepare())
     (ref_lat,), _ = paired_latency([REF_ARCH], task, cfg, b.latency_rounds)
     budget = TARGET_LATENCY_RATIO * ref_lat
     print(f"reference {REF_ARCH.key()}: {ref_lat:.3f} ms at {TILE}x{TILE}; search latency budget "
@@ -212,7 +214,6 @@ def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None)
           f"on {card['test_images']} held-out images, {card['latency_ms']:.3f} ms in the search", flush=True)
 
     # The reference goes through the very same retrain/export/evaluate code, in its own run directory.
-    stage, task = prepare_task(cfg, run)
     ref_run = RunDir(root / "reference").prepare()
     fake_trial = SimpleNamespace(number=-1, user_attrs={"arch_dict": REF_ARCH.to_dict(), "tile": TILE})
     t0 = time.perf_counter()
