@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--test-images", help="folder of full-size test images")
     p.add_argument("--test-masks", help="folder of their masks")
-    p.add_argument("--trials", type=int)
+    p.add_argument("--trials", type=int, help="distinct nets to try (default 20); repeated proposals do not count")
     p.add_argument("--folds", type=int)
     p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default 5)")
     p.add_argument("--final-epochs", type=int, help="epochs of the chosen net's final retrain (default 100)")

@@ -95,7 +95,7 @@ class SpaceConfig:
 
 @dataclass
 class SearchConfig:
-    trials: int = field(default=20, metadata=_min(1))
+    trials: int = field(default=20, metadata=_min(1))  # distinct nets; a repeated proposal does not count
     objective: Literal["penalty", "pareto"] = "penalty"
     sampler: Literal["tpe", "nsga2"] = "tpe"
     pruner: Literal["median", "none"] = "median"

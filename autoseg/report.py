@@ -123,6 +123,7 @@ def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
         "pareto" if len(info["directions"]) == 2 else "penalty")
     info["n_trials"] = len(trials)
     info["states"] = dict(Counter(t.state.name for t in trials))
+    info["repeats"] = sum("same_as_trial" in t.user_attrs for t in trials)
     return info, trials
 
 
@@ -607,8 +608,9 @@ def _summary_lines(rep: dict) -> list[str]:
     lines = []
     if st:
         states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(st["states"].items()))
-        lines.append(f"Study: {st['n_trials']} trials ({states or 'none yet'}); objective **{st['objective']}** "
-                     f"({' / '.join(st['directions'])}).")
+        rep_txt = f", {st['repeats']} of them repeats of a net already tried" if st.get("repeats") else ""
+        lines.append(f"Study: {st['n_trials']} trials ({states or 'none yet'}){rep_txt}; "
+                     f"objective **{st['objective']}** ({' / '.join(st['directions'])}).")
     lines.append("Status: " + ("; ".join(rep["status"]) + " — this report is partial."
                                if rep["in_progress"] else "run complete."))
     c = rep["chosen"]

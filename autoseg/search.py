@@ -239,19 +239,35 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
-def find_twin(study: optuna.Study, cand: Candidate, number: int) -> FrozenTrial | None:
-    """An earlier trial that trained (or was median-pruned on) the same architecture at the same tile."""
+def find_twin(study: optuna.Study, cand: Candidate, number: int, budget_ms: float | None) -> FrozenTrial | None:
+    """The earlier trial whose outcome this candidate shares: same architecture and tile, and trained,
+    median-pruned or over the latency budget. A failed measurement is no outcome, and neither is one that
+    a budget changed since (--resume-anyway) would decide differently: those nets are measured again."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.number == number or t.user_attrs.get("arch") != cand.arch.key() or t.user_attrs.get("tile") != cand.tile:
+        a = t.user_attrs
+        if t.number == number or "same_as_trial" in a or a.get("arch") != cand.arch.key() or a.get("tile") != cand.tile:
             continue
-        if t.state == TrialState.COMPLETE or t.user_attrs.get("pruned_reason") == "median":
+        over = budget_ms is not None and a.get("latency_ms", 0.0) > budget_ms
+        if t.state == TrialState.COMPLETE or a.get("pruned_reason") == "median":
+            if not over:
+                return t
+        elif a.get("pruned_reason") == "latency_budget" and over:
             return t
     return None
 
 
+def is_repeat(t: FrozenTrial) -> bool:
+    return "same_as_trial" in t.user_attrs
+
+
+def distinct_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Finished trials that looked at a net for the first time: what --trials counts."""
+    return [t for t in finished_trials(study) if not is_repeat(t)]
+
+
 def budget_prune_streak(study: optuna.Study) -> int:
     streak = 0
-    for t in sorted(finished_trials(study), key=lambda t: t.number, reverse=True):
+    for t in sorted(distinct_trials(study), key=lambda t: t.number, reverse=True):
         if t.user_attrs.get("pruned_reason") != "latency_budget":
             break
         streak += 1
@@ -317,6 +333,10 @@ class Objective:
             self._say(trial, cand, f"invalid: {e}")
             raise optuna.TrialPruned(str(e)) from None
 
+        twin = find_twin(trial.study, cand, trial.number, scfg.latency_budget_ms)
+        if twin is not None:
+            return self._repeat(trial, cand, twin)
+
         try:
             blob, m, params, macs = measure_candidate(
                 cand, self.task, self.device, self.settings, self.cfg.device.measure_size
@@ -356,23 +376,6 @@ class Objective:
         self.streak = 0
         pareto = scfg.objective == "pareto"
 
-        twin = find_twin(trial.study, cand, trial.number)
-        if twin is not None:
-            # Training is deterministic for an architecture, tile and seed: the twin's folds are this trial's.
-            # The twin's latency too: one net, one latency, even when a busy device measured it twice.
-            for key in ("fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason", "latency",
-                        "latency_ms", "latency_source", "device", "fingerprint_id"):
-                if key in twin.user_attrs:
-                    trial.set_user_attr(key, twin.user_attrs[key])
-            latency = float(twin.user_attrs.get("latency_ms", latency))
-            trial.set_user_attr("same_as_trial", twin.number)
-            if twin.state == TrialState.PRUNED:
-                self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned, as its twin trial {twin.number}")
-                raise optuna.TrialPruned(f"same architecture as pruned trial {twin.number}")
-            cv_mean, value = twin.user_attrs["cv_mean"], twin.user_attrs["penalty_value"]
-            self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  cv {cv_mean:.3f}  same as trial {twin.number}")
-            return (cv_mean, latency) if pareto else value
-
         data = self.task.data[cand.tile]
         s = self.train_settings()
 
@@ -402,6 +405,25 @@ class Objective:
             return cv_mean, latency
         return value
 
+    def _repeat(self, trial: optuna.Trial, cand: Candidate, twin: FrozenTrial) -> float | tuple[float, float]:
+        """A net already looked at: nothing is exported, timed or trained again. Training is deterministic
+        for an architecture, tile and seed, so the twin's folds are this trial's; and one net has one
+        latency, even when a busy device would measure it twice. The sampler still sees the value, so it
+        learns the same from a repeat as from the first look."""
+        for key in ("params", "macs", "latency", "latency_ms", "latency_source", "measure_size", "device",
+                    "fingerprint_id", "fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason"):
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
+        trial.set_user_attr("same_as_trial", twin.number)
+        a = twin.user_attrs
+        head = f"{_size(a['params'], a['macs'])}  {a['latency_ms']:.2f} ms"
+        if twin.state == TrialState.PRUNED:
+            self._say(trial, cand, f"{head}  pruned, as its twin trial {twin.number}")
+            raise optuna.TrialPruned(f"same architecture as pruned trial {twin.number}")
+        cv_mean, value = a["cv_mean"], a["penalty_value"]
+        self._say(trial, cand, f"{head}  cv {cv_mean:.3f}  same as trial {twin.number}")
+        return (cv_mean, a["latency_ms"]) if self.cfg.search.objective == "pareto" else value
+
     def train_settings(self) -> TrainSettings:
         return training_settings(self.cfg.train, self.cfg.seed, self.task.class_weights)
 
@@ -414,40 +436,62 @@ def _size(params: int, macs: int) -> str:
 
 
 def run_trials(study: optuna.Study, objective: Objective, n_trials: int, progress: bool = False) -> None:
-    """Run until the study holds n_trials finished trials (completed or pruned)."""
+    """Run until the study has looked at n_trials distinct nets (trained, or pruned).
+
+    A sampler proposes nets it has seen before (TPE does, once it has settled); a repeat costs nothing
+    and does not count. A sampler that proposes only repeats for max(10, n_trials) proposals in a row has
+    run out of new nets (a small space, or a settled search), and the search ends there.
+    """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     objective.streak = budget_prune_streak(study)
-    remaining = n_trials - len(finished_trials(study))
-    if remaining <= 0:
-        log.info("study already holds %d finished trials; nothing to run", n_trials)
+    done = len(distinct_trials(study))
+    if done >= n_trials:
+        log.info("study already holds %d distinct trials; nothing to run", n_trials)
         return
-    bar = tqdm(total=n_trials, initial=n_trials - remaining, desc="trials", unit="trial", disable=not progress)
+    patience = max(10, n_trials)
+    repeats = 0
+    bar = tqdm(total=n_trials, initial=done, desc="trials", unit="trial", disable=not progress)
 
     def tick(study: optuna.Study, trial: FrozenTrial) -> None:
+        nonlocal done, repeats
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            return
+        if is_repeat(trial):
+            repeats += 1
+            if repeats >= patience:
+                log.warning(
+                    "search: the last %d proposals were all nets already tried; stopping at %d distinct nets "
+                    "of the %d asked for (the space, or the sampler, has no new ones left)", repeats, done, n_trials,
+                )
+                study.stop()
+            return
+        repeats = 0
+        done += 1
         bar.update(1)
-        if len(finished_trials(study)) >= n_trials:
+        if done >= n_trials:
             study.stop()
 
     with bar, logging_redirect_tqdm():
         # Optuna counts failed trials too; catch=() makes a failure (a bug, or a lost device) end the run.
-        study.optimize(objective, n_trials=remaining, callbacks=[tick], catch=())
+        study.optimize(objective, n_trials=None, callbacks=[tick], catch=())
     if objective.stop_message:
         raise InputError(objective.stop_message)
 
 
 def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
     """Penalty: the best value. Pareto: the front's member with the best penalty value."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and not is_repeat(t)]
     if not done:
         raise InputError(
             "search: no trial completed (all were pruned or failed); raise search.trials or "
             "relax search.latency_budget_ms"
         )
+    # A repeat holds its twin's values; the first look at a net is the one to name.
     if cfg.objective == "penalty":
-        return study.best_trial
-    front = study.best_trials
+        return max(done, key=lambda t: t.value)
+    front = [t for t in study.best_trials if not is_repeat(t)]
     return max(front, key=lambda t: t.user_attrs.get("penalty_value", -math.inf))
 
 
@@ -455,7 +499,7 @@ def pareto_summary(study: optuna.Study) -> list[dict[str, Any]]:
     """The completed trials that no other trial beats on both score and latency, each net once."""
     done = [
         t for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE and "same_as_trial" not in t.user_attrs
+        if t.state == TrialState.COMPLETE and not is_repeat(t)
     ]
     front = pareto_front([(t.user_attrs["cv_mean"], t.user_attrs["latency_ms"]) for t in done])
     return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from contextlib import closing
 
@@ -21,6 +22,8 @@ from autoseg.search import (
     TileData,
     check_space,
     choose_best,
+    distinct_trials,
+    is_repeat,
     open_study,
     pareto_summary,
     penalty_objective,
@@ -54,10 +57,10 @@ def tiny_task() -> SearchTask:
     return SearchTask(data={16: TileData(x, y, groups)}, in_channels=3, num_classes=2, class_weights=None)
 
 
-def run_search(tmp_path, trials: int, **overrides):
+def run_search(tmp_path, trials: int, resume_anyway: bool = False, **overrides):
     cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "search.trials": trials, **overrides})
     run = RunDir(cfg.out).prepare()
-    study = open_study(run, cfg)
+    study = open_study(run, cfg, resume_anyway)
     with closing(open_device(cfg.device, run.latency_cache)) as device:
         objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
         run_trials(study, objective, cfg.search.trials)
@@ -137,7 +140,7 @@ def test_latency_is_measured_at_measure_size(tmp_path):
 
 def test_over_budget_candidates_are_pruned_before_training(tmp_path):
     _, _, study = run_search(tmp_path, trials=3, **{"search.latency_budget_ms": 1e-6})
-    assert len(study.trials) == 3
+    assert len(distinct_trials(study)) == 3
     for t in study.trials:
         assert t.state == TrialState.PRUNED
         assert t.user_attrs["pruned_reason"] == "latency_budget"
@@ -148,7 +151,8 @@ def test_impossible_budget_stops_and_keeps_the_study(tmp_path):
     with pytest.raises(InputError, match=r"search\.latency_budget_ms: 2 candidates in a row were slower"):
         run_search(tmp_path, trials=10, **{"search.latency_budget_ms": 1e-6, "search.max_budget_prunes": 2})
     study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
-    assert [t.state for t in study.trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    assert {t.state for t in study.trials} == {TrialState.PRUNED}
+    assert len(distinct_trials(study)) == 2
 
 
 def test_rerun_resumes_without_redoing_finished_trials(tmp_path):
@@ -156,7 +160,7 @@ def test_rerun_resumes_without_redoing_finished_trials(tmp_path):
     before = {t.number: (t.params, t.datetime_complete) for t in first.trials}
     _, _, second = run_search(tmp_path, trials=4)
     after = {t.number: (t.params, t.datetime_complete) for t in second.trials}
-    assert len(after) == 4
+    assert len(distinct_trials(second)) == 4  # plus any repeats the sampler proposed, which cost nothing
     for n, rec in before.items():
         assert after[n] == rec
 
@@ -199,10 +203,47 @@ def test_a_repeated_architecture_is_not_trained_again(tmp_path):
     _, _, study = run_search(tmp_path, trials=1)
     first = study.trials[0]
     study.enqueue_trial(first.params)
-    _, _, study = run_search(tmp_path, trials=2)
+    _, run, study = run_search(tmp_path, trials=2)
     second = study.trials[1]
     assert second.params == first.params
     assert second.user_attrs["same_as_trial"] == first.number
     assert second.user_attrs["fold_scores"] == first.user_attrs["fold_scores"]
     assert not second.intermediate_values  # no fold was trained or reported
-    assert [r["trial"] for r in pareto_summary(study)] == [first.number]  # one net, listed once
+    assert not run.trial(second.number).exists()  # nor exported and timed
+    assert second.number not in {r["trial"] for r in pareto_summary(study)}  # one net, listed once
+    assert len(distinct_trials(study)) == 2  # the repeat did not count toward --trials
+
+
+def test_an_over_budget_net_proposed_again_is_pruned_without_timing_it_again(tmp_path):
+    over = {"search.latency_budget_ms": 1e-6, "search.max_budget_prunes": 5}
+    _, _, study = run_search(tmp_path, trials=1, **over)
+    first = study.trials[0]
+    study.enqueue_trial(first.params)
+    _, run, study = run_search(tmp_path, trials=2, **over)
+    second = study.trials[1]
+    assert second.state == TrialState.PRUNED and second.user_attrs["same_as_trial"] == first.number
+    assert second.user_attrs["pruned_reason"] == "latency_budget"
+    assert second.user_attrs["latency_ms"] == first.user_attrs["latency_ms"]
+    assert not run.trial(second.number).exists()
+
+
+def test_a_raised_budget_measures_and_trains_a_net_it_once_pruned(tmp_path):
+    _, _, study = run_search(tmp_path, trials=1, **{"search.latency_budget_ms": 1e-6})
+    first = study.trials[0]
+    study.enqueue_trial(first.params)
+    _, _, study = run_search(tmp_path, trials=2, resume_anyway=True)  # no budget now
+    second = study.trials[1]
+    assert second.params == first.params
+    assert second.state == TrialState.COMPLETE and "same_as_trial" not in second.user_attrs
+    assert len(second.user_attrs["fold_scores"]) == 2
+
+
+def test_a_space_with_no_new_nets_left_ends_the_search(tmp_path, caplog):
+    # TINY holds 8 nets at tile 16; asking for 12 ends once 12 proposals in a row were repeats.
+    with caplog.at_level(logging.WARNING, logger="autoseg"):
+        _, _, study = run_search(tmp_path, trials=12)
+    distinct = distinct_trials(study)
+    assert len(distinct) <= 8
+    assert len({(t.user_attrs["arch"], t.user_attrs["tile"]) for t in distinct}) == len(distinct)
+    assert all(is_repeat(t) for t in study.trials[-12:])
+    assert "nets already tried; stopping at" in caplog.text
