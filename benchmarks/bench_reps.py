@@ -8,7 +8,7 @@ full budget is 2000 steps: at 600 the net is still far from trained (drone test 
 any of the three sets, reps 0.007 below random), so which tiles it saw cannot show yet; at 2000 it
 reaches 0.15-0.16 and the sets separate (see benchmarks/results/full/reps.md).
 
-Per dataset (read in place from /work/shared/datasets, or $AUTOSEG_DATASETS): scan_dataset with the
+Per dataset (read in place from ../shared/datasets, or $AUTOSEG_DATASETS): scan_dataset with the
 DataConfig defaults, split_by_image(test_fraction 0.2, seed 0) into training and held-out test images,
 build_index over the training images, then three training sets:
 
@@ -53,8 +53,8 @@ from autoseg.rundir import write_text_atomic
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import train_model, training_settings
 from autoseg.unet import Arch, build_unet, count_params
+from benchmarks import DATA_ROOT
 
-DATA_ROOT = Path(os.environ.get("AUTOSEG_DATASETS", "/work/shared/datasets"))
 DATASETS = {"drone": "semantic_drone_224", "isbi": "isbi2012_membrane"}
 RESULTS = Path(__file__).resolve().parent / "results" / "reps.md"
 # The middle of the default search space (levels 2-4, kernels 3/5, channels 8-64): a net the
