@@ -575,9 +575,11 @@ def _trial_table(rows: list[dict], objective: str, front: set[int], chosen: int 
     for r in rows:
         mark = " ★" if r["number"] == chosen else " ◆" if r["number"] in front else ""
         cv = "–" if r["cv_mean"] is None else f"{r['cv_mean']:.3f} ± {_f(r['cv_std'])}"
+        note = "; ".join(filter(None, [
+            f"repeat of #{r['same_as_trial']}" if r["same_as_trial"] is not None else "", r["pruned_reason"]]))
         cells = [f"{r['number']}{mark}", r["state"].lower(), str(r["arch"] or "–"), str(r["tile"] or "–"),
                  _si(r["params"]), _si(r["macs"]), _ms(r["latency_ms"]), _ms(r["latency_p90_ms"]), cv,
-                 _objective_cell(r, objective), str(r["pruned_reason"] or "")]
+                 _objective_cell(r, objective), note]
         if show_source:
             cells.insert(8, _where(r["latency_source"], r["device"]))
         body.append(cells)

@@ -268,7 +268,7 @@ def test_full_report(tmp_path, runs, objective):
     assert "<details><summary>config.yml</summary>" in page and "latency_budget_ms" in page
     assert "Cortex-A76" in page and "Cortex-A76" in md
     assert "latency_budget" in md and "running" in md
-    assert "1 of them repeats of a net already tried" in md
+    assert "1 of them repeats of a net already tried" in md and "repeat of #0" in md
     assert "src=\"http" not in page and "<link" not in page and "<script" not in page  # self-contained
     images = _embedded_pngs(page)
     assert len(images) == 5  # Pareto, MACs, per-class IoU, two examples
