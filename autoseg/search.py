@@ -248,10 +248,9 @@ def find_twin(study: optuna.Study, cand: Candidate, number: int, budget_ms: floa
         if t.number == number or "same_as_trial" in a or a.get("arch") != cand.arch.key() or a.get("tile") != cand.tile:
             continue
         over = budget_ms is not None and a.get("latency_ms", 0.0) > budget_ms
-        if t.state == TrialState.COMPLETE or a.get("pruned_reason") == "median":
-            if not over:
-                return t
-        elif a.get("pruned_reason") == "latency_budget" and over:
+        reason = a.get("pruned_reason")
+        # Median-pruned stays pruned whatever the budget; the other two follow the budget.
+        if reason == "median" or (t.state == TrialState.COMPLETE and not over) or (reason == "latency_budget" and over):
             return t
     return None
 
@@ -333,7 +332,7 @@ class Objective:
             self._say(trial, cand, f"invalid: {e}")
             raise optuna.TrialPruned(str(e)) from None
 
-        twin = find_twin(trial.study, cand, trial.number, scfg.latency_budget_ms)
+        twin = self.find_twin(trial, cand)
         if twin is not None:
             return self._repeat(trial, cand, twin)
 
@@ -404,6 +403,9 @@ class Objective:
         if pareto:
             return cv_mean, latency
         return value
+
+    def find_twin(self, trial: optuna.Trial, cand: Candidate) -> FrozenTrial | None:
+        return find_twin(trial.study, cand, trial.number, self.cfg.search.latency_budget_ms)
 
     def _repeat(self, trial: optuna.Trial, cand: Candidate, twin: FrozenTrial) -> float | tuple[float, float]:
         """A net already looked at: nothing is exported, timed or trained again. Training is deterministic

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 import autoseg
 from autoseg.config import Config, load_config
@@ -60,6 +60,7 @@ from autoseg.search import (
     SearchTask,
     TileData,
     distinct_trials,
+    find_twin,
     is_repeat,
     measure_candidate,
     open_study,
@@ -294,6 +295,10 @@ class TrainFirstObjective(Objective):
         self.budget = cfg.search.latency_budget_ms
         unbudgeted = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, latency_budget_ms=None))
         super().__init__(unbudgeted, *args, **kwargs)
+
+    def find_twin(self, trial: optuna.Trial, cand: Candidate) -> FrozenTrial | None:
+        # A net discarded for its latency is not trained again when proposed again, as in latency-first.
+        return find_twin(trial.study, cand, trial.number, self.budget)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         value = super().__call__(trial)

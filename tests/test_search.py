@@ -247,3 +247,16 @@ def test_a_space_with_no_new_nets_left_ends_the_search(tmp_path, caplog):
     assert len({(t.user_attrs["arch"], t.user_attrs["tile"]) for t in distinct}) == len(distinct)
     assert all(is_repeat(t) for t in study.trials[-12:])
     assert "nets already tried; stopping at" in caplog.text
+
+
+def test_a_lowered_budget_prunes_a_net_it_once_trained(tmp_path):
+    _, _, study = run_search(tmp_path, trials=1)
+    first = study.trials[0]
+    assert first.state == TrialState.COMPLETE
+    study.enqueue_trial(first.params)
+    _, _, study = run_search(
+        tmp_path, trials=2, resume_anyway=True, **{"search.latency_budget_ms": 1e-6, "search.max_budget_prunes": 5}
+    )
+    second = study.trials[1]
+    assert second.params == first.params and "same_as_trial" not in second.user_attrs
+    assert second.state == TrialState.PRUNED and second.user_attrs["pruned_reason"] == "latency_budget"
