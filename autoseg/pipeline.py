@@ -40,6 +40,7 @@ from autoseg.search import (
     run_trials,
     tile_choices,
     timed_size,
+    trial_counts,
 )
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import train_model, training_settings
@@ -165,6 +166,7 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             best = choose_best(study, cfg.search)
             card = finalize(cfg, run, stage, task, best, progress)
             card["pareto_front"] = pareto_summary(study)
+            card["trials"] = trial_counts(study)
             write_json_atomic(run.best / "model_card.json", card)  # the float net is done: keep its card
             if cfg.export.int8:
                 card["int8"] = int8_variant(cfg, run, stage, task, card, device, settings, progress)
@@ -378,7 +380,16 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
         f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
         f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
         *_int8_summary(card.get("int8")),
+        *_trials_summary(card.get("trials")),
     ]
+
+
+def _trials_summary(n: dict[str, int] | None) -> list[str]:
+    if not n:
+        return []
+    repeats = f"; {n['repeats']} repeated proposal(s) reused" if n["repeats"] else ""
+    return [f"  searched:  {n['distinct']} distinct nets ({n['completed']} trained, {n['over_budget']} over the "
+            f"latency budget, {n['distinct'] - n['completed'] - n['over_budget']} pruned otherwise){repeats}"]
 
 
 def _int8_summary(q: dict[str, Any] | None) -> list[str]:

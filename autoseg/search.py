@@ -497,6 +497,17 @@ def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
     return max(front, key=lambda t: t.user_attrs.get("penalty_value", -math.inf))
 
 
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """Distinct nets looked at (what --trials counts), how many trained to the end, and the repeats."""
+    distinct = distinct_trials(study)
+    return {
+        "distinct": len(distinct),
+        "completed": sum(t.state == TrialState.COMPLETE for t in distinct),
+        "over_budget": sum(t.user_attrs.get("pruned_reason") == "latency_budget" for t in distinct),
+        "repeats": sum(is_repeat(t) for t in finished_trials(study)),
+    }
+
+
 def pareto_summary(study: optuna.Study) -> list[dict[str, Any]]:
     """The completed trials that no other trial beats on both score and latency, each net once."""
     done = [

@@ -148,6 +148,8 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
         assert key in card, key
     assert card["latency_source"] == "local"
     assert card["onnx"]["parity_max_abs_diff"] <= 1e-4
+    assert card["trials"]["distinct"] == 2 and f"searched:  2 distinct nets ({card['trials']['completed']} trained" \
+        in proc.stdout
     q = card["int8"]  # --int8: quantized, tested and timed beside the float model
     assert q["test_miou"] is not None and q["latency_ms"] > 0 and q["fp32_latency_ms"] > 0
     assert q["latency_source"] == "local" and 0.5 < q["argmax_agreement"] <= 1.0
