@@ -61,13 +61,13 @@ from autoseg.search import (
     TileData,
     distinct_trials,
     find_twin,
-    is_repeat,
     measure_candidate,
     open_study,
     pareto_summary,
     run_trials,
     sample_candidate,
     tile_choices,
+    trial_counts,
 )
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 from benchmarks import DATA_ROOT
@@ -256,9 +256,7 @@ def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None)
             f"= {alt_ratio:.1%} of the reference's."
         )
         print(fast_note, flush=True)
-    trials = [t for t in study.get_trials(deepcopy=False) if not is_repeat(t)]
-    states = {s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED)}
-    states["repeats"] = sum(is_repeat(t) for t in study.get_trials(deepcopy=False))
+    counts = trial_counts(study)
     return {
         "card": card,
         "ref_card": ref_card,
@@ -273,7 +271,7 @@ def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None)
         "t_search": t_search,
         "t_ref": t_ref,
         "budget": budget,
-        "states": states,
+        "counts": counts,
         "alpha": cfg.search.alpha,
         "latency_ref_ms": cfg.search.latency_ref_ms,
         "fast_note": fast_note,
@@ -460,7 +458,7 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
         "",
     ]
     if real is not None:
-        card, ref = real["card"], real["ref_card"]
+        card, ref, n = real["card"], real["ref_card"], real["counts"]
         checks.append((real["miou_ratio"] >= TARGET_MIOU_RATIO,
                        f"chosen test mIoU >= {TARGET_MIOU_RATIO:.0%} of the reference's: {real['miou_ratio']:.1%}"))
         busy_note = (f" (UNRELIABLE: other processes kept {real['busy']:.1f} cores busy while it was measured)"
@@ -472,9 +470,10 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
             "## 1. Real search vs a reference U-Net",
             "",
             f"{real['train_images']} training images ({real['reps']} representative tiles), "
-            f"{real['test_images']} held-out test images. Search: {real['states'].get('COMPLETE', 0)} "
-            f"distinct nets completed, {real['states'].get('PRUNED', 0)} pruned, and "
-            f"{real['states'].get('repeats', 0)} repeated proposals (reused, not counted); search + retrain + "
+            f"{real['test_images']} held-out test images. Search: {n['distinct']} distinct nets "
+            f"({n['completed']} completed, {n['over_budget']} over the budget, "
+            f"{n['distinct'] - n['completed'] - n['over_budget']} pruned otherwise) and {n['repeats']} repeated "
+            "proposals (reused, not counted); search + retrain + "
             f"export + evaluate {real['t_search']:.0f} s, reference retrain + export + evaluate {real['t_ref']:.0f} s.",
             "",
             f"The search ran with `search.latency_budget_ms` {real['budget']:.3f} = {TARGET_LATENCY_RATIO:.0%} of "
