@@ -245,7 +245,7 @@ def find_twin(study: optuna.Study, cand: Candidate, number: int, budget_ms: floa
     a budget changed since (--resume-anyway) would decide differently: those nets are measured again."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         a = t.user_attrs
-        if t.number == number or "same_as_trial" in a or a.get("arch") != cand.arch.key() or a.get("tile") != cand.tile:
+        if t.number == number or is_repeat(t) or a.get("arch") != cand.arch.key() or a.get("tile") != cand.tile:
             continue
         over = budget_ms is not None and a.get("latency_ms", 0.0) > budget_ms
         reason = a.get("pruned_reason")
@@ -484,7 +484,7 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, progres
 
 def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
     """Penalty: the best value. Pareto: the front's member with the best penalty value."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and not is_repeat(t)]
+    done = [t for t in distinct_trials(study) if t.state == TrialState.COMPLETE]
     if not done:
         raise InputError(
             "search: no trial completed (all were pruned or failed); raise search.trials or "
@@ -510,10 +510,7 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
 
 def pareto_summary(study: optuna.Study) -> list[dict[str, Any]]:
     """The completed trials that no other trial beats on both score and latency, each net once."""
-    done = [
-        t for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE and not is_repeat(t)
-    ]
+    done = [t for t in distinct_trials(study) if t.state == TrialState.COMPLETE]
     front = pareto_front([(t.user_attrs["cv_mean"], t.user_attrs["latency_ms"]) for t in done])
     return [
         {"trial": t.number, "arch": t.user_attrs["arch"], "cv_mean": t.user_attrs["cv_mean"],
