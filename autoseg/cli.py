@@ -50,6 +50,7 @@ _FLAG_KEYS = {
     "identity_file": "device.identity_file",
     "eval_mode": "eval.mode",
     "int8": "export.int8",
+    "opset": "export.opset",
     "out": "out",
     "seed": "seed",
 }
@@ -87,6 +88,11 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity-file", help="private key for the device")
 
 
+def _add_opset(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--opset", type=int, help="ONNX opset the nets are timed and exported at (default 17); "
+                   "older onnxruntime on the device needs a lower one")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoseg",
@@ -117,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
     p.add_argument("--int8", action="store_true", default=None,
                    help="also export an int8 model calibrated on the representative tiles")
+    _add_opset(p)
     p.add_argument("--out", help="run directory (rerun the same command to resume)")
     p.add_argument("--resume-anyway", action="store_true", help="resume a study made with another config")
 
@@ -151,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--to", type=Path, help="output path (default RUN/best/model.onnx)")
-    p.add_argument("--opset", type=int)
+    _add_opset(p)
 
     p = sub.add_parser("report", help="write report.md/html/json for a run (finished or running)")
     _add_common(p)
@@ -162,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = dsub.add_parser("check", help="connect, deploy the agent, print fingerprint and a reference latency")
     _add_common(c)
     _add_device(c)
+    _add_opset(c)
     return parser
 
 
@@ -305,7 +313,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autoseg.unet import Arch, build_unet
 
     run = RunDir(args.run)
-    cfg = _run_config(args.run, args, {"export.opset": args.opset} if args.opset else None)
+    cfg = _run_config(args.run, args)
     ckpt_path = run.best / "model.pt"
     if not ckpt_path.exists():
         raise InputError(f"{ckpt_path}: not found; run `autoseg search` to completion first")
@@ -334,8 +342,10 @@ def cmd_device_check(args: argparse.Namespace) -> int:
     from autoseg.device_check import check_device
 
     cfg = _config(args)
-    report = check_device(cfg.device)
+    report = check_device(cfg.device, cfg.export.opset)
     print(json.dumps(report, indent=2))
+    if report["error"]:
+        raise InputError(f"device check: {report['device']}: {report['error']}; {report['hint']}")
     return 0
 
 

@@ -108,6 +108,9 @@ class SearchConfig:
     macs_ref: float = field(default=1e8, metadata=_min(0.0, strict=True))
     # Stop the study after this many budget prunes in a row: no candidate fits the budget.
     max_budget_prunes: int = field(default=20, metadata=_min(1))
+    # Stop after this many candidates in a row the device could not measure: the device, not the nets,
+    # is the problem (an onnxruntime too old for export.opset, say).
+    max_measure_failures: int = field(default=3, metadata=_min(1))
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from autoseg.config import DeviceConfig
 from autoseg.export import onnx_bytes
-from autoseg.latency import MeasureError, open_device, settings_from_config
+from autoseg.latency import MeasureError, failure_hint, open_device, settings_from_config
 from autoseg.unet import Arch, build_unet
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,11 @@ def diagnose(fp: dict[str, Any], temp_before: float | None, temp_after: float | 
     return notes
 
 
-def check_device(cfg: DeviceConfig) -> dict[str, Any]:
+def check_device(cfg: DeviceConfig, opset: int = 17) -> dict[str, Any]:
+    """Fingerprint and reference latency; the reference net goes at the opset the search will send."""
     torch.manual_seed(0)
     model = build_unet(REFERENCE_ARCH, 3, 2).eval()
-    blob = onnx_bytes(model, 3, REFERENCE_SIZE)
+    blob = onnx_bytes(model, 3, REFERENCE_SIZE, opset)
     settings = settings_from_config(cfg)
     with closing(open_device(cfg, cache_path=None)) as device:
         fp = device.fingerprint()
@@ -46,9 +47,10 @@ def check_device(cfg: DeviceConfig) -> dict[str, Any]:
         "device": m.device,
         "source": m.source,
         "fingerprint": fp,
-        "reference_model": f"{REFERENCE_ARCH.key()} at {REFERENCE_SIZE}x{REFERENCE_SIZE}",
+        "reference_model": f"{REFERENCE_ARCH.key()} at {REFERENCE_SIZE}x{REFERENCE_SIZE}, opset {opset}",
         "latency": m.stats,
         "error": None if m.error == MeasureError.OK else m.message,
+        "hint": None if m.error == MeasureError.OK else failure_hint(m, opset),
         "warnings": diagnose(fp, m.temp_before_c, m.temp_after_c),
     }
     for w in result["warnings"]:

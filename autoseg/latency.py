@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import secrets
 import shlex
 import sqlite3
@@ -125,6 +126,21 @@ class Measurement:
             cached=bool(d.get("cached", False)),
             cpu_others=d.get("cpu_others"),
         )
+
+
+def failure_hint(m: Measurement, opset: int) -> str:
+    """What to change when a device cannot measure the models it is sent (m.error is not OK)."""
+    ort = (m.fingerprint or {}).get("onnxruntime") or "?"
+    where = "this machine" if m.source == "local" else f"{m.device}"
+    if m.error == MeasureError.LOAD_FAILED:
+        return (f"onnxruntime {ort} on {where} cannot load the models, exported at ONNX opset {opset}: "
+                f"lower --opset (export.opset, e.g. 13) to one it supports, or upgrade onnxruntime there")
+    if m.error == MeasureError.RUN_FAILED:
+        return (f"onnxruntime {ort} on {where} loads the models but cannot run them (out of memory?): "
+                "lower --measure-size or allow smaller nets in search.space")
+    if m.error == MeasureError.REFUSED:
+        return f"the agent on {where} refuses the models: raise device.max_model_mb or allow smaller nets"
+    return f"check that {where} is reachable"
 
 
 class Device(Protocol):
@@ -926,8 +942,12 @@ def _sftp_rmtree(sftp: paramiko.SFTPClient, path: str) -> None:
     sftp.rmdir(path)
 
 
+# onnxruntime prefixes its errors with the C++ source line and function signature: noise to a user.
+_ORT_SOURCE = re.compile(r"\S*onnxruntime\S*/\S+:\d+ (?:[^()]*\((?:[^()]|\([^()]*\))*\) )?")
+
+
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    return _ORT_SOURCE.sub("", " ".join(str(text).split()))
 
 
 # ------------------------------------------------------------------------------------------- cache

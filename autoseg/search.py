@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
 from autoseg.errors import DeviceUnreachable, InputError
 from autoseg.export import onnx_bytes
-from autoseg.latency import Device, MeasureError, MeasureSettings
+from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
 from autoseg.pareto import pareto_front
 from autoseg.rundir import RunDir, write_bytes_atomic
 from autoseg.train import TrainSettings, cross_validate, training_settings
@@ -41,6 +41,7 @@ _RESUMABLE_KEYS = {
     "out",
     "search.trials",
     "search.max_budget_prunes",
+    "search.max_measure_failures",
     "train.final_epochs",
     "train.threads",
     "train.batch_size",
@@ -285,16 +286,22 @@ def timed_size(arch: Arch, tile: int, measure_size: int | None) -> int:
 
 
 def measure_candidate(
-    cand: Candidate, task: SearchTask, device: Device, settings: MeasureSettings, measure_size: int | None
+    cand: Candidate,
+    task: SearchTask,
+    device: Device,
+    settings: MeasureSettings,
+    measure_size: int | None,
+    opset: int = 17,
 ) -> tuple[bytes, Any, int, int]:
     """Export with weights seeded by the architecture, so the same net hashes the same for the cache.
 
-    Latency and MACs are both for a (1, C, size, size) input, size = timed_size(...).
+    Latency and MACs are both for a (1, C, size, size) input, size = timed_size(...). The opset is the
+    one the final model is exported at: the device must load what it will deploy.
     """
     torch.manual_seed(int(cand.arch.digest(), 16) % (2**31))
     model = build_unet(cand.arch, task.in_channels, task.num_classes).eval()
     size = timed_size(cand.arch, cand.tile, measure_size)
-    blob = onnx_bytes(model, task.in_channels, size)
+    blob = onnx_bytes(model, task.in_channels, size, opset)
     m = device.measure(blob, (1, task.in_channels, size, size), settings)
     params = count_params(model)
     macs = count_macs(cand.arch, task.in_channels, task.num_classes, size, size)  # the work that was timed
@@ -317,6 +324,7 @@ class Objective:
         self.tiles = sorted(task.data)
         self.on_trial = on_trial or log.info
         self.streak = 0
+        self.failures = 0  # measurement failures in a row: one is a net's, several are the device's
         self.stop_message: str | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -338,7 +346,7 @@ class Objective:
 
         try:
             blob, m, params, macs = measure_candidate(
-                cand, self.task, self.device, self.settings, self.cfg.device.measure_size
+                cand, self.task, self.device, self.settings, self.cfg.device.measure_size, self.cfg.export.opset
             )
         except DeviceUnreachable:
             trial.set_user_attr("interrupted", True)
@@ -354,7 +362,16 @@ class Objective:
         if m.error != MeasureError.OK:
             trial.set_user_attr("pruned_reason", "measure_failed")
             self._say(trial, cand, f"measurement failed: {m.message}")
+            self.failures += 1
+            if self.failures >= scfg.max_measure_failures:
+                self.stop_message = (
+                    f"device {m.device}: {self.failures} candidates in a row could not be measured "
+                    f"(last: {m.message}); {failure_hint(m, self.cfg.export.opset)} "
+                    f"(the study is kept in {self.run.study_db})"
+                )
+                trial.study.stop()
             raise optuna.TrialPruned(m.message)
+        self.failures = 0
         latency = float(m.median_ms)
         trial.set_user_attr("latency_ms", latency)
         lat_txt = f"{latency:.2f} ms ({m.source}{', cached' if m.cached else ''})"

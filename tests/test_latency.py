@@ -35,6 +35,7 @@ from autoseg.latency import (
     MeasureSettings,
     SSHDevice,
     _graph_hash,
+    failure_hint,
     measure_each,
     open_device,
     parse_target,
@@ -213,6 +214,17 @@ class TestDeviceContract:
     def test_wrong_input_shape_is_run_failed(self, device, tiny_onnx):
         m = device.measure(tiny_onnx, (1, 5, 32, 32), FAST)  # the conv wants 3 channels
         assert m.error == MeasureError.RUN_FAILED and m.median_ms is None
+        assert "lower --measure-size" in failure_hint(m, 17)
+
+    def test_an_opset_newer_than_the_runtime_is_load_failed_with_a_fix(self, device, tiny_onnx):
+        proto = onnx.load_from_string(tiny_onnx)
+        proto.opset_import[0].version = 99  # what an old onnxruntime on a device meets with opset 17
+        m = device.measure(proto.SerializeToString(), SHAPE, FAST)
+        assert m.error == MeasureError.LOAD_FAILED and "Opset 99" in m.message
+        assert "onnxruntime_src" not in m.message and "::" not in m.message  # no C++ source line or signature
+        hint = failure_hint(m, 17)
+        assert f"onnxruntime {device.fingerprint()['onnxruntime']}" in hint
+        assert "exported at ONNX opset 17: lower --opset (export.opset" in hint
 
     def test_fingerprint_has_stable_keys(self, device):
         fp = device.fingerprint()

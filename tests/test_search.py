@@ -7,6 +7,7 @@ import sqlite3
 from contextlib import closing
 
 import numpy as np
+import onnx
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -57,11 +58,11 @@ def tiny_task() -> SearchTask:
     return SearchTask(data={16: TileData(x, y, groups)}, in_channels=3, num_classes=2, class_weights=None)
 
 
-def run_search(tmp_path, trials: int, resume_anyway: bool = False, **overrides):
+def run_search(tmp_path, trials: int, resume_anyway: bool = False, wrap=lambda d: d, **overrides):
     cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "search.trials": trials, **overrides})
     run = RunDir(cfg.out).prepare()
     study = open_study(run, cfg, resume_anyway)
-    with closing(open_device(cfg.device, run.latency_cache)) as device:
+    with closing(wrap(open_device(cfg.device, run.latency_cache))) as device:
         objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
         run_trials(study, objective, cfg.search.trials)
     return cfg, run, study
@@ -153,6 +154,49 @@ def test_impossible_budget_stops_and_keeps_the_study(tmp_path):
     study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert {t.state for t in study.trials} == {TrialState.PRUNED}
     assert len(distinct_trials(study)) == 2
+
+
+class OldRuntime:
+    """A real local device whose onnxruntime is older than the models: each model reaches the real
+    onnxruntime stamped with an opset it does not implement, as opset 17 reaches onnxruntime 1.10."""
+
+    def __init__(self, device) -> None:
+        self.device, self.name, self.source = device, device.name, device.source
+
+    def fingerprint(self) -> dict:
+        return self.device.fingerprint()
+
+    def measure(self, model: bytes, shape, settings):
+        proto = onnx.load_from_string(model)
+        proto.opset_import[0].version = 99
+        return self.device.measure(proto.SerializeToString(), shape, settings)
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def test_candidates_are_timed_at_the_export_opset(tmp_path):
+    _, run, study = run_search(tmp_path, trials=1, **{"export.opset": 13})
+    proto = onnx.load(str(run.trial(study.trials[0].number) / "model.onnx"))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
+
+
+def test_a_device_that_cannot_load_the_models_stops_the_search_and_says_why(tmp_path):
+    with pytest.raises(InputError) as e:
+        run_search(tmp_path, trials=10, wrap=OldRuntime)
+    msg = str(e.value)
+    assert "3 candidates in a row could not be measured" in msg and "Opset 99" in msg
+    assert "cannot load the models, exported at ONNX opset 17: lower --opset (export.opset" in msg
+    assert "study is kept" in msg and "\n" not in msg
+    study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert len(study.trials) == 3
+    for t in study.trials:
+        assert t.state == TrialState.PRUNED and t.user_attrs["pruned_reason"] == "measure_failed"
+        assert "fold_scores" not in t.user_attrs and not t.intermediate_values  # nothing was trained
+    # Fixed (a newer onnxruntime, or a lower opset: export keys resume): the rerun measures and trains.
+    _, _, study = run_search(tmp_path, trials=4)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert done and all(t.user_attrs["latency_ms"] > 0 for t in done)
 
 
 def test_rerun_resumes_without_redoing_finished_trials(tmp_path):

@@ -58,9 +58,10 @@ def test_search_measures_every_trial_on_the_device(sshd_server, device_flags, en
 
 
 def test_device_check_prints_fingerprint_and_reference_latency(sshd_server, device_flags, env):
-    proc = autoseg("device", "check", *device_flags, env=env)
+    proc = autoseg("device", "check", *device_flags, "--opset", "13", env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
+    assert report["reference_model"].endswith("opset 13")  # the opset the search will send
     assert report["source"] == "device"
     assert report["fingerprint"]["cores"] >= 1
     assert report["latency"]["median_ms"] > 0
