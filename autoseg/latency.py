@@ -785,12 +785,12 @@ class SSHDevice:
         line = next((ln for ln in out.splitlines() if ln.startswith("AUTOSEG-CHECK ")), None)
         if line is None:
             if status == 127:
-                raise DeviceRefused(f"{where}: {py} not found; install Python >= 3.9 on the device or {fix}")
+                raise DeviceRefused(f"{where}: {py} not found; install Python >= 3.8 on the device or {fix}")
             raise DeviceRefused(f"{where}: `{py}` failed (exit {status}: {_one_line(out)[-200:]}); {fix}")
         info = json.loads(line.split(" ", 1)[1])
-        if tuple(info["python"][:2]) < (3, 9):
+        if tuple(info["python"][:2]) < (3, 8):
             raise DeviceRefused(f"{where}: {py} is Python {'.'.join(map(str, info['python']))}, "
-                                f"the agent needs >= 3.9; {fix}")
+                                f"the agent needs >= 3.8; {fix}")
         if info["missing"]:
             names = " and ".join(info["missing"])
             raise DeviceRefused(f"{where}: {names} missing for {py}; run "

@@ -388,8 +388,9 @@ def _trials_summary(n: dict[str, int] | None) -> list[str]:
     if not n:
         return []
     repeats = f"; {n['repeats']} repeated proposal(s) reused" if n["repeats"] else ""
+    failed = f"; {n['unmeasured']} the device could not measure" if n.get("unmeasured") else ""
     return [f"  searched:  {n['distinct']} distinct nets ({n['completed']} trained, {n['over_budget']} over the "
-            f"latency budget, {n['distinct'] - n['completed'] - n['over_budget']} pruned otherwise){repeats}"]
+            f"latency budget, {n['distinct'] - n['completed'] - n['over_budget']} pruned otherwise){repeats}{failed}"]
 
 
 def _int8_summary(q: dict[str, Any] | None) -> list[str]:

@@ -124,6 +124,7 @@ def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
     info["n_trials"] = len(trials)
     info["states"] = dict(Counter(t.state.name for t in trials))
     info["repeats"] = sum("same_as_trial" in t.user_attrs for t in trials)
+    info["unmeasured"] = sum(t.user_attrs.get("pruned_reason") == "measure_failed" for t in trials)
     return info, trials
 
 
@@ -611,6 +612,8 @@ def _summary_lines(rep: dict) -> list[str]:
     if st:
         states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(st["states"].items()))
         rep_txt = f", {st['repeats']} of them repeats of a net already tried" if st.get("repeats") else ""
+        if st.get("unmeasured"):
+            rep_txt += f", {st['unmeasured']} the device could not measure"
         lines.append(f"Study: {st['n_trials']} trials ({states or 'none yet'}){rep_txt}; "
                      f"objective **{st['objective']}** ({' / '.join(st['directions'])}).")
     lines.append("Status: " + ("; ".join(rep["status"]) + " — this report is partial."

@@ -260,9 +260,14 @@ def is_repeat(t: FrozenTrial) -> bool:
     return "same_as_trial" in t.user_attrs
 
 
+def unmeasured(t: FrozenTrial) -> bool:
+    """The device could not measure the net: no outcome, so not a look at it (a rerun measures it again)."""
+    return t.user_attrs.get("pruned_reason") == "measure_failed"
+
+
 def distinct_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Finished trials that looked at a net for the first time: what --trials counts."""
-    return [t for t in finished_trials(study) if not is_repeat(t)]
+    return [t for t in finished_trials(study) if not is_repeat(t) and not unmeasured(t)]
 
 
 def budget_prune_streak(study: optuna.Study) -> int:
@@ -487,6 +492,8 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, progres
                 study.stop()
             return
         repeats = 0
+        if unmeasured(trial):
+            return
         done += 1
         bar.update(1)
         if done >= n_trials:
@@ -515,13 +522,15 @@ def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Distinct nets looked at (what --trials counts), how many trained to the end, and the repeats."""
+    """Distinct nets looked at (what --trials counts), how many trained to the end, the repeats, and the
+    nets the device could not measure (which do not count)."""
     distinct = distinct_trials(study)
     return {
         "distinct": len(distinct),
         "completed": sum(t.state == TrialState.COMPLETE for t in distinct),
         "over_budget": sum(t.user_attrs.get("pruned_reason") == "latency_budget" for t in distinct),
         "repeats": sum(is_repeat(t) for t in finished_trials(study)),
+        "unmeasured": sum(unmeasured(t) for t in finished_trials(study)),
     }
 
 

@@ -1,4 +1,4 @@
-"""On-device measurement agent for autoseg (numpy + onnxruntime only, Python >= 3.9).
+"""On-device measurement agent for autoseg (numpy + onnxruntime only, Python >= 3.8).
 
 The host uploads this package to the device and talks to ``python3 -m edge_agent serve``
 over JSON lines (see ``edge_agent.protocol``). Nothing here may import torch or autoseg.

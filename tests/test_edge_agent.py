@@ -360,7 +360,7 @@ def test_fingerprint_id_uses_stable_keys_only() -> None:
     assert set(fp) >= FP_KEYS
     base = fingerprint_id(fp)
     volatile = dict(fp, temperature_c=99.0, cpu_freq_mhz=1.0, governor="powersave", throttled=True,
-                    python="3.9.0", numpy="1.0")
+                    python="3.8.10", numpy="1.0")
     assert fingerprint_id(volatile) == base
     assert fingerprint_id(dict(fp, cores=(fp["cores"] or 0) + 1)) != base
     assert fingerprint_id(dict(fp, onnxruntime="0.0.1")) != base
@@ -429,10 +429,10 @@ def _sources() -> list[Path]:
     return files
 
 
-def test_sources_are_python39() -> None:
+def test_sources_are_python38() -> None:
     for path in _sources():
         src = path.read_text()
-        tree = ast.parse(src, filename=str(path), feature_version=(3, 9))
+        tree = ast.parse(src, filename=str(path), feature_version=(3, 8))
         annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign))
                        if n.annotation is not None]
         annotations += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) if n.returns]
@@ -451,11 +451,12 @@ def test_sources_are_python39() -> None:
                 assert not {k.arg for k in node.keywords} & {"slots", "kw_only"}, path.name
 
 
-def _python39() -> str | None:
-    candidates = [shutil.which("python3.9"), *glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9"))]
+def _old_python(minor: int) -> str | None:
+    name = f"python3.{minor}"
+    candidates = [shutil.which(name), *glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}*/bin/{name}"))]
     for exe in filter(None, candidates):
         try:
-            res = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2] == (3, 9))"],
+            res = subprocess.run([exe, "-c", f"import sys; print(sys.version_info[:2] == (3, {minor}))"],
                                  capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             continue
@@ -464,10 +465,11 @@ def _python39() -> str | None:
     return None
 
 
-def test_real_python39_if_available(tmp_path: Path) -> None:
-    exe = _python39()
+@pytest.mark.parametrize("minor", [8, 9])  # 3.8: JetPack 5 on a Jetson; 3.9: Raspberry Pi OS 11
+def test_real_old_python_if_available(tmp_path: Path, minor: int) -> None:
+    exe = _old_python(minor)
     if exe is None:
-        pytest.skip("no Python 3.9 interpreter on this machine")
+        pytest.skip(f"no Python 3.{minor} interpreter on this machine")
     # Compile everything, then run the stdlib-only parts (numpy/onnxruntime may be absent there).
     code = (
         "import compileall, sys; assert compileall.compile_dir(sys.argv[1], quiet=1, legacy=False, "

@@ -31,6 +31,7 @@ from autoseg.search import (
     run_trials,
     sample_candidate,
     timed_size,
+    trial_counts,
 )
 from autoseg.unet import Arch, count_macs
 
@@ -193,8 +194,11 @@ def test_a_device_that_cannot_load_the_models_stops_the_search_and_says_why(tmp_
     for t in study.trials:
         assert t.state == TrialState.PRUNED and t.user_attrs["pruned_reason"] == "measure_failed"
         assert "fold_scores" not in t.user_attrs and not t.intermediate_values  # nothing was trained
-    # Fixed (a newer onnxruntime, or a lower opset: export keys resume): the rerun measures and trains.
-    _, _, study = run_search(tmp_path, trials=4)
+    assert distinct_trials(study) == []  # no outcome: they do not count toward --trials
+    # Fixed (a newer onnxruntime, or a lower opset: export keys resume): the rerun looks at 2 new nets.
+    _, _, study = run_search(tmp_path, trials=2)
+    assert len(distinct_trials(study)) == 2
+    assert trial_counts(study)["unmeasured"] == 3
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert done and all(t.user_attrs["latency_ms"] > 0 for t in done)
 
