@@ -7,12 +7,14 @@ data -> tiles -> representative tiles -> device -> Optuna search -> retrain the 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from autoseg.search import (
     trial_counts,
 )
 from autoseg.tiles import TileIndex, build_index
-from autoseg.train import train_model, training_settings
+from autoseg.train import TrainSettings, train_model, training_settings
 from autoseg.unet import Arch, build_unet
 from autoseg.visual import write_examples
 
@@ -181,38 +183,43 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
 def finalize(
     cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, best: Any, progress: bool = False
 ) -> dict[str, Any]:
-    """Retrain the chosen net on all representatives, export it verified, and test it on full images."""
+    """Retrain the chosen net on all representatives, export it verified, and test it on full images.
+
+    A rerun keeps a retrain that finished (a later step failed) and goes on with one that was interrupted.
+    """
     arch = Arch.from_dict(best.user_attrs["arch_dict"])
     tile = int(best.user_attrs["tile"])
-    log.info("retraining trial %d (%s) for %d epochs", best.number, arch.key(), cfg.train.final_epochs)
     data = task.data[tile]
-    torch.manual_seed(cfg.seed)
-    model = build_unet(arch, task.in_channels, task.num_classes)
     settings = training_settings(cfg.train, cfg.seed, task.class_weights, epochs=cfg.train.final_epochs)
-    model = train_model(model, data.x, data.y, task.num_classes, settings, progress=progress).eval()
-
+    key = retrain_key(best.number, arch, tile, settings, data)
     ds = stage.ds
-    checkpoint = {
-        "arch": arch.to_dict(),
-        "in_channels": task.in_channels,
-        "num_classes": task.num_classes,
-        "tile": tile,
-        "mean": list(ds.mean),
-        "std": list(ds.std),
-        "classes": list(ds.class_map.names),
-        "class_map": ds.class_map.to_dict(),
-        "state_dict": model.state_dict(),
-        "config": config_to_dict(cfg),
-    }
-    run.best.mkdir(parents=True, exist_ok=True)
-    tmp = run.best / ".model.pt.tmp"
-    torch.save(checkpoint, tmp)
-    tmp.replace(run.best / "model.pt")
-    info = export_checkpoint(checkpoint, model, run.best / "model.onnx", cfg)
+    checkpoint = _load_if_key(run.best / "model.pt", key)
+    if checkpoint is not None:
+        log.info("trial %d (%s) was retrained already: %s kept", best.number, arch.key(), run.best / "model.pt")
+        model = build_unet(arch, task.in_channels, task.num_classes)
+        model.load_state_dict(checkpoint["state_dict"])
+    else:
+        model = _retrain(run, key, arch, task, data, settings, best.number, progress)
+        checkpoint = {
+            "arch": arch.to_dict(),
+            "in_channels": task.in_channels,
+            "num_classes": task.num_classes,
+            "tile": tile,
+            "mean": list(ds.mean),
+            "std": list(ds.std),
+            "classes": list(ds.class_map.names),
+            "class_map": ds.class_map.to_dict(),
+            "state_dict": model.state_dict(),
+            "config": config_to_dict(cfg),
+            "retrain_key": key,
+        }
+        _save_atomic(checkpoint, run.best / "model.pt")
+        (run.best / RETRAIN_STATE).unlink(missing_ok=True)
+    info = export_checkpoint(checkpoint, model.eval(), run.best / "model.onnx", cfg)
 
     metrics = evaluate_model(cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, tile, progress)
     lat = best.user_attrs.get("latency", {})
-    card = {
+    return {
         "trial": best.number,
         "arch": arch.key(),
         "arch_dict": arch.to_dict(),
@@ -237,7 +244,64 @@ def finalize(
         "onnx": info.to_dict(),
         "autoseg_version": __version__,
     }
-    return card
+
+
+RETRAIN_STATE = "retrain_state.pt"  # the final retrain in progress, in best/
+RETRAIN_SAVE_SHARE = 0.05  # saving the retrain's state may take at most this share of its time
+
+
+def retrain_key(trial: int, arch: Arch, tile: int, settings: TrainSettings, data: TileData) -> str:
+    """What the final retrain depends on: the same key gives the same net, bit for bit."""
+    h = hashlib.sha256(json.dumps({"trial": trial, "arch": arch.key(), "tile": tile, "settings": asdict(settings),
+                                   "x": list(data.x.shape)}, sort_keys=True).encode())
+    for a in (data.x, data.y):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _load_if_key(path: Path, key: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # damaged, or written by another version: not worth failing the run over
+        log.warning("%s: cannot read it (%s); not used", path, type(e).__name__)
+        return None
+    return obj if isinstance(obj, dict) and obj.get("retrain_key") == key else None
+
+
+def _retrain(
+    run: RunDir, key: str, arch: Arch, task: SearchTask, data: TileData, settings: TrainSettings, trial: int,
+    progress: bool,
+) -> torch.nn.Module:
+    """Train the chosen net from scratch, or on from the state an interrupted run of it saved."""
+    state_path = run.best / RETRAIN_STATE
+    resume = _load_if_key(state_path, key)
+    log.info("retraining trial %d (%s) for %d epochs%s", trial, arch.key(), settings.epochs,
+             f", going on after epoch {resume['epochs_done']}" if resume else "")
+    last, cost = time.monotonic(), 0.0
+
+    def keep(epochs_done: int, state: Callable[[], dict]) -> None:
+        # After every epoch that a save does not slow by more than RETRAIN_SAVE_SHARE: a small net's
+        # state is saved each epoch, a big one's (megabytes) every few epochs.
+        nonlocal last, cost
+        now = time.monotonic()
+        if epochs_done < settings.epochs and cost <= RETRAIN_SAVE_SHARE * (now - last):
+            _save_atomic({**state(), "retrain_key": key}, state_path)
+            last = time.monotonic()
+            cost = last - now
+
+    torch.manual_seed(settings.seed)
+    model = build_unet(arch, task.in_channels, task.num_classes)
+    return train_model(model, data.x, data.y, task.num_classes, settings, progress=progress, resume=resume,
+                       on_epoch=keep)
 
 
 def int8_variant(

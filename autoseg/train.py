@@ -242,8 +242,15 @@ def train_model(
     s: TrainSettings,
     progress: bool = False,
     device: str | torch.device | None = None,
+    resume: dict | None = None,
+    on_epoch: Callable[[int, Callable[[], dict]], None] | None = None,
 ) -> nn.Module:
-    """Train `model` in place with AdamW and a cosine schedule; returns it (in train mode)."""
+    """Train `model` in place with AdamW and a cosine schedule; returns it (in train mode).
+
+    on_epoch(done, state) is called after each epoch; state() gives everything needed to go on from
+    there (weights, optimiser, schedule, random streams, batch size). Passing that dict back as `resume`
+    continues the run, and the result is the same bit for bit as if it had never stopped.
+    """
     dev = torch.device(device) if device is not None else _default_device()
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.int64)
@@ -258,6 +265,8 @@ def train_model(
         else:
             bs = FALLBACK_BATCH
     bs = max(1, min(bs, n))
+    if resume is not None:
+        bs = int(resume["batch_size"])  # the auto size depends on free memory, which may have changed
     steps = s.epochs * math.ceil(n / bs)
     weights = None if s.class_weights is None else torch.tensor(s.class_weights, dtype=torch.float32, device=dev)
     if weights is not None and len(weights) != num_classes:
@@ -271,8 +280,26 @@ def train_model(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda t: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t / max(steps, 1), 1.0)))
         )
+        first = 0
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            gen.set_state(resume["generator"])
+            torch.set_rng_state(resume["torch_rng"])
+            first = int(resume["epochs_done"])
+            log.debug("training resumes after epoch %d of %d", first, s.epochs)
+
+        def state(done: int) -> dict:
+            return {
+                "epochs_done": done, "batch_size": bs, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            }
+
         log.debug("training %d samples, batch %d, %d epochs", n, bs, s.epochs)
-        for epoch in tqdm(range(s.epochs), desc="epochs", disable=not progress, leave=False):
+        bar = tqdm(range(first, s.epochs), desc="epochs", disable=not progress, leave=False, initial=first,
+                   total=s.epochs)
+        for epoch in bar:
             order = torch.randperm(n, generator=gen).to(dev)
             total = torch.zeros((), device=dev)
             for start in range(0, n, bs):
@@ -290,6 +317,8 @@ def train_model(
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training diverged (loss {mean_loss}) in epoch {epoch + 1}; lower train.lr")
             log.debug("epoch %d loss %.4f", epoch + 1, mean_loss)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, lambda done=epoch + 1: state(done))
     return model
 
 

@@ -225,6 +225,42 @@ def test_kill_9_then_rerun_resumes(demo, tmp_path):
         assert after[number] == completed  # finished trials kept, not redone
 
 
+def test_kill_9_in_the_final_retrain_then_rerun_goes_on_from_its_last_epoch(demo, tmp_path):
+    import torch
+
+    images, masks = demo
+    out = tmp_path / "run"
+    args = [*search_args(tmp_path, images, masks, out, trials=1)[:-1], "--final-epochs", "150"]  # without -q
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoseg", *map(str, args), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    state = out / "best" / "retrain_state.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=False)["epochs_done"] >= 5:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail("the search ended before it could be killed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "best" / "model.pt").exists()
+    killed_at = torch.load(state, weights_only=False)["epochs_done"]
+
+    again = autoseg(*args, "-v")  # the trial stays done; the retrain goes on where it stopped
+    assert again.returncode == 0, again.stderr
+    said = [line for line in again.stderr.splitlines() if "retraining trial" in line]
+    assert len(said) == 1 and "for 150 epochs, going on after epoch" in said[0], said
+    assert int(said[0].rsplit(" ", 1)[1]) >= killed_at
+    assert (out / "best" / "model.pt").exists() and not state.exists()
+
+    mtime = (out / "best" / "model.pt").stat().st_mtime_ns
+    third = autoseg(*args, "-v")  # finished: kept, not trained again
+    assert third.returncode == 0, third.stderr
+    assert "was retrained already" in third.stderr and "retraining trial" not in third.stderr
+    assert (out / "best" / "model.pt").stat().st_mtime_ns == mtime
+
+
 def test_mismatched_image_and_mask_sizes(tmp_path):
     (tmp_path / "i").mkdir()
     (tmp_path / "m").mkdir()

@@ -1,3 +1,4 @@
+import io
 import logging
 import time
 
@@ -153,6 +154,37 @@ def test_training_is_deterministic():
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_an_interrupted_training_goes_on_to_the_same_net():
+    x, y = bright_dark(12, 16, seed=3)
+    s = settings(epochs=5, batch_size=None)  # auto batch size: the resumed run must keep the first one's
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_unet(TINY, 1, 2)
+
+    straight = train_model(fresh(), x, y, 2, s).state_dict()
+
+    saved: dict[int, bytes] = {}
+
+    class Killed(Exception):
+        pass
+
+    def keep(done: int, state) -> None:
+        buf = io.BytesIO()
+        torch.save(state(), buf)  # as to disk: nothing shared with the live run
+        saved[done] = buf.getvalue()
+        if done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_model(fresh(), x, y, 2, s, on_epoch=keep)
+    state = torch.load(io.BytesIO(saved[2]), weights_only=False)
+    assert state["epochs_done"] == 2 and state["batch_size"] >= 1
+    torch.manual_seed(123)  # the global stream moved on in between, as in a new process
+    resumed = train_model(build_unet(TINY, 1, 2), x, y, 2, s, resume=state).state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_learns_bright_vs_dark():
