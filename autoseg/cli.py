@@ -37,6 +37,7 @@ _FLAG_KEYS = {
     "objective": "search.objective",
     "sampler": "search.sampler",
     "latency_budget_ms": "search.latency_budget_ms",
+    "max_minutes": "search.max_minutes",
     "alpha": "search.alpha",
     "measure_size": "device.measure_size",
     "folds": "train.folds",
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", help="folder of full-size test images")
     p.add_argument("--test-masks", help="folder of their masks")
     p.add_argument("--trials", type=int, help="distinct nets to try (default 20); repeated proposals do not count")
+    p.add_argument("--max-minutes", type=float, help="start no new trial after this many minutes, then retrain "
+                   "the best so far")
     p.add_argument("--folds", type=int)
     p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default 5)")
     p.add_argument("--final-epochs", type=int, help="epochs of the chosen net's final retrain (default 100)")

@@ -111,6 +111,9 @@ class SearchConfig:
     # Stop after this many candidates in a row the device could not measure: the device, not the nets,
     # is the problem (an onnxruntime too old for export.opset, say).
     max_measure_failures: int = field(default=3, metadata=_min(1))
+    # Wall-clock limit for the trials of one invocation: no new trial starts after it (the running one
+    # finishes), and the run goes on to retrain the best so far. null: no limit.
+    max_minutes: float | None = field(default=None, metadata=_min(0.0, strict=True))
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 

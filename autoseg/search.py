@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ _RESUMABLE_KEYS = {
     "search.trials",
     "search.max_budget_prunes",
     "search.max_measure_failures",
+    "search.max_minutes",
     "train.final_epochs",
     "train.threads",
     "train.batch_size",
@@ -459,8 +461,11 @@ def _size(params: int, macs: int) -> str:
     return f"{params / 1e3:7.1f}k params {macs / 1e6:8.1f}M MACs"
 
 
-def run_trials(study: optuna.Study, objective: Objective, n_trials: int, progress: bool = False) -> None:
-    """Run until the study has looked at n_trials distinct nets (trained, or pruned).
+def run_trials(
+    study: optuna.Study, objective: Objective, n_trials: int, progress: bool = False, max_minutes: float | None = None
+) -> None:
+    """Run until the study has looked at n_trials distinct nets (trained, or pruned), or max_minutes have
+    passed (no new trial starts after that).
 
     A sampler proposes nets it has seen before (TPE does, once it has settled); a repeat costs nothing
     and does not count. A sampler that proposes only repeats for max(10, n_trials) proposals in a row has
@@ -499,11 +504,16 @@ def run_trials(study: optuna.Study, objective: Objective, n_trials: int, progres
         if done >= n_trials:
             study.stop()
 
+    timeout = None if max_minutes is None else max_minutes * 60.0
+    start = time.monotonic()
     with bar, logging_redirect_tqdm():
         # Optuna counts failed trials too; catch=() makes a failure (a bug, or a lost device) end the run.
-        study.optimize(objective, n_trials=None, callbacks=[tick], catch=())
+        study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[tick], catch=())
     if objective.stop_message:
         raise InputError(objective.stop_message)
+    if done < n_trials and timeout is not None and time.monotonic() - start >= timeout:
+        log.warning("search: the time limit of %g min is up after %d of %d distinct nets; going on with the best "
+                    "so far (rerun with a later limit to look at more)", max_minutes, done, n_trials)
 
 
 def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
@@ -511,8 +521,8 @@ def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
     done = [t for t in distinct_trials(study) if t.state == TrialState.COMPLETE]
     if not done:
         raise InputError(
-            "search: no trial completed (all were pruned or failed); raise search.trials or "
-            "relax search.latency_budget_ms"
+            "search: no trial completed (all were pruned or failed); raise search.trials (and "
+            "search.max_minutes, if set) or relax search.latency_budget_ms"
         )
     # A repeat holds its twin's values; the first look at a net is the one to name.
     if cfg.objective == "penalty":

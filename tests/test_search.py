@@ -65,7 +65,7 @@ def run_search(tmp_path, trials: int, resume_anyway: bool = False, wrap=lambda d
     study = open_study(run, cfg, resume_anyway)
     with closing(wrap(open_device(cfg.device, run.latency_cache))) as device:
         objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
-        run_trials(study, objective, cfg.search.trials)
+        run_trials(study, objective, cfg.search.trials, max_minutes=cfg.search.max_minutes)
     return cfg, run, study
 
 
@@ -201,6 +201,15 @@ def test_a_device_that_cannot_load_the_models_stops_the_search_and_says_why(tmp_
     assert trial_counts(study)["unmeasured"] == 3
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert done and all(t.user_attrs["latency_ms"] > 0 for t in done)
+
+
+def test_a_time_limit_starts_no_new_trial_once_it_is_up(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="autoseg"):
+        _, _, study = run_search(tmp_path, trials=5, **{"search.max_minutes": 0.001})
+    assert len(study.trials) == 1  # the trial running when the time ran out finished; no other started
+    assert "time limit of 0.001 min is up after 1 of 5 distinct nets" in caplog.text
+    _, _, study = run_search(tmp_path, trials=3)  # no limit: the rerun goes on to 3
+    assert len(distinct_trials(study)) == 3
 
 
 def test_rerun_resumes_without_redoing_finished_trials(tmp_path):
