@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=Path, help="output path (default RUN/best/model.onnx)")
     _add_opset(p)
 
+    p = sub.add_parser("predict", help="label a folder of new images with a run's model (no masks needed)")
+    _add_common(p)
+    p.add_argument("model", type=Path, help="run directory (its best model) or an .onnx file exported by autoseg")
+    p.add_argument("--images", type=Path, required=True, help="folder of images to label")
+    p.add_argument("--out", type=Path, required=True, help="folder for the masks (<stem>.png)")
+    p.add_argument("--int8", action="store_true", help="use the run's int8 model")
+    p.add_argument("--eval-mode", choices=["auto", "whole", "window"], default="auto",
+                   help="whole image at once, or moving windows (auto: whole up to 2048x2048 px)")
+    p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (window mode)")
+    p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg, the classes over the image")
+
     p = sub.add_parser("report", help="write report.md/html/json for a run (finished or running)")
     _add_common(p)
     p.add_argument("run", type=Path, help="run directory")
@@ -331,6 +342,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.predict import class_share_text, predict_folder, resolve_model
+
+    if not 0.0 <= args.overlap < 1.0:
+        raise InputError(f"--overlap: must be in [0.0, 1.0), got {args.overlap}")
+    model = resolve_model(args.model, args.int8)
+    summary = predict_folder(model, args.images, args.out, mode=args.eval_mode, overlap=args.overlap,
+                             write_overlay=args.overlay, progress=progress_enabled())
+    print(f"{summary['images']} mask(s) in {args.out} ({summary['encoding']}); pixels: "
+          f"{class_share_text(summary['class_share'])}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from autoseg.report import write_report
 
@@ -366,6 +390,7 @@ COMMANDS = {
     "reps": cmd_reps,
     "eval": cmd_eval,
     "export": cmd_export,
+    "predict": cmd_predict,
     "report": cmd_report,
 }
 

@@ -188,17 +188,19 @@ class Dataset:
 # ---------------------------------------------------------------- pairing
 
 
-def _image_files(folder: Path, role: str) -> list[Path]:
+def list_images(folder: Path, role: str, key: str | None = None) -> list[Path]:
+    """The image files in `folder`, sorted; `key` is the setting to name when there are none (data.<role>)."""
+    key = key or f"data.{role}"
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is not a folder"
-        raise InputError(f"{folder}: {role} folder {what}; check the data.{role} path")
+        raise InputError(f"{folder}: {role} folder {what}; check the {key} path")
     files = sorted(
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
     )
     if not files:
         raise InputError(
-            f"{folder}: no {role} found (looked for {', '.join(IMAGE_EXTS)}); check the data.{role} path"
+            f"{folder}: no {role} found (looked for {', '.join(IMAGE_EXTS)}); check the {key} path"
         )
     return files
 
@@ -207,8 +209,8 @@ def find_pairs(images: Path, masks: Path, suffixes: Sequence[str]) -> list[Pair]
     """Pair each image with the mask named `<stem>.<ext>` or `<stem><suffix>.<ext>`, sorted by stem."""
     images, masks = Path(images), Path(masks)
     suffixes = [s for s in suffixes if s]
-    image_files = _image_files(images, "images")
-    mask_files = _image_files(masks, "masks")
+    image_files = list_images(images, "images")
+    mask_files = list_images(masks, "masks")
     by_stem: dict[str, list[Path]] = {}
     for p in mask_files:
         by_stem.setdefault(p.stem, []).append(p)

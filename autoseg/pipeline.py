@@ -370,6 +370,8 @@ def export_checkpoint(checkpoint: dict[str, Any], model: torch.nn.Module, path: 
         "input_multiple": str(arch.multiple),
         "autoseg_version": __version__,
     }
+    if "class_map" in checkpoint:  # how masks encode the classes: `autoseg predict` writes them alike
+        metadata["class_map"] = json.dumps(checkpoint["class_map"])
     info = export_final(
         model,
         path,

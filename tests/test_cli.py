@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import conv_relu_onnx
 from PIL import Image
 
 from autoseg.demo_data import generate_demo
@@ -166,6 +167,22 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     assert autoseg("report", out).returncode == 0
     assert (out / "report.html").exists()
 
+    # New images, no masks: one mask per image, in the training masks' encoding (class ids here).
+    pred = tmp_path / "pred"
+    proc = autoseg("predict", exported, "--images", images, "--out", pred, "--overlay", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert f"6 mask(s) in {pred} (gray levels as the training masks held them)" in proc.stdout  # class_map kept
+    raw = set()
+    for img in sorted(images.iterdir()):
+        m = np.asarray(Image.open(pred / f"{img.stem}.png"))
+        assert m.shape == np.asarray(Image.open(img)).shape[:2]
+        assert set(np.unique(m).tolist()) <= set(range(len(card["classes"])))
+        assert (pred / f"{img.stem}_overlay.jpg").exists()
+        raw |= set(np.unique(np.asarray(Image.open(masks / img.name))).tolist())
+    assert raw <= set(range(len(card["classes"])))  # the demo masks hold class ids, so must the predictions
+    assert autoseg("predict", out, "--int8", "--images", images, "--out", tmp_path / "pred8", "-q").returncode == 0
+    assert len(list((tmp_path / "pred8").glob("*.png"))) == 6
+
 
 def test_failed_int8_export_keeps_the_float_model_and_its_card(demo, tmp_path):
     images, masks = demo
@@ -259,6 +276,18 @@ def test_kill_9_in_the_final_retrain_then_rerun_goes_on_from_its_last_epoch(demo
     assert third.returncode == 0, third.stderr
     assert "was retrained already" in third.stderr and "retraining trial" not in third.stderr
     assert (out / "best" / "model.pt").stat().st_mtime_ns == mtime
+
+
+def test_predict_refuses_what_it_cannot_use(demo, tmp_path):
+    images, _ = demo
+    plain = tmp_path / "plain.onnx"
+    plain.write_bytes(conv_relu_onnx())
+    assert_one_line_error(autoseg("predict", plain, "--images", images, "--out", tmp_path / "o"), 2,
+                          "metadata lacks classes, mean, std, tile", "pass a model exported by autoseg")
+    assert_one_line_error(autoseg("predict", tmp_path, "--images", images, "--out", tmp_path / "o"), 2,
+                          "best/model.onnx: not found")
+    assert_one_line_error(autoseg("predict", plain, "--images", tmp_path / "nope", "--out", tmp_path / "o"), 2,
+                          "images folder does not exist; check the --images path")
 
 
 def test_mismatched_image_and_mask_sizes(tmp_path):
