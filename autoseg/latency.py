@@ -494,6 +494,8 @@ class SSHDevice:
                     self._request("unload", model_id=model_id, timeout=max(30.0, self._timeout))
         if not r.get("ok"):
             return self._from_error(r, "measure")
+        if (r.get("lock_wait_s") or 0.0) > 1.0:  # the agent times one model at a time, device-wide
+            log.info("device %s: waited %.1f s while another search timed a model there", self.name, r["lock_wait_s"])
         used = list(r.get("providers_used") or [])
         if used and used[0] != s.providers[0]:
             log.warning("device %s: asked for %s but the session runs on %s", self.name, s.providers[0], used)

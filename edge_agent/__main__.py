@@ -20,9 +20,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         format="edge_agent[%(process)d] %(levelname)s %(message)s",
     )
     if args.cmd == "serve":
-        from edge_agent.serve import serve
+        from edge_agent.serve import DEFAULT_LOCK, serve
 
-        return serve(args.cache_dir, int(args.max_model_mb * 2**20))
+        lock = DEFAULT_LOCK if args.lock is None else (args.lock or None)
+        return serve(args.cache_dir, int(args.max_model_mb * 2**20), lock)
     if args.cmd == "fingerprint":
         from edge_agent.fingerprint import fingerprint, fingerprint_id
 
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="work directory; models are read from <cache-dir>/models/")
     s.add_argument("--max-model-mb", type=_non_negative, default=256.0,
                    help="refuse (and delete) model files larger than this (default 256)")
+    s.add_argument("--lock", default=None, help="file locked while a model is timed, so that agents never "
+                   "time at once (default: autoseg-agent-measure.lock in the temp dir; '' for none)")
 
     b = sub.add_parser("bench", help="measure one ONNX model and print the statistics")
     b.add_argument("model", help="path to an .onnx file")

@@ -16,7 +16,10 @@ import os
 import signal
 import stat
 import sys
-from typing import IO, Any, Dict, Optional, Set, Tuple
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import IO, Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from edge_agent import __version__, protocol
 from edge_agent.protocol import ProtocolError
@@ -24,6 +27,9 @@ from edge_agent.protocol import ProtocolError
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "autoseg-agent", "work")
+# One measurement at a time on a device, whichever search (or user) asks: two would slow each other down
+# and both latencies would be wrong. In the temp dir, so agents of every version and user share it.
+DEFAULT_LOCK = os.path.join(tempfile.gettempdir(), "autoseg-agent-measure.lock")
 DEFAULT_MAX_MODEL_MB = 256.0
 DEFAULT_MAX_MODEL_BYTES = int(DEFAULT_MAX_MODEL_MB * 2**20)
 
@@ -43,7 +49,8 @@ class _Model:
 class Agent:
     """Request handling, independent of stdin/stdout so it can be driven directly."""
 
-    def __init__(self, cache_dir: str, max_model_bytes: int) -> None:
+    def __init__(self, cache_dir: str, max_model_bytes: int, lock_path: Optional[str] = DEFAULT_LOCK) -> None:
+        self.lock_path = lock_path
         self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
         self.models_dir = os.path.join(self.cache_dir, "models")
         os.makedirs(self.models_dir, mode=0o700, exist_ok=True)
@@ -138,18 +145,24 @@ class Agent:
                 raise ProtocolError("load_failed", f"{model.model_id}: cannot create session: {e}") from None
             model.session_key = key
         try:
-            body = measure_report(
-                model.session,
-                req["shape"],
-                warmup=req["warmup"],
-                min_runs=req["min_runs"],
-                min_seconds=float(req["min_seconds"]),
-                seed=req["seed"],
-                cooldown_s=float(req["cooldown_s"]),
-            )
+            with measure_lock(self.lock_path) as waited:
+                start = time.time()
+                body = measure_report(
+                    model.session,
+                    req["shape"],
+                    warmup=req["warmup"],
+                    min_runs=req["min_runs"],
+                    min_seconds=float(req["min_seconds"]),
+                    seed=req["seed"],
+                    cooldown_s=float(req["cooldown_s"]),
+                )
+                body["timed_span"] = [start, time.time()]
         except Exception as e:
             text = f"{model.model_id}: inference failed on shape {req['shape']}: {e}"
             raise ProtocolError("run_failed", text) from None
+        body["lock_wait_s"] = waited[0]
+        if waited[0] > 0.5:
+            log.info("waited %.1f s for another measurement on this device", waited[0])
         log.info("measured %s %s: median %.3f ms over %d runs", model.model_id, req["shape"],
                  body["stats"]["median_ms"], body["stats"]["count"])
         return body
@@ -229,16 +242,56 @@ class Agent:
         return model
 
 
+_LOCK_WARNED: Set[str] = set()
+
+
+@contextmanager
+def measure_lock(path: Optional[str]) -> Iterator[List[float]]:
+    """Hold the device-wide measurement lock (an flock on `path`); yields [seconds waited for it].
+
+    Without fcntl (not POSIX) or a usable lock file, measurements go on unlocked, as before the lock.
+    """
+    waited = [0.0]
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None  # type: ignore[assignment]
+    fd = None
+    if fcntl is not None and path:
+        try:
+            try:  # without O_CREAT first: protected_regular forbids it on another user's file in /tmp
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # readable by all: other users lock it too
+        except OSError as e:
+            if path not in _LOCK_WARNED:
+                _LOCK_WARNED.add(path)
+                log.warning("cannot open the measurement lock %s (%s); measuring without it", path, e.strerror)
+    if fd is None:
+        yield waited
+        return
+    try:
+        t0 = time.monotonic()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        waited[0] = time.monotonic() - t0
+        yield waited
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
-def serve(cache_dir: str = DEFAULT_CACHE_DIR, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> int:
+def serve(
+    cache_dir: str = DEFAULT_CACHE_DIR, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    lock_path: Optional[str] = DEFAULT_LOCK,
+) -> int:
     """Serve requests from stdin until bye or EOF; returns the exit code."""
     out = _claim_stdout()
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # errors only, and onnxruntime logs to stderr
-    agent = Agent(cache_dir, max_model_bytes)
+    agent = Agent(cache_dir, max_model_bytes, lock_path)
     atexit.register(agent.cleanup)
     _exit_on_signals()
     log.info("edge_agent %s serving (protocol %d), models in %s, limit %d bytes",

@@ -202,6 +202,27 @@ def test_load_measure_unload(agent: Agent, model_bytes: bytes) -> None:
     assert agent.wait() == 0
 
 
+def test_two_agents_on_one_device_never_time_at_once(tmp_path: Path, model_bytes: bytes) -> None:
+    # Two searches sharing a device: without the lock each would slow the other and both latencies be wrong.
+    lock = tmp_path / "measure.lock"
+    agents = [Agent(tmp_path / name, "--lock", str(lock)) for name in ("a", "b")]
+    try:
+        ids = [a.load("m.onnx", model_bytes) for a in agents]
+        for n, (a, model_id) in enumerate(zip(agents, ids, strict=True)):
+            a.proc.stdin.write(protocol.encode(protocol.request(
+                "measure", 100 + n, model_id=model_id, shape=[1, 3, 32, 32], providers=["CPUExecutionProvider"],
+                threads=1, warmup=1, min_runs=3, min_seconds=0.4, cooldown_s=0.0, seed=0)))
+            a.proc.stdin.flush()
+        replies = [a.read() for a in agents]
+    finally:
+        for a in agents:
+            a.close()
+    assert all(r["ok"] for r in replies), replies
+    first, second = sorted(r["timed_span"] for r in replies)
+    assert first[1] <= second[0]  # one after the other
+    assert max(r["lock_wait_s"] for r in replies) > 0  # the second waited for the first
+
+
 def test_refuses_bad_models(agent: Agent, model_bytes: bytes) -> None:
     path = agent.put("a.onnx", model_bytes)
     assert_error(agent.call("load", path="a.onnx", sha256="0" * 64), "hash_mismatch")
