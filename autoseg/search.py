@@ -330,6 +330,10 @@ class Objective:
         self.cfg, self.task, self.device, self.settings, self.run = cfg, task, device, settings, run
         self.tiles = sorted(task.data)
         self.on_trial = on_trial or log.info
+        sp = cfg.search.space  # the longest name the space can give, so the trial lines stay in columns
+        widest = Arch((max(sp.kernels),) * max(sp.levels), (max(sp.channels),) * max(sp.levels),
+                      max(sp.conv, key=len), max(sp.upsample, key=len))
+        self.key_width = len(widest.key())
         self.streak = 0
         self.failures = 0  # measurement failures in a row: one is a net's, several are the device's
         self.stop_message: str | None = None
@@ -454,7 +458,7 @@ class Objective:
         return training_settings(self.cfg.train, self.cfg.seed, self.task.class_weights)
 
     def _say(self, trial: optuna.Trial, cand: Candidate, text: str) -> None:
-        self.on_trial(f"trial {trial.number:3d}  {cand.arch.key():<36} tile {cand.tile:<4} {text}")
+        self.on_trial(f"trial {trial.number:3d}  {cand.arch.key():<{self.key_width}} tile {cand.tile:<4} {text}")
 
 
 def _size(params: int, macs: int) -> str:
