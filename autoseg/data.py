@@ -9,7 +9,8 @@ values become class ids (`ClassMap`), decided once from every value found in the
 * contiguous: gray masks holding class ids 0..K-1 (every id present). Ids may be missing only
   when `data.palette` or a classes.json declares K classes.
 * palette: colour (RGB) masks, one colour per class, from `data.palette` (name -> [r, g, b], in
-  class-id order) or a classes.json in the masks folder or beside it. Gray masks whose gray
+  class-id order) or a classes.json (or CVAT's labelmap.txt, CamVid's class_dict.csv) in the masks
+  folder or beside it. Gray masks whose gray
   levels match an all-gray palette are mapped the same way.
 
 `data.ignore_index` is a raw gray value mapped to IGNORE. For colour masks it means the colour
@@ -20,6 +21,8 @@ A classes.json entry whose id equals the ignore value is not a class when it is 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -41,6 +44,9 @@ IGNORE: int = -1
 EXIF_ORIENTATION = 0x0112
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 CLASSES_FILE = "classes.json"
+# Where class names (and colours) are looked for, beside the masks or one folder up, first found wins:
+# ours, CVAT's / Pascal VOC's export, CamVid's and Kaggle's.
+CLASS_FILES = (CLASSES_FILE, "labelmap.txt", "class_dict.csv", "class_dict_seg.csv")
 
 _UNKNOWN = -2  # lookup result for a raw value the class map does not know
 _GRAY = 0x010101  # packed colour of gray level v is v * _GRAY
@@ -462,15 +468,64 @@ def _class_spec(masks: Path, cfg: DataConfig) -> _ClassSpec | None:
             i: (str(name), _rgb(c, f"data.palette.{name}")) for i, (name, c) in enumerate(cfg.palette.items())
         }
         return _spec_from_entries(entries, None, "data.palette")
-    for path in (masks / CLASSES_FILE, masks.parent / CLASSES_FILE):
-        if path.is_file():
-            try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InputError(f"{path}: not valid JSON ({e}); fix or remove the file") from None
-            log.info("class names from %s", path)
-            return _spec_from_entries(_entries_from_json(obj, str(path)), cfg.ignore_index, str(path))
+    for folder in (masks, masks.parent):
+        for name in CLASS_FILES:
+            path = folder / name
+            if path.is_file():
+                log.info("class names from %s", path)
+                return _spec_from_entries(_read_class_file(path), cfg.ignore_index, str(path))
     return None
+
+
+def _read_class_file(path: Path) -> dict[int, tuple[str, tuple[int, int, int] | None]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read it ({e}); fix or remove the file") from None
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: not valid JSON ({e}); fix or remove the file") from None
+        return _entries_from_json(obj, str(path))
+    if path.suffix == ".csv":
+        return _entries_from_csv(text, str(path))
+    return _entries_from_labelmap(text, str(path))
+
+
+def _entries_from_csv(text: str, where: str) -> dict[int, tuple[str, tuple[int, int, int] | None]]:
+    """CamVid / Kaggle `class_dict.csv`: a header `name,r,g,b` (any case and spacing), one class per row."""
+    rows = [[c.strip() for c in row] for row in csv.reader(io.StringIO(text)) if any(c.strip() for c in row)]
+    head = [h.lower() for h in rows[0]] if rows else []
+    name_col = next((head.index(k) for k in ("name", "class", "label", "class_name") if k in head), None)
+    if name_col is None or not {"r", "g", "b"} <= set(head):
+        raise InputError(f"{where}: expected a header with name, r, g, b columns, got {rows[0] if rows else []}")
+    cols = [head.index(k) for k in ("r", "g", "b")]
+    out: dict[int, tuple[str, tuple[int, int, int] | None]] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        try:
+            rgb = [int(row[c]) for c in cols]
+        except (ValueError, IndexError):
+            raise InputError(f"{where}: line {n}: r, g, b must be integers 0-255, got {row}") from None
+        out[len(out)] = (row[name_col], _rgb(rgb, f"{where}: line {n}"))
+    return out
+
+
+def _entries_from_labelmap(text: str, where: str) -> dict[int, tuple[str, tuple[int, int, int] | None]]:
+    """CVAT / Pascal VOC export `labelmap.txt`: `label:r,g,b:parts:actions` per line, # comments."""
+    out: dict[int, tuple[str, tuple[int, int, int] | None]] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(":")
+        try:
+            rgb = [int(v) for v in fields[1].split(",")]
+        except (ValueError, IndexError):
+            raise InputError(f"{where}: line {n}: expected label:r,g,b:..., got {line.strip()!r}") from None
+        out[len(out)] = (fields[0].strip(), _rgb(rgb, f"{where}: line {n}"))
+    if not out:
+        raise InputError(f"{where}: no classes in it; expected lines like background:0,0,0::")
+    return out
 
 
 # ---------------------------------------------------------------- class map inference
@@ -577,7 +632,7 @@ def _colour_class_map(colours: set[int], spec: _ClassSpec | None, ignore: int | 
         raise InputError(
             f"{masks}: masks are colour-coded ({len(colours)} colours, e.g. {_format_keys(colours, True)}) "
             "but no class colours are given; add data.palette (name: [r, g, b]) "
-            "or a classes.json with colours"
+            "or a classes.json with colours (a labelmap.txt or class_dict.csv from CVAT or CamVid works too)"
         )
     palette = {_pack_one(c) for c in spec.colors}
     ignore_colors = list(spec.ignore_colors)

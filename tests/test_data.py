@@ -334,6 +334,31 @@ def test_rgb_palette_from_classes_json_with_ignore_colour(tmp_path):
     assert mask[0, 0] == IGNORE and np.array_equal(mask.ravel()[1:], ids.ravel()[1:])
 
 
+def test_class_files_of_labelling_tools_and_datasets_name_the_colours(tmp_path):
+    ids = np.arange(80).reshape(8, 10) % 3
+    m = colour_mask(ids, list(PALETTE.values()))
+    dataset(tmp_path, {"a": m})
+    names = list(PALETTE)
+    # CVAT / Pascal VOC export: labelmap.txt one folder up from SegmentationClass/.
+    lines = ["# label:color_rgb:parts:actions"] + [f"{n}:{','.join(map(str, c))}::" for n, c in PALETTE.items()]
+    (tmp_path / "labelmap.txt").write_text("\n".join(lines) + "\n")
+    ds = scan(tmp_path)
+    assert ds.class_map.names == tuple(names) and np.array_equal(load_pair(ds, 0)[1], ids)
+    (tmp_path / "labelmap.txt").unlink()
+    # CamVid / Kaggle: class_dict.csv beside the masks, header in any case, spaces, a byte-order mark.
+    rows = ["\ufeffName, R, G, B"] + [f"{n}, {c[0]}, {c[1]}, {c[2]}" for n, c in PALETTE.items()]
+    (tmp_path / "masks" / "class_dict.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    ds = scan(tmp_path)
+    assert ds.class_map.names == tuple(names) and np.array_equal(load_pair(ds, 0)[1], ids)
+    (tmp_path / "masks" / "class_dict.csv").write_text("name,r,g\nroad,1,2\n")
+    with pytest.raises(InputError, match=r"class_dict\.csv: expected a header with name, r, g, b columns"):
+        scan(tmp_path)
+    (tmp_path / "masks" / "class_dict.csv").unlink()
+    (tmp_path / "labelmap.txt").write_text("road:1,2\n")
+    with pytest.raises(InputError, match=r"labelmap\.txt: line 1: .*must be \[r, g, b\]"):
+        scan(tmp_path)
+
+
 def test_colour_masks_without_palette_or_with_unknown_colour(tmp_path):
     ids = np.arange(80).reshape(8, 10) % 3
     m = colour_mask(ids, list(PALETTE.values()))
