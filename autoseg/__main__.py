@@ -2,4 +2,5 @@ import sys
 
 from autoseg.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned search workers import this module too, and must not run the CLI
+    sys.exit(main())

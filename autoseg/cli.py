@@ -38,6 +38,7 @@ _FLAG_KEYS = {
     "sampler": "search.sampler",
     "latency_budget_ms": "search.latency_budget_ms",
     "max_minutes": "search.max_minutes",
+    "workers": "search.workers",
     "alpha": "search.alpha",
     "measure_size": "device.measure_size",
     "folds": "train.folds",
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="distinct nets to try (default 20); repeated proposals do not count")
     p.add_argument("--max-minutes", type=float, help="start no new trial after this many minutes, then retrain "
                    "the best so far")
+    p.add_argument("--workers", type=int, help="processes running trials at once, each with an equal share of the "
+                   "cores (default 1); small nets use many cores poorly")
     p.add_argument("--folds", type=int)
     p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default 5)")
     p.add_argument("--final-epochs", type=int, help="epochs of the chosen net's final retrain (default 100)")

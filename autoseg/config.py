@@ -114,6 +114,9 @@ class SearchConfig:
     # Wall-clock limit for the trials of one invocation: no new trial starts after it (the running one
     # finishes), and the run goes on to retrain the best so far. null: no limit.
     max_minutes: float | None = field(default=None, metadata=_min(0.0, strict=True))
+    # Processes that run trials at once on this machine, each with an equal share of the cores (or
+    # train.threads). Small nets use many cores poorly, so on a big machine several look at more nets.
+    workers: int = field(default=1, metadata=_min(1))
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 

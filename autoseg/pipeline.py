@@ -27,6 +27,7 @@ from autoseg.config import Config, config_to_dict
 from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.errors import InputError
 from autoseg.export import ExportInfo, export_final, quantize_int8
+from autoseg.gate import Gate
 from autoseg.infer import evaluate, ort_runner
 from autoseg.latency import Device, MeasureSettings, measure_each, open_device, settings_from_config
 from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
@@ -48,6 +49,7 @@ from autoseg.tiles import TileIndex, build_index
 from autoseg.train import TrainSettings, train_model, training_settings
 from autoseg.unet import Arch, build_unet
 from autoseg.visual import write_examples
+from autoseg.workers import run_parallel
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +165,12 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
         with closing(open_device(cfg.device, run.latency_cache)) as device:
             log.info("measuring latency on %s (%s)", device.name, device.source)
             study = open_study(run, cfg, resume_anyway)
-            objective = Objective(cfg, task, device, settings, run)
-            run_trials(study, objective, cfg.search.trials, progress, cfg.search.max_minutes)
+            if cfg.search.workers > 1:
+                objective = Objective(cfg, task, device, settings, run, gate=Gate(run.root))
+                run_parallel(cfg, run, task, objective, study, progress)
+            else:
+                objective = Objective(cfg, task, device, settings, run)
+                run_trials(study, objective, cfg.search.trials, progress, cfg.search.max_minutes)
             best = choose_best(study, cfg.search)
             card = finalize(cfg, run, stage, task, best, progress)
             card["pareto_front"] = pareto_summary(study)

@@ -15,6 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
 from autoseg.errors import DeviceUnreachable, InputError
 from autoseg.export import onnx_bytes
+from autoseg.gate import Gate
 from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
 from autoseg.pareto import pareto_front
 from autoseg.rundir import RunDir, write_bytes_atomic
@@ -44,6 +46,7 @@ _RESUMABLE_KEYS = {
     "search.max_budget_prunes",
     "search.max_measure_failures",
     "search.max_minutes",
+    "search.workers",
     "train.final_epochs",
     "train.threads",
     "train.batch_size",
@@ -166,14 +169,31 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def make_sampler(cfg: Config) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: Config, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """Worker 0 samples as a single-process search does. Other workers get seeds of their own (or they
+    would propose the same nets), and TPE counts the trials still running as if they had scored badly
+    (constant liar), so that parallel workers spread out."""
+    seed = cfg.seed + 1000 * worker
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if cfg.search.sampler == "nsga2":
             pop = max(4, min(50, cfg.search.trials // 4))
-            return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=pop)
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
         startup = max(3, min(10, cfg.search.trials // 3))
-        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, group=True, n_startup_trials=startup)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
+                                          constant_liar=cfg.search.workers > 1)
+
+
+def study_storage(run: RunDir) -> optuna.storages.RDBStorage:
+    # Parallel workers write to one SQLite file: wait for its lock instead of failing after 5 s.
+    return optuna.storages.RDBStorage(run.storage_url, engine_kwargs={"connect_args": {"timeout": 120}})
+
+
+def load_study(run: RunDir, cfg: Config, worker: int) -> optuna.Study:
+    """The study open_study made, as a parallel worker sees it (no checks, no requeueing: the first
+    process did both before the workers started)."""
+    return optuna.load_study(study_name=STUDY_NAME, storage=study_storage(run), sampler=make_sampler(cfg, worker),
+                             pruner=make_pruner(cfg))
 
 
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
@@ -188,7 +208,7 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
     directions = ["maximize"] if cfg.search.objective == "penalty" else ["maximize", "minimize"]
     existed = run.study_db.exists()
     study = optuna.create_study(
-        storage=run.storage_url,
+        storage=study_storage(run),
         study_name=STUDY_NAME,
         directions=directions,
         sampler=make_sampler(cfg),
@@ -326,8 +346,13 @@ class Objective:
         settings: MeasureSettings,
         run: RunDir,
         on_trial: Callable[[str], None] | None = None,
+        worker: int = 0,
+        gate: Gate | None = None,
     ) -> None:
         self.cfg, self.task, self.device, self.settings, self.run = cfg, task, device, settings, run
+        self.worker = worker
+        # Parallel workers timing on this machine: a measurement waits for their epochs, and they for it.
+        self.gate = gate if device.source == "local" else None
         self.tiles = sorted(task.data)
         self.on_trial = on_trial or log.info
         sp = cfg.search.space  # the longest name the space can give, so the trial lines stay in columns
@@ -355,10 +380,13 @@ class Objective:
         if twin is not None:
             return self._repeat(trial, cand, twin)
 
+        if self.cfg.search.workers > 1:
+            trial.set_user_attr("worker", self.worker)
         try:
-            blob, m, params, macs = measure_candidate(
-                cand, self.task, self.device, self.settings, self.cfg.device.measure_size, self.cfg.export.opset
-            )
+            with self.gate.measuring() if self.gate is not None else nullcontext():
+                blob, m, params, macs = measure_candidate(
+                    cand, self.task, self.device, self.settings, self.cfg.device.measure_size, self.cfg.export.opset
+                )
         except DeviceUnreachable:
             trial.set_user_attr("interrupted", True)
             raise
@@ -416,7 +444,8 @@ class Objective:
 
         try:
             scores = cross_validate(
-                cand.arch, data.x, data.y, data.groups, self.task.num_classes, s, self.cfg.train.folds, on_fold
+                cand.arch, data.x, data.y, data.groups, self.task.num_classes, s, self.cfg.train.folds, on_fold,
+                epoch_guard=self.gate.epoch if self.gate is not None else None,
             )
         except optuna.TrialPruned:
             self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned by the median rule")
@@ -503,8 +532,8 @@ def run_trials(
         repeats = 0
         if unmeasured(trial):
             return
-        done += 1
-        bar.update(1)
+        done = len(distinct_trials(study))  # parallel workers add theirs too
+        bar.update(done - bar.n)
         if done >= n_trials:
             study.stop()
 

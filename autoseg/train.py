@@ -10,7 +10,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -244,12 +244,14 @@ def train_model(
     device: str | torch.device | None = None,
     resume: dict | None = None,
     on_epoch: Callable[[int, Callable[[], dict]], None] | None = None,
+    epoch_guard: Callable[[], AbstractContextManager] | None = None,
 ) -> nn.Module:
     """Train `model` in place with AdamW and a cosine schedule; returns it (in train mode).
 
     on_epoch(done, state) is called after each epoch; state() gives everything needed to go on from
     there (weights, optimiser, schedule, random streams, batch size). Passing that dict back as `resume`
-    continues the run, and the result is the same bit for bit as if it had never stopped.
+    continues the run, and the result is the same bit for bit as if it had never stopped. Each epoch runs
+    inside epoch_guard(), if given (parallel search workers let a local latency measurement go first).
     """
     dev = torch.device(device) if device is not None else _default_device()
     xt = torch.as_tensor(x, dtype=torch.float32)
@@ -300,19 +302,20 @@ def train_model(
         bar = tqdm(range(first, s.epochs), desc="epochs", disable=not progress, leave=False, initial=first,
                    total=s.epochs)
         for epoch in bar:
-            order = torch.randperm(n, generator=gen).to(dev)
-            total = torch.zeros((), device=dev)
-            for start in range(0, n, bs):
-                idx = order[start : start + bs]
-                xb, yb = xt[idx], yt[idx]
-                if s.augment:
-                    xb, yb = _augment(xb, yb, gen)
-                loss = seg_loss(model(xb), yb, s.dice_weight, weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.detach() * len(idx)
+            with epoch_guard() if epoch_guard is not None else nullcontext():
+                order = torch.randperm(n, generator=gen).to(dev)
+                total = torch.zeros((), device=dev)
+                for start in range(0, n, bs):
+                    idx = order[start : start + bs]
+                    xb, yb = xt[idx], yt[idx]
+                    if s.augment:
+                        xb, yb = _augment(xb, yb, gen)
+                    loss = seg_loss(model(xb), yb, s.dice_weight, weights)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    total += loss.detach() * len(idx)
             mean_loss = float(total) / n  # one sync per epoch
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training diverged (loss {mean_loss}) in epoch {epoch + 1}; lower train.lr")
@@ -352,6 +355,7 @@ def cross_validate(
     folds: int,
     on_fold: Callable[[int, float], None] | None = None,
     progress: bool = False,
+    epoch_guard: Callable[[], AbstractContextManager] | None = None,
 ) -> list[float]:
     """Per-fold validation mIoU of a fresh `arch` net per fold.
 
@@ -366,8 +370,9 @@ def cross_validate(
         fold_s = replace(s, seed=s.seed + i)
         torch.manual_seed(fold_s.seed)  # same init for the same arch, seed and fold
         model = build_unet(arch, int(x.shape[1]), num_classes)
-        train_model(model, x[tr], y[tr], num_classes, fold_s)
-        cm = predict_confusion(model, x[va], y[va], num_classes)
+        train_model(model, x[tr], y[tr], num_classes, fold_s, epoch_guard=epoch_guard)
+        with epoch_guard() if epoch_guard is not None else nullcontext():
+            cm = predict_confusion(model, x[va], y[va], num_classes)
         scores.append(metrics_from_confusion(cm).miou)
         log.debug("fold %d/%d: val mIoU %.4f", i + 1, folds, scores[-1])
         if on_fold is not None:
