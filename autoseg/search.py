@@ -546,7 +546,7 @@ def run_trials(
         raise InputError(objective.stop_message)
     if done < n_trials and timeout is not None and time.monotonic() - start >= timeout:
         log.warning("search: the time limit of %g min is up after %d of %d distinct nets; going on with the best "
-                    "so far (rerun with a later limit to look at more)", max_minutes, done, n_trials)
+                    "so far (the limit is per run: rerun to look at more)", max_minutes, done, n_trials)
 
 
 def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
