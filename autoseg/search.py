@@ -403,12 +403,8 @@ class Objective:
             self._say(trial, cand, f"measurement failed: {m.message}")
             self.failures += 1
             if self.failures >= scfg.max_measure_failures:
-                self.stop_message = (
-                    f"device {m.device}: {self.failures} candidates in a row could not be measured "
-                    f"(last: {m.message}); {failure_hint(m, self.cfg.export.opset)} "
-                    f"(the study is kept in {self.run.study_db})"
-                )
-                trial.study.stop()
+                self._stop(trial, f"device {m.device}: {self.failures} candidates in a row could not be measured "
+                           f"(last: {m.message}); {failure_hint(m, self.cfg.export.opset)}")
             raise optuna.TrialPruned(m.message)
         self.failures = 0
         latency = float(m.median_ms)
@@ -421,12 +417,8 @@ class Objective:
             self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned: over budget {budget:.4g} ms")
             self.streak += 1
             if self.streak >= scfg.max_budget_prunes:
-                self.stop_message = (
-                    f"search.latency_budget_ms: {self.streak} candidates in a row were slower than "
-                    f"{budget:g} ms on {m.device}; raise --latency-budget-ms or allow smaller nets "
-                    f"(the study is kept in {self.run.study_db})"
-                )
-                trial.study.stop()
+                self._stop(trial, f"search.latency_budget_ms: {self.streak} candidates in a row were slower than "
+                           f"{budget:g} ms on {m.device}; raise --latency-budget-ms or allow smaller nets")
             raise optuna.TrialPruned("latency over budget")
         self.streak = 0
         pareto = scfg.objective == "pareto"
@@ -485,6 +477,11 @@ class Objective:
 
     def train_settings(self) -> TrainSettings:
         return training_settings(self.cfg.train, self.cfg.seed, self.task.class_weights)
+
+    def _stop(self, trial: optuna.Trial, message: str) -> None:
+        """End the search after this trial with `message` for the user; the study stays for a rerun."""
+        self.stop_message = f"{message} (the study is kept in {self.run.study_db})"
+        trial.study.stop()
 
     def _say(self, trial: optuna.Trial, cand: Candidate, text: str) -> None:
         self.on_trial(f"trial {trial.number:3d}  {cand.arch.key():<{self.key_width}} tile {cand.tile:<4} {text}")
