@@ -58,8 +58,9 @@ _FLAG_KEYS = {
 }
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML config file; flags override it")
+def _add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", type=Path, help="YAML config file; flags override it")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logs")
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_opset(p)
 
     p = sub.add_parser("predict", help="label a folder of new images with a run's model (no masks needed)")
-    _add_common(p)
+    _add_common(p, config=False)  # the model file carries all it needs
     p.add_argument("model", type=Path, help="run directory (its best model) or an .onnx file exported by autoseg")
     p.add_argument("--images", type=Path, required=True, help="folder of images to label")
     p.add_argument("--out", type=Path, required=True, help="folder for the masks (<stem>.png)")
