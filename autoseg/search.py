@@ -278,6 +278,16 @@ def find_twin(study: optuna.Study, cand: Candidate, number: int, budget_ms: floa
     return None
 
 
+def running_twin(study: optuna.Study, cand: Candidate, number: int) -> int | None:
+    """An earlier trial that another worker is training on the same net right now, if any (the earlier
+    one goes on; two proposing at once cannot both defer)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        a = t.user_attrs
+        if t.number < number and not is_repeat(t) and a.get("arch") == cand.arch.key() and a.get("tile") == cand.tile:
+            return t.number
+    return None
+
+
 def is_repeat(t: FrozenTrial) -> bool:
     return "same_as_trial" in t.user_attrs
 
@@ -379,6 +389,11 @@ class Objective:
         twin = self.find_twin(trial, cand)
         if twin is not None:
             return self._repeat(trial, cand, twin)
+        busy = running_twin(trial.study, cand, trial.number) if scfg.workers > 1 else None
+        if busy is not None:  # no outcome yet to share: skip it, uncounted; a later proposal reuses it
+            trial.set_user_attr("same_as_trial", busy)
+            self._say(trial, cand, f"skipped: another worker is on it (trial {busy})")
+            raise optuna.TrialPruned(f"same architecture as running trial {busy}")
 
         if self.cfg.search.workers > 1:
             trial.set_user_attr("worker", self.worker)

@@ -212,6 +212,26 @@ def test_a_time_limit_starts_no_new_trial_once_it_is_up(tmp_path, caplog):
     assert len(distinct_trials(study)) == 3
 
 
+def test_a_net_another_worker_is_training_is_skipped_not_trained_twice(tmp_path):
+    cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "search.trials": 3, "search.workers": 2})
+    run = RunDir(cfg.out).prepare()
+    study = open_study(run, cfg)
+    params = {"levels": 2, "c0": 4, "cstep1": 0, "k0": 3, "k1": 3, "conv": "standard", "upsample": "transpose"}
+    study.enqueue_trial(params)
+    other = study.ask()  # another worker's trial, still running
+    cand = sample_candidate(other, cfg.search.space, [16])
+    other.set_user_attr("arch", cand.arch.key())
+    other.set_user_attr("tile", cand.tile)
+    study.enqueue_trial(params)  # this worker is handed the same net
+    with closing(open_device(cfg.device, run.latency_cache)) as device:
+        objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
+        study.optimize(objective, n_trials=1)
+    mine = study.trials[-1]
+    assert mine.state == TrialState.PRUNED and mine.user_attrs["same_as_trial"] == other.number
+    assert "latency" not in mine.user_attrs and "fold_scores" not in mine.user_attrs  # neither timed nor trained
+    assert distinct_trials(study) == []  # and it does not count
+
+
 def test_rerun_resumes_without_redoing_finished_trials(tmp_path):
     _, _, first = run_search(tmp_path, trials=2)
     before = {t.number: (t.params, t.datetime_complete) for t in first.trials}

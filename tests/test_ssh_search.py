@@ -34,7 +34,8 @@ def env(agent_root) -> dict[str, str]:
     return {**os.environ, "AUTOSEG_AGENT_ROOT": str(agent_root)}
 
 
-def test_search_measures_every_trial_on_the_device(sshd_server, device_flags, env, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_search_measures_every_trial_on_the_device(sshd_server, device_flags, env, tmp_path, workers):
     images, masks = generate_demo(tmp_path / "demo", n_images=5, size=64, seed=2)
     cfg = tmp_path / "c.yml"
     cfg.write_text(
@@ -44,11 +45,14 @@ def test_search_measures_every_trial_on_the_device(sshd_server, device_flags, en
     out = tmp_path / "run"
     proc = autoseg("search", "--config", cfg, "--images", images, "--masks", masks, "--out", out, "--trials", "2",
                    "--tile", "32", "--num-reps", "12", "--folds", "2", "--epochs", "1", "--final-epochs", "1",
-                   *device_flags, env=env)
+                   "--workers", workers, *device_flags, env=env)
     assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}")
     trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(trials) == 2
+    # Two workers: each with its own connection and agent, the agents timing one model at a time.
+    assert len(trials) == 2 if workers == 1 else 2 <= len(trials) <= 3
+    if workers == 2:
+        assert {t.user_attrs["worker"] for t in trials} == {0, 1}
     for t in trials:
         assert t.user_attrs["latency_source"] == "device"
         assert t.user_attrs["device"] == sshd_server.target
