@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from autoseg.gate import Gate
 from autoseg.infer import evaluate, ort_runner
 from autoseg.latency import Device, MeasureSettings, measure_each, open_device, settings_from_config
 from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
-from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
+from autoseg.rundir import RunDir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from autoseg.search import (
     Objective,
     SearchTask,
@@ -266,10 +267,9 @@ def retrain_key(trial: int, arch: Arch, tile: int, settings: TrainSettings, data
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _load_if_key(path: Path, key: str) -> dict | None:
