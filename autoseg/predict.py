@@ -33,7 +33,6 @@ OVERLAY_ALPHA = 0.45
 class ModelInfo:
     """What prediction needs to know about an exported model, read from its metadata."""
 
-    path: Path
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -60,7 +59,7 @@ def model_info(path: Path) -> ModelInfo:
         raise InputError(f"{path}: damaged autoseg metadata ({type(e).__name__}: {e}); export it again") from None
     if cmap is not None and cmap.num_classes != len(classes):
         cmap = None
-    return ModelInfo(Path(path), classes, mean, std, tile, multiple, cmap)
+    return ModelInfo(classes, mean, std, tile, multiple, cmap)
 
 
 def resolve_model(target: Path, int8: bool = False) -> Path:

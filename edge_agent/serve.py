@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import IO, Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import IO, Any, Dict, Iterator, Optional, Set, Tuple
 
 from edge_agent import __version__, protocol
 from edge_agent.protocol import ProtocolError
@@ -160,9 +160,9 @@ class Agent:
         except Exception as e:
             text = f"{model.model_id}: inference failed on shape {req['shape']}: {e}"
             raise ProtocolError("run_failed", text) from None
-        body["lock_wait_s"] = waited[0]
-        if waited[0] > 0.5:
-            log.info("waited %.1f s for another measurement on this device", waited[0])
+        body["lock_wait_s"] = waited
+        if waited > 0.5:
+            log.info("waited %.1f s for another measurement on this device", waited)
         log.info("measured %s %s: median %.3f ms over %d runs", model.model_id, req["shape"],
                  body["stats"]["median_ms"], body["stats"]["count"])
         return body
@@ -246,12 +246,11 @@ _LOCK_WARNED: Set[str] = set()
 
 
 @contextmanager
-def measure_lock(path: Optional[str]) -> Iterator[List[float]]:
-    """Hold the device-wide measurement lock (an flock on `path`); yields [seconds waited for it].
+def measure_lock(path: Optional[str]) -> Iterator[float]:
+    """Hold the device-wide measurement lock (an flock on `path`); yields the seconds waited for it.
 
     Without fcntl (not POSIX) or a usable lock file, measurements go on unlocked, as before the lock.
     """
-    waited = [0.0]
     try:
         import fcntl
     except ImportError:
@@ -268,13 +267,12 @@ def measure_lock(path: Optional[str]) -> Iterator[List[float]]:
                 _LOCK_WARNED.add(path)
                 log.warning("cannot open the measurement lock %s (%s); measuring without it", path, e.strerror)
     if fd is None:
-        yield waited
+        yield 0.0
         return
     try:
         t0 = time.monotonic()
         fcntl.flock(fd, fcntl.LOCK_EX)
-        waited[0] = time.monotonic() - t0
-        yield waited
+        yield time.monotonic() - t0
     finally:
         os.close(fd)  # closing drops the flock
 
