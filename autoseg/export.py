@@ -272,6 +272,73 @@ class Int8Info:
         return _json_ready(self)
 
 
+def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def upsample_as_conv(proto: onnx.ModelProto) -> int:
+    """Rewrite each 2x2, stride-2 ConvTranspose in place as a 1x1 Conv to 4x the channels and a
+    DepthToSpace (CRD); returns how many were rewritten.
+
+    The two compute the same function, but onnxruntime's CPU provider has an integer kernel for Conv and
+    none for ConvTranspose (onnxruntime#8988): quantized as it is, the decoder's upsampling runs in
+    float between a DequantizeLinear and a QuantizeLinear. Only for int8; in float32 ConvTranspose is
+    the faster of the two.
+    """
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 11:  # DepthToSpace's CRD mode
+        return 0
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes: list[onnx.NodeProto] = []
+    done = 0
+    for node in g.node:
+        w = inits.get(node.input[1]) if node.op_type == "ConvTranspose" and len(node.input) > 1 else None
+        b = inits.get(node.input[2]) if w is not None and len(node.input) > 2 and node.input[2] else None
+        plain = (
+            w is not None
+            and _attr(node, "strides") == [2, 2]
+            and _attr(node, "kernel_shape", [2, 2]) == [2, 2]
+            and not any(_attr(node, "pads", [0]))
+            and not any(_attr(node, "output_padding", [0]))
+            and all(d == 1 for d in _attr(node, "dilations", [1]))
+            and _attr(node, "group", 1) == 1
+            and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+            and _attr(node, "output_shape") is None
+            and (len(node.input) < 3 or not node.input[2] or b is not None)
+        )
+        wa = onnx.numpy_helper.to_array(w) if plain else None
+        if wa is None or wa.shape[2:] != (2, 2):
+            nodes.append(node)
+            continue
+        cin, cout = wa.shape[:2]
+        # out[c, 2i+a, 2j+b] = sum_k x[k, i, j] W[k, c, a, b]; DepthToSpace(CRD) reads channel c*4 + a*2 + b
+        conv_w = np.ascontiguousarray(wa.transpose(1, 2, 3, 0).reshape(cout * 4, cin, 1, 1))
+        stem = node.name or node.output[0]
+        names = [f"{stem}/as_conv/W"]
+        g.initializer.append(onnx.numpy_helper.from_array(conv_w, names[0]))
+        if b is not None:
+            names.append(f"{stem}/as_conv/B")
+            g.initializer.append(onnx.numpy_helper.from_array(np.repeat(onnx.numpy_helper.to_array(b), 4), names[1]))
+        mid = f"{stem}/as_conv/out"
+        nodes.append(onnx.helper.make_node("Conv", [node.input[0], *names], [mid], name=f"{stem}/as_conv",
+                                           kernel_shape=[1, 1]))
+        nodes.append(onnx.helper.make_node("DepthToSpace", [mid], [node.output[0]], name=f"{stem}/as_shuffle",
+                                           blocksize=2, mode="CRD"))
+        done += 1
+    if done:
+        used = {i for n in nodes for i in n.input}
+        keep = [t for t in g.initializer if t.name in used]
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return done
+
+
 def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8) -> Int8Info:
     """Static int8 quantization of an exported model, calibrated on `calib` (N, C, H, W normalised tiles).
 
@@ -297,16 +364,21 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    float_tmp = path.with_name(f".{path.name}.{os.getpid()}.float.tmp")
     qlog = logging.getLogger()  # the quantizer logs its "consider pre-processing" hint on the root logger
     level = qlog.level
     try:
         qlog.setLevel(max(level, logging.ERROR))
+        src = onnx.load(str(fp32_path))
+        meta = {p.key: p.value for p in src.metadata_props}
+        if upsample_as_conv(src):
+            onnx.save(src, str(float_tmp))  # quantize_static takes a ModelProto only from onnxruntime 1.18
         quantize_static(
-            str(fp32_path), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            str(float_tmp if float_tmp.exists() else fp32_path), str(tmp), _Reader(), quant_format=QuantFormat.QDQ,
+            per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )
         proto = onnx.load(str(tmp))
-        meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
         meta["quantization"] = "int8-qdq"
         del proto.metadata_props[:]
         for k, v in sorted(meta.items()):
@@ -318,6 +390,7 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
     finally:
         qlog.setLevel(level)
         tmp.unlink(missing_ok=True)
+        float_tmp.unlink(missing_ok=True)
     log.debug("wrote %s (%d bytes, argmax agreement with fp32 %.4f)", path, len(data), agree)
     return Int8Info(path=path, size_bytes=len(data), calibration_tiles=len(calib), argmax_agreement=agree)
 

@@ -21,6 +21,7 @@ from autoseg.export import (
     op_counts,
     quantize_int8,
     read_metadata,
+    upsample_as_conv,
 )
 from autoseg.unet import Arch, build_unet
 
@@ -218,6 +219,7 @@ def test_quantize_int8_keeps_the_float_answer_and_metadata(tmp_path):
     assert info.calibration_tiles == 12
     ops = op_counts(onnx.load(str(info.path)))
     assert ops.get("QuantizeLinear", 0) >= 3 and ops.get("DequantizeLinear", 0) >= 3
+    assert "ConvTranspose" not in ops and ops["DepthToSpace"] == 1  # the upsampling is quantized too
     meta = read_metadata(info.path)
     assert meta["quantization"] == "int8-qdq" and meta["classes"] == META["classes"]
     assert not list(tmp_path.glob(".*.tmp"))
@@ -232,6 +234,33 @@ def test_quantize_int8_keeps_the_float_answer_and_metadata(tmp_path):
     a, b = ref.run(None, {"input": x})[0], q.run(None, {"input": x})[0]
     assert b.shape == a.shape
     assert np.abs(a - b).max() < 0.1 * (a.max() - a.min())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_as_conv_computes_the_same(bias):
+    torch.manual_seed(0)
+    model = TinyFCN().eval()
+    if not bias:
+        model.up = nn.ConvTranspose2d(16, 8, 2, stride=2, bias=False).eval()
+    proto = onnx.load_from_string(onnx_bytes(model, 3, 32))
+    before = op_counts(proto)
+    assert upsample_as_conv(proto) == 1
+    onnx.checker.check_model(proto, full_check=True)
+    after = op_counts(proto)
+    assert "ConvTranspose" not in after and after["DepthToSpace"] == 1 and after["Conv"] == before["Conv"] + 1
+    assert len(proto.graph.initializer) == len(onnx.load_from_string(onnx_bytes(model, 3, 32)).graph.initializer)
+    x = np.random.default_rng(0).standard_normal((2, 3, 48, 40), dtype=np.float32)
+    ref = ort.InferenceSession(onnx_bytes(model, 3, 32), providers=["CPUExecutionProvider"])
+    new = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(new.run(None, {"input": x})[0], ref.run(None, {"input": x})[0], atol=1e-5)
+
+
+def test_upsample_as_conv_leaves_other_upsampling_alone():
+    for model in (_model("unet_bilinear"), nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1))):
+        proto = onnx.load_from_string(onnx_bytes(model, 3, 32))
+        before = proto.SerializeToString()
+        assert upsample_as_conv(proto) == 0
+        assert proto.SerializeToString() == before
 
 
 def test_quantize_int8_refuses_bad_calibration_and_writes_nothing(tmp_path):
