@@ -8,12 +8,14 @@ place; 20% of the images are held out by autoseg's own split and never seen by t
 
 real        Reference: a 4-level U-Net with 32 base channels, Arch((3,3,3,3), (32,64,128,256)). Its
             latency is measured first; autoseg.pipeline.run_search then runs with a latency budget of
-            10% of it (tile 64, local device, search.alpha 0, config defaults otherwise), as a user with that deadline
-            would run it: Pareto front, the chosen net's test mIoU (from the model card). The reference
-            is retrained exactly like the chosen net (same final epochs on the same representative
-            tiles, same seed, same export and evaluation on the same held-out images). Both latencies
-            are measured again, interleaved, on one LocalDevice. Target: chosen net >= 95% of the
-            reference's test mIoU at <= 10% of its latency.
+            10% of it (tile 64, local device, search.alpha 0, config defaults otherwise), as a user
+            with that deadline would run it. Latency is timed at the held-out images' size (224), the
+            size they are evaluated at whole (--measure-size test|tile|N). Reported: Pareto front, the
+            chosen net's test mIoU (from the model card). The reference is retrained exactly like the
+            chosen net (same final epochs on the same representative tiles, same seed, same export and
+            evaluation on the same held-out images). Both latencies are measured again, interleaved,
+            on one LocalDevice. Target: chosen net >= 95% of the reference's test mIoU at <= 10% of
+            its latency.
 efficiency  The same search under a latency budget (the median latency of random candidates from the
             space), run twice on the same representative tiles: latency-first (autoseg's Objective:
             over-budget nets are dropped before any training) and train-first (a subclass that
@@ -191,19 +193,32 @@ def paired_latency(archs: list[Arch], task: SearchTask, cfg: Config, rounds: int
     return [statistics.median(v) for v in per], busy
 
 
-def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None) -> dict[str, Any]:
+def measured_side(choice: str, stage: DataStage) -> int:
+    """The input side latency is timed at: `test` = the largest held-out image's longer side (the test
+    images are evaluated whole, so that is the size the net runs at), `tile` = the tile, or a number."""
+    if choice == "tile":
+        return TILE
+    if choice == "test":
+        return max(max(stage.test_ds.sizes[i]) for i in stage.test_ids)
+    return int(choice)
+
+
+def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None, measure: str) -> dict[str, Any]:
     # The target is a deadline (10% of the reference's latency), so the search gets it as its budget.
     cfg = make_config(data, root / "real", b, seed, threads)
     # The same data stage run_search builds (same split and representatives, from the run's cache): the
     # reference is timed on it now and retrained on it after the search.
     stage, task = prepare_task(cfg, RunDir(cfg.out).prepare())
+    # Timed at the size the net will run at, as the README tells users to (--measure-size).
+    side = measured_side(measure, stage)
+    cfg = make_config(data, root / "real", b, seed, threads, **{"device.measure_size": side})
     (ref_lat,), _ = paired_latency([REF_ARCH], task, cfg, b.latency_rounds)
     budget = TARGET_LATENCY_RATIO * ref_lat
-    print(f"reference {REF_ARCH.key()}: {ref_lat:.3f} ms at {TILE}x{TILE}; search latency budget "
+    print(f"reference {REF_ARCH.key()}: {ref_lat:.3f} ms at {side}x{side}; search latency budget "
           f"{budget:.3f} ms", flush=True)
     # alpha 0: with the deadline a hard budget, a latency penalty on top would trade score for speed twice.
-    cfg = make_config(data, root / "real", b, seed, threads,
-                      **{"search.latency_budget_ms": budget, "search.alpha": 0.0})
+    cfg = make_config(data, root / "real", b, seed, threads, **{
+        "device.measure_size": side, "search.latency_budget_ms": budget, "search.alpha": 0.0})
     t0 = time.perf_counter()
     card = run_search(cfg)
     t_search = time.perf_counter() - t0
@@ -232,10 +247,10 @@ def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None)
         print(f"WARNING: other processes kept {busy:.1f} cores busy while the latencies were re-measured; "
               "the latency ratio is not trustworthy, rerun on a quiet machine", flush=True)
     ref_params = count_params(build_unet(REF_ARCH, task.in_channels, task.num_classes))
-    ref_macs = count_macs(REF_ARCH, task.in_channels, task.num_classes, TILE, TILE)
+    ref_macs = count_macs(REF_ARCH, task.in_channels, task.num_classes, side, side)
     miou_ratio = (card["test_miou"] or 0.0) / ref_card["test_miou"] if ref_card["test_miou"] else float("nan")
     lat_ratio = lat_best / lat_ref
-    print(f"latency at {TILE}x{TILE} (median of {b.latency_rounds} interleaved measurements): chosen "
+    print(f"latency at {side}x{side} (median of {b.latency_rounds} interleaved measurements): chosen "
           f"{lat_best:.3f} ms, reference {lat_ref:.3f} ms", flush=True)
     print(f"ratios: mIoU {miou_ratio:.3f} (target >= {TARGET_MIOU_RATIO}), latency {lat_ratio:.3f} "
           f"(target <= {TARGET_LATENCY_RATIO})", flush=True)
@@ -276,6 +291,7 @@ def part_real(data: Path, root: Path, b: Budget, seed: int, threads: int | None)
         "latency_ref_ms": cfg.search.latency_ref_ms,
         "fast_note": fast_note,
         "reps": len(task.data[TILE].x),
+        "side": side,
         "train_images": len(stage.train_ids),
         "test_images": len(stage.test_ids),
         "ok": miou_ratio >= TARGET_MIOU_RATIO and lat_ratio <= TARGET_LATENCY_RATIO,
@@ -481,7 +497,13 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
             "Nets over the budget were dropped before any training, and `search.alpha` was 0, so the chosen "
             "net is the best CV score within the deadline.",
             "",
-            "Pareto front (CV mIoU on the representative tiles vs latency at the tile size, from the search):",
+            f"Latency is timed at {real['side']}x{real['side']}"
+            + (", the size of the held-out images, which are evaluated whole: the size the net runs at "
+               "(`--measure-size`, as the README advises)." if args.measure_size == "test" else ".")
+            + (f" At the {TILE}x{TILE} tile a fixed per-call cost of onnxruntime would weigh on small "
+               "nets' latency alone, not on the reference's." if real["side"] != TILE else ""),
+            "",
+            "Pareto front (CV mIoU on the representative tiles vs latency, from the search):",
             "",
             "| trial | architecture | CV mIoU | latency (ms) | latency / reference's |",
             "|---|---|---|---|---|",
@@ -495,14 +517,15 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
             "|---|---|---|---|",
             f"| architecture | `{card['arch']}` | `{REF_ARCH.key()}` | |",
             f"| params | {card['params']:,} | {real['ref_params']:,} | {card['params'] / real['ref_params']:.3f} |",
-            f"| MACs at {TILE}x{TILE} | {card['macs'] / 1e6:.1f} M | {real['ref_macs'] / 1e6:.1f} M | "
+            f"| MACs at {real['side']}x{real['side']} | {card['macs'] / 1e6:.1f} M | {real['ref_macs'] / 1e6:.1f} M | "
             f"{card['macs'] / real['ref_macs']:.3f} |",
             f"| CV mIoU (search) | {fmt(card['cv_score'])} | not searched | |",
             f"| test mIoU | {fmt(card['test_miou'], '.4f')} | {fmt(ref['test_miou'], '.4f')} | "
             f"{real['miou_ratio']:.3f} |",
             f"| test macro Dice | {fmt(card['test_dice'], '.4f')} | {fmt(ref['test_dice'], '.4f')} | |",
             f"| test pixel accuracy | {fmt(card['test_pixel_acc'], '.4f')} | {fmt(ref['test_pixel_acc'], '.4f')} | |",
-            f"| latency, re-measured interleaved (median of {b.latency_rounds}) | {real['lat_best']:.3f} ms | "
+            f"| latency at {real['side']}x{real['side']}, re-measured interleaved (median of {b.latency_rounds}) | "
+            f"{real['lat_best']:.3f} ms | "
             f"{real['lat_ref']:.3f} ms | {real['lat_ratio']:.3f} |",
             f"| cores other processes kept busy during the re-measurement (max) | {real['busy']:.2f} | | |",
             f"| latency during the search | {fmt(card['latency_ms'])} ms | | |",
@@ -583,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="train.threads (default 1: on this 2-core box torch's default of 2 threads trains "
                     "1.4-5x slower as soon as another job runs; 0 = torch's default)")
+    ap.add_argument("--measure-size", default="test",
+                    help="input side the real search times nets at: test (default: the held-out images' size, "
+                    "the size they are evaluated at), tile, or a number")
     ap.add_argument("--data", type=Path, default=DATASET)
     ap.add_argument("--keep", type=Path, default=None, help="keep the run directories here (default: temp dir)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -620,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.keep or Path(tmp)
         try:
             if args.part in ("real", "all"):
-                real = part_real(args.data, root, b, args.seed, args.threads)
+                real = part_real(args.data, root, b, args.seed, args.threads, args.measure_size)
             if args.part in ("efficiency", "all"):
                 eff = part_efficiency(args.data, root, b, args.seed, args.threads)
         except AutosegError as e:
