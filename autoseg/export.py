@@ -267,6 +267,7 @@ class Int8Info:
     calibration_tiles: int
     # Share of calibration pixels whose argmax class the int8 model keeps (fp32 model = reference).
     argmax_agreement: float
+    per_channel: bool = True  # weight scales per output channel (opset >= 13), else one per tensor
 
     def to_dict(self) -> dict:
         return _json_ready(self)
@@ -279,6 +280,10 @@ def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
     return default
 
 
+def _opset(proto: onnx.ModelProto) -> int:
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 def upsample_as_conv(proto: onnx.ModelProto) -> int:
     """Rewrite each 2x2, stride-2 ConvTranspose in place as a 1x1 Conv to 4x the channels and a
     DepthToSpace (CRD); returns how many were rewritten.
@@ -288,8 +293,7 @@ def upsample_as_conv(proto: onnx.ModelProto) -> int:
     float between a DequantizeLinear and a QuantizeLinear. Only for int8; in float32 ConvTranspose is
     the faster of the two.
     """
-    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if opset < 11:  # DepthToSpace's CRD mode
+    if _opset(proto) < 11:  # DepthToSpace's CRD mode
         return 0
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
@@ -343,7 +347,8 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
     """Static int8 quantization of an exported model, calibrated on `calib` (N, C, H, W normalised tiles).
 
     QDQ format, per-channel int8 weights and uint8 activations: the form onnxruntime fuses into integer
-    kernels on x86 and ARM, and TensorRT reads. Min/max calibration on the representative tiles, which
+    kernels on x86 and ARM, and TensorRT reads. Below opset 13 DequantizeLinear has no axis, so the
+    weights get one scale per tensor. Min/max calibration on the representative tiles, which
     were chosen to cover the data. The file appears at `path` only once it loads and has been checked
     against the fp32 model on the calibration tiles; the metadata of the fp32 model is carried over.
     """
@@ -371,15 +376,16 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
         qlog.setLevel(max(level, logging.ERROR))
         src = onnx.load(str(fp32_path))
         meta = {p.key: p.value for p in src.metadata_props}
+        per_channel = _opset(src) >= 13
         if upsample_as_conv(src):
             onnx.save(src, str(float_tmp))  # quantize_static takes a ModelProto only from onnxruntime 1.18
         quantize_static(
             str(float_tmp if float_tmp.exists() else fp32_path), str(tmp), _Reader(), quant_format=QuantFormat.QDQ,
-            per_channel=True,
+            per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )
         proto = onnx.load(str(tmp))
-        meta["quantization"] = "int8-qdq"
+        meta["quantization"] = "int8-qdq" if per_channel else "int8-qdq-per-tensor"
         del proto.metadata_props[:]
         for k, v in sorted(meta.items()):
             proto.metadata_props.add(key=k, value=v)
@@ -392,7 +398,8 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
         tmp.unlink(missing_ok=True)
         float_tmp.unlink(missing_ok=True)
     log.debug("wrote %s (%d bytes, argmax agreement with fp32 %.4f)", path, len(data), agree)
-    return Int8Info(path=path, size_bytes=len(data), calibration_tiles=len(calib), argmax_agreement=agree)
+    return Int8Info(path=path, size_bytes=len(data), calibration_tiles=len(calib), argmax_agreement=agree,
+                    per_channel=per_channel)
 
 
 def _argmax_agreement(ref_path: Path, path: Path, x: np.ndarray, batch: int) -> float:

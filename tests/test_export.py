@@ -216,7 +216,7 @@ def test_quantize_int8_keeps_the_float_answer_and_metadata(tmp_path):
 
     assert info.path.is_file() and info.path.stat().st_size == info.size_bytes
     assert info.size_bytes < 0.5 * fp32.stat().st_size  # int8 weights
-    assert info.calibration_tiles == 12
+    assert info.calibration_tiles == 12 and info.per_channel
     ops = op_counts(onnx.load(str(info.path)))
     assert ops.get("QuantizeLinear", 0) >= 3 and ops.get("DequantizeLinear", 0) >= 3
     assert "ConvTranspose" not in ops and ops["DepthToSpace"] == 1  # the upsampling is quantized too
@@ -261,6 +261,20 @@ def test_upsample_as_conv_leaves_other_upsampling_alone():
         before = proto.SerializeToString()
         assert upsample_as_conv(proto) == 0
         assert proto.SerializeToString() == before
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_quantize_int8_below_opset_13_uses_one_scale_per_tensor(tmp_path, opset):
+    # DequantizeLinear has no axis before opset 13: per-channel weights would make an invalid model.
+    fp32 = tmp_path / "model.onnx"
+    fp32.write_bytes(onnx_bytes(_model("unet"), 3, 32, opset=opset))
+    calib = np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32)
+    info = quantize_int8(fp32, tmp_path / "model.int8.onnx", calib)
+    assert not info.per_channel and info.argmax_agreement > 0.9
+    proto = onnx.load(str(info.path))
+    assert "ConvTranspose" not in op_counts(proto)
+    assert read_metadata(info.path)["quantization"] == "int8-qdq-per-tensor"
+    ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
 
 
 def test_quantize_int8_refuses_bad_calibration_and_writes_nothing(tmp_path):
