@@ -41,6 +41,7 @@ _FLAG_KEYS = {
     "workers": "search.workers",
     "alpha": "search.alpha",
     "measure_size": "device.measure_size",
+    "precision": "device.precision",
     "folds": "train.folds",
     "epochs": "train.epochs",
     "final_epochs": "train.final_epochs",
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a hard budget: the best score within it)")
     p.add_argument("--measure-size", type=int,
                    help="time each net on an N x N input, the size you deploy at (default: the tile size)")
+    p.add_argument("--precision", choices=["fp32", "int8"],
+                   help="what the net runs at on the device (default fp32); int8 times every candidate quantized, "
+                   "and exports the int8 model too")
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
     p.add_argument("--int8", action="store_true", default=None,
                    help="also export an int8 model calibrated on the representative tiles")

@@ -162,6 +162,9 @@ class DeviceConfig:
     busy_wait_s: float = field(default=5.0, metadata=_min(0.0))
     # Input size for latency measurement; null means the tile size.
     measure_size: int | None = field(default=None, metadata=_min(8))
+    # The precision the net will run at on the device. int8: each candidate is timed quantized, as
+    # export.int8 writes it, so the budget judges what ships (and the int8 model is exported too).
+    precision: Literal["fp32", "int8"] = "fp32"
 
 
 @dataclass

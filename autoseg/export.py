@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -343,18 +344,15 @@ def upsample_as_conv(proto: onnx.ModelProto) -> int:
     return done
 
 
-def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8) -> Int8Info:
-    """Static int8 quantization of an exported model, calibrated on `calib` (N, C, H, W normalised tiles).
+def _quantize(src: Path, dst: Path, calib: np.ndarray, batch: int) -> bool:
+    """quantize_static from the float model at `src` into `dst`; returns whether weights are per channel.
 
-    QDQ format, per-channel int8 weights and uint8 activations: the form onnxruntime fuses into integer
-    kernels on x86 and ARM, and TensorRT reads. Below opset 13 DequantizeLinear has no axis, so the
-    weights get one scale per tensor. Min/max calibration on the representative tiles, which
-    were chosen to cover the data. The file appears at `path` only once it loads and has been checked
-    against the fp32 model on the calibration tiles; the metadata of the fp32 model is carried over.
+    QDQ format, int8 weights and uint8 activations: the form onnxruntime fuses into integer kernels on x86
+    and ARM, and TensorRT reads. Weights get a scale per output channel, or one per tensor below opset 13,
+    where DequantizeLinear has no axis. Min/max calibration on `calib`.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    fp32_path, path = Path(fp32_path), Path(path)
     calib = np.ascontiguousarray(calib, dtype=np.float32)
     if calib.ndim != 4 or len(calib) == 0:
         raise ValueError(f"calibration tiles must be a non-empty (N, C, H, W) array, got shape {calib.shape}")
@@ -367,39 +365,62 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
             b = next(self._batches, None)
             return None if b is None else {INPUT_NAME: b}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    float_tmp = path.with_name(f".{path.name}.{os.getpid()}.float.tmp")
+    proto = onnx.load(str(src))
+    per_channel = _opset(proto) >= 13
+    float_tmp = dst.with_name(f"{dst.name}.float")
     qlog = logging.getLogger()  # the quantizer logs its "consider pre-processing" hint on the root logger
     level = qlog.level
     try:
         qlog.setLevel(max(level, logging.ERROR))
-        src = onnx.load(str(fp32_path))
-        meta = {p.key: p.value for p in src.metadata_props}
-        per_channel = _opset(src) >= 13
-        if upsample_as_conv(src):
-            onnx.save(src, str(float_tmp))  # quantize_static takes a ModelProto only from onnxruntime 1.18
+        if upsample_as_conv(proto):
+            onnx.save(proto, str(float_tmp))  # quantize_static takes a ModelProto only from onnxruntime 1.18
         quantize_static(
-            str(float_tmp if float_tmp.exists() else fp32_path), str(tmp), _Reader(), quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(float_tmp if float_tmp.exists() else src), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
+            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )
+    finally:
+        qlog.setLevel(level)
+        float_tmp.unlink(missing_ok=True)
+    return per_channel
+
+
+def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8) -> Int8Info:
+    """Static int8 quantization of an exported model, calibrated on `calib` (N, C, H, W normalised tiles),
+    the representative tiles, which were chosen to cover the data.
+
+    The file appears at `path` only once it loads and has been checked against the fp32 model on the
+    calibration tiles; the metadata of the fp32 model is carried over.
+    """
+    fp32_path, path = Path(fp32_path), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        per_channel = _quantize(fp32_path, tmp, calib, batch)
         proto = onnx.load(str(tmp))
+        meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
         meta["quantization"] = "int8-qdq" if per_channel else "int8-qdq-per-tensor"
         del proto.metadata_props[:]
         for k, v in sorted(meta.items()):
             proto.metadata_props.add(key=k, value=v)
         data = proto.SerializeToString()
         tmp.write_bytes(data)
-        agree = _argmax_agreement(fp32_path, tmp, calib, batch)
+        agree = _argmax_agreement(fp32_path, tmp, np.ascontiguousarray(calib, dtype=np.float32), batch)
         os.replace(tmp, path)
     finally:
-        qlog.setLevel(level)
         tmp.unlink(missing_ok=True)
-        float_tmp.unlink(missing_ok=True)
     log.debug("wrote %s (%d bytes, argmax agreement with fp32 %.4f)", path, len(data), agree)
     return Int8Info(path=path, size_bytes=len(data), calibration_tiles=len(calib), argmax_agreement=agree,
                     per_channel=per_channel)
+
+
+def int8_bytes(model: bytes, calib: np.ndarray) -> bytes:
+    """A float model's int8 form, quantized as quantize_int8 does: what the device runs when the net ships
+    as int8, for timing candidates. Unchecked against the float model (a candidate's weights are untrained)."""
+    with tempfile.TemporaryDirectory(prefix="autoseg-int8-") as d:
+        src, dst = Path(d) / "model.onnx", Path(d) / "model.int8.onnx"
+        src.write_bytes(model)
+        _quantize(src, dst, calib, batch=8)
+        return dst.read_bytes()
 
 
 def _argmax_agreement(ref_path: Path, path: Path, x: np.ndarray, batch: int) -> float:

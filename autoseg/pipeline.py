@@ -164,7 +164,8 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
 
         settings = settings_from_config(cfg.device, cfg.seed)
         with closing(open_device(cfg.device, run.latency_cache)) as device:
-            log.info("measuring latency on %s (%s)", device.name, device.source)
+            log.info("measuring %slatency on %s (%s)", "int8 " if cfg.device.precision == "int8" else "",
+                     device.name, device.source)
             study = open_study(run, cfg, resume_anyway)
             if cfg.search.workers > 1:
                 objective = Objective(cfg, task, device, settings, run, gate=Gate(run.root))
@@ -177,7 +178,7 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             card["pareto_front"] = pareto_summary(study)
             card["trials"] = trial_counts(study)
             write_json_atomic(run.best / "model_card.json", card)  # the float net is done: keep its card
-            if cfg.export.int8:
+            if cfg.export.int8 or cfg.device.precision == "int8":
                 card["int8"] = int8_variant(cfg, run, stage, task, card, device, settings, progress)
                 write_json_atomic(run.best / "model_card.json", card)
     _write_report(run)
@@ -236,6 +237,7 @@ def finalize(
         "latency_stats": lat.get("stats"),
         "latency_source": best.user_attrs.get("latency_source"),
         "measure_size": best.user_attrs.get("measure_size"),
+        "precision": best.user_attrs.get("precision", "fp32"),  # of the model timed in the search
         "device": best.user_attrs.get("device"),
         "fingerprint": lat.get("fingerprint"),
         "cv_score": best.user_attrs.get("cv_mean"),
@@ -447,6 +449,7 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
         f"  CV mIoU:   {_fmt(card['cv_score'], '.3f')} ± {_fmt(card['cv_std'], '.3f')}",
         f"  test mIoU: {_fmt(card['test_miou'], '.3f')} on {card['test_images']} image(s)",
         f"  latency:   {_fmt(card['latency_ms'], '.2f')} ms median"
+        + (" in int8" if card.get("precision") == "int8" else "")
         + (f" at {size}x{size} px" if (size := card.get("measure_size")) else "")
         + f" on {card['device']} ({card['latency_source']})",
         f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "

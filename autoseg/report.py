@@ -158,6 +158,7 @@ def _trial_row(t: Any) -> dict:
         "device": a.get("device") or lat.get("device"),
         "fingerprint_id": a.get("fingerprint_id") or lat.get("fingerprint_id"),
         "measure_size": a.get("measure_size"),
+        "precision": a.get("precision", "fp32"),
         "throttled": lat.get("throttled"),
         "cached": lat.get("cached"),
         "cv_mean": cv,
@@ -195,6 +196,11 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
         warnings.append("Latency sources are MIXED across trials ("
                         + ", ".join(f"{k}: {v} trials" for k, v in sorted(counts.items()))
                         + "): these numbers are not comparable; rank nets by one source only.")
+    precisions = Counter(str(r["precision"]) for r in measured)
+    if len(precisions) > 1:
+        warnings.append("Some nets were timed in int8 and some in float32 ("
+                        + ", ".join(f"{k}: {v} trials" for k, v in sorted(precisions.items()))
+                        + "): these numbers are not comparable.")
     if len(devices) > 1:
         warnings.append(f"Latency was measured on {len(devices)} different devices ({', '.join(devices)}): "
                         "not comparable.")
@@ -221,11 +227,13 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
         "fingerprints": {k: {**v, "devices": sorted(v["devices"])} for k, v in fps.items()},
         "warnings": warnings,
         "axis_label": _latency_label(sources, devices, sorted({r["measure_size"] for r in measured
-                                                               if isinstance(r["measure_size"], int)})),
+                                                               if isinstance(r["measure_size"], int)}),
+                                     sorted({str(r["precision"]) for r in measured})),
     }
 
 
-def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] = ()) -> str:
+def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] = (),
+                   precisions: Sequence[str] = ()) -> str:
     if not sources and not devices:
         return "latency, ms (source unknown)"
     if len(sources) > 1 or len(devices) > 1:
@@ -236,7 +244,8 @@ def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] 
     # Small inputs make latency mostly per-layer overhead: the size is part of what the number means.
     at = (f" at {sizes[0]}x{sizes[0]} px" if len(sizes) == 1
           else f" at {sizes[0]}-{sizes[-1]} px square, per net" if sizes else "")
-    return f"latency{at} on {where} ({src}), ms"
+    kind = "int8 " if list(precisions) == ["int8"] else ""  # float unless every net was timed quantized
+    return f"{kind}latency{at} on {where} ({src}), ms"
 
 
 def _class_names(data: dict | None, card: dict | None) -> list[str]:

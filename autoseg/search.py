@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
 from autoseg.errors import DeviceUnreachable, InputError
-from autoseg.export import onnx_bytes
+from autoseg.export import int8_bytes, onnx_bytes
 from autoseg.gate import Gate
 from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
 from autoseg.pareto import pareto_front
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STUDY_NAME = "autoseg"
 CHANNEL_STEPS = (0, 1, 2)  # how many places up the sorted channel list each deeper level moves
+INT8_CALIB_TILES = 8  # timing needs the int8 graph, not good scales: a few tiles calibrate it
 
 # Config keys that do not change what a trial means: a rerun may change them and still resume.
 _RESUMABLE_KEYS = {
@@ -329,20 +330,41 @@ def measure_candidate(
     settings: MeasureSettings,
     measure_size: int | None,
     opset: int = 17,
+    int8: bool = False,
 ) -> tuple[bytes, Any, int, int]:
     """Export with weights seeded by the architecture, so the same net hashes the same for the cache.
 
     Latency and MACs are both for a (1, C, size, size) input, size = timed_size(...). The opset is the
-    one the final model is exported at: the device must load what it will deploy.
+    one the final model is exported at: the device must load what it will deploy. With `int8` the net
+    is timed quantized, calibrated on a few of its representative tiles, as the final int8 export is.
     """
     torch.manual_seed(int(cand.arch.digest(), 16) % (2**31))
     model = build_unet(cand.arch, task.in_channels, task.num_classes).eval()
     size = timed_size(cand.arch, cand.tile, measure_size)
+    if int8:
+        _trained_batchnorm(model)
     blob = onnx_bytes(model, task.in_channels, size, opset)
+    if int8:
+        blob = int8_bytes(blob, task.data[cand.tile].x[:INT8_CALIB_TILES])
     m = device.measure(blob, (1, task.in_channels, size, size), settings)
     params = count_params(model)
     macs = count_macs(cand.arch, task.in_channels, task.num_classes, size, size)  # the work that was timed
     return blob, m, params, macs
+
+
+def _trained_batchnorm(model: torch.nn.Module) -> None:
+    """Random BatchNorm statistics and shifts (from torch's seeded stream), as training leaves them.
+
+    At their defaults every bias folded from BatchNorm is zero and the exporter shares one zero tensor
+    among the convs; quantized, those convs stayed in float (onnxruntime did not fuse them into integer
+    kernels), so the int8 graph timed ran up to 2x slower than a trained net's.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
 
 
 class Objective:
@@ -372,6 +394,7 @@ class Objective:
         self.streak = 0
         self.failures = 0  # measurement failures in a row: one is a net's, several are the device's
         self.stop_message: str | None = None
+        self.int8 = cfg.device.precision == "int8"
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         scfg = self.cfg.search
@@ -400,7 +423,8 @@ class Objective:
         try:
             with self.gate.measuring() if self.gate is not None else nullcontext():
                 blob, m, params, macs = measure_candidate(
-                    cand, self.task, self.device, self.settings, self.cfg.device.measure_size, self.cfg.export.opset
+                    cand, self.task, self.device, self.settings, self.cfg.device.measure_size, self.cfg.export.opset,
+                    int8=self.int8,
                 )
         except DeviceUnreachable:
             trial.set_user_attr("interrupted", True)
@@ -410,6 +434,7 @@ class Objective:
         trial.set_user_attr("latency", m.to_dict())
         trial.set_user_attr("latency_source", m.source)
         trial.set_user_attr("measure_size", timed_size(cand.arch, cand.tile, self.cfg.device.measure_size))
+        trial.set_user_attr("precision", self.cfg.device.precision)
         trial.set_user_attr("device", m.device)
         trial.set_user_attr("fingerprint_id", m.fingerprint_id)
         write_bytes_atomic(self.run.trial(trial.number) / "model.onnx", blob)
@@ -424,7 +449,7 @@ class Objective:
         self.failures = 0
         latency = float(m.median_ms)
         trial.set_user_attr("latency_ms", latency)
-        lat_txt = f"{latency:.2f} ms ({m.source}{', cached' if m.cached else ''})"
+        lat_txt = f"{latency:.2f} ms{' int8' if self.int8 else ''} ({m.source}{', cached' if m.cached else ''})"
 
         budget = scfg.latency_budget_ms
         if budget is not None and latency > budget:
@@ -476,7 +501,7 @@ class Objective:
         for an architecture, tile and seed, so the twin's folds are this trial's; and one net has one
         latency, even when a busy device would measure it twice. The sampler still sees the value, so it
         learns the same from a repeat as from the first look."""
-        for key in ("params", "macs", "latency", "latency_ms", "latency_source", "measure_size", "device",
+        for key in ("params", "macs", "latency", "latency_ms", "latency_source", "measure_size", "precision", "device",
                     "fingerprint_id", "fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import conv_relu_onnx
 from PIL import Image
@@ -114,7 +115,7 @@ def test_reps_writes_manifest_and_contact_sheet(demo, tmp_path):
 def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     images, masks = demo
     out = tmp_path / "run"
-    proc = autoseg(*search_args(tmp_path, images, masks, out, trials=2), "--int8", "--measure-size", "64")
+    proc = autoseg(*search_args(tmp_path, images, masks, out, trials=2), "--precision", "int8", "--measure-size", "64")
     assert proc.returncode == 0, proc.stderr
     assert "best architecture:" in proc.stdout and "test mIoU" in proc.stdout and "int8:" in proc.stdout
     for rel in (
@@ -151,11 +152,15 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     assert card["onnx"]["parity_max_abs_diff"] <= 1e-4
     assert card["trials"]["distinct"] == 2 and f"searched:  2 distinct nets ({card['trials']['completed']} trained" \
         in proc.stdout
-    q = card["int8"]  # --int8: quantized, tested and timed beside the float model
+    # --precision int8: candidates were timed quantized, and the int8 model is exported too
+    assert card["precision"] == "int8"
+    timed = onnx.load(str(out / "trials" / str(card["trial"]) / "model.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in timed.graph.node}
+    q = card["int8"]  # quantized, tested and timed beside the float model
     assert q["test_miou"] is not None and q["latency_ms"] > 0 and q["fp32_latency_ms"] > 0
     assert q["latency_source"] == "local" and 0.5 < q["argmax_agreement"] <= 1.0
     # --measure-size: timed at the deployment size, not at the 32 px tile
-    assert card["measure_size"] == q["measure_size"] == 64 and "ms median at 64x64 px" in proc.stdout
+    assert card["measure_size"] == q["measure_size"] == 64 and "ms median in int8 at 64x64 px" in proc.stdout
     assert "int8 test mIoU" in (out / "report.md").read_text()
 
     assert autoseg("eval", out, "-q").returncode == 0

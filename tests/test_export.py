@@ -17,6 +17,7 @@ from autoseg.export import (
     ExportInfo,
     export_final,
     graph_hash,
+    int8_bytes,
     onnx_bytes,
     op_counts,
     quantize_int8,
@@ -261,6 +262,17 @@ def test_upsample_as_conv_leaves_other_upsampling_alone():
         before = proto.SerializeToString()
         assert upsample_as_conv(proto) == 0
         assert proto.SerializeToString() == before
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_bilinear"])
+def test_int8_bytes_quantizes_and_keeps_dynamic_shapes(name):
+    blob = onnx_bytes(_model(name), 3, 32)
+    rng = np.random.default_rng(0)
+    q = int8_bytes(blob, rng.standard_normal((8, 3, 32, 32), dtype=np.float32))
+    assert "QuantizeLinear" in op_counts(q) and "ConvTranspose" not in op_counts(q)
+    sess = ort.InferenceSession(q, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, 24, 40), dtype=np.float32)
+    assert sess.run(None, {"input": x})[0].shape == (2, 5, 24, 40)
 
 
 @pytest.mark.parametrize("opset", [11, 12])

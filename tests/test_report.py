@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -19,7 +20,7 @@ from PIL import Image
 
 from autoseg.errors import InputError
 from autoseg.pareto import pareto_front
-from autoseg.report import fit_loglog, write_report
+from autoseg.report import _latency_provenance, fit_loglog, write_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -289,6 +290,19 @@ def test_mixed_latency_sources_are_flagged(tmp_path, runs):
     assert "WARNING" in (run / "report.md").read_text()
     assert "latency source" in page  # the trials table grows a source column
     assert "Xeon" in page  # both fingerprints are shown side by side
+
+
+def test_int8_timing_is_in_the_latency_label_and_mixed_precision_is_flagged():
+    def rows(*precisions):
+        return [{"latency_ms": 2.0, "latency_source": "local", "device": "local", "fingerprint_id": None,
+                 "measure_size": 64, "precision": p, "throttled": None, "cached": False} for p in precisions]
+
+    trials = [SimpleNamespace(user_attrs={})] * 2
+    lat = _latency_provenance(rows("int8", "int8"), trials, None, None)
+    assert lat["axis_label"] == "int8 latency at 64x64 px on this host (local), ms" and not lat["warnings"]
+    assert _latency_provenance(rows("fp32", "fp32"), trials, None, None)["axis_label"].startswith("latency at")
+    mixed = _latency_provenance(rows("int8", "fp32"), trials, None, None)
+    assert any("int8 and some in float32" in w for w in mixed["warnings"])
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from contextlib import closing
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -180,6 +181,46 @@ def test_candidates_are_timed_at_the_export_opset(tmp_path):
     _, run, study = run_search(tmp_path, trials=1, **{"export.opset": 13})
     proto = onnx.load(str(run.trial(study.trials[0].number) / "model.onnx"))
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
+
+
+class Recorder:
+    """A real local device that keeps the models it was asked to time."""
+
+    def __init__(self, device) -> None:
+        self.device, self.name, self.source = device, device.name, device.source
+        self.models: list[bytes] = []
+
+    def fingerprint(self) -> dict:
+        return self.device.fingerprint()
+
+    def measure(self, model: bytes, shape, settings):
+        self.models.append(model)
+        return self.device.measure(model, shape, settings)
+
+    def close(self) -> None:
+        self.device.close()
+
+
+def test_int8_precision_times_each_candidate_quantized(tmp_path):
+    recorders = []
+    _, run, study = run_search(tmp_path, trials=2, wrap=lambda d: recorders.append(Recorder(d)) or recorders[-1],
+                               **{"device.precision": "int8"})
+    timed = recorders[0].models
+    assert len(timed) == 2
+    for blob, t in zip(timed, study.trials, strict=True):
+        ops = {n.op_type for n in onnx.load_from_string(blob).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "ConvTranspose" not in ops
+        assert t.user_attrs["precision"] == "int8" and t.user_attrs["latency_ms"] > 0
+        assert (run.trial(t.number) / "model.onnx").read_bytes() == blob  # the file is what was timed
+        # onnxruntime runs every conv as an integer kernel, as it will the trained net: none stays float.
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+        fused = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+        assert "QLinearConv" in fused and "Conv" not in fused
+    # Float timing is another study: the same run directory refuses it.
+    with pytest.raises(InputError, match="different config"):
+        run_search(tmp_path, trials=2)
 
 
 def test_a_device_that_cannot_load_the_models_stops_the_search_and_says_why(tmp_path):
