@@ -342,7 +342,7 @@ def measure_candidate(
     model = build_unet(cand.arch, task.in_channels, task.num_classes).eval()
     size = timed_size(cand.arch, cand.tile, measure_size)
     if int8:
-        _trained_batchnorm(model)
+        trained_like_batchnorm(model)
     blob = onnx_bytes(model, task.in_channels, size, opset)
     if int8:
         blob = int8_bytes(blob, task.data[cand.tile].x[:INT8_CALIB_TILES])
@@ -352,7 +352,7 @@ def measure_candidate(
     return blob, m, params, macs
 
 
-def _trained_batchnorm(model: torch.nn.Module) -> None:
+def trained_like_batchnorm(model: torch.nn.Module) -> None:
     """Random BatchNorm statistics and shifts (from torch's seeded stream), as training leaves them.
 
     At their defaults every bias folded from BatchNorm is zero and the exporter shares one zero tensor

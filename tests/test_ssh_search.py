@@ -70,6 +70,10 @@ def test_device_check_prints_fingerprint_and_reference_latency(sshd_server, devi
     assert report["fingerprint"]["cores"] >= 1
     assert report["latency"]["median_ms"] > 0
     assert report["error"] is None
+    # ... and the same net in int8, as `--precision int8` would time it
+    assert report["int8_error"] is None and report["int8_latency"]["median_ms"] > 0
+    assert report["int8_speedup"] == pytest.approx(
+        report["latency"]["median_ms"] / report["int8_latency"]["median_ms"], rel=1e-2)
 
 
 def test_device_check_on_unknown_host_says_how_to_trust_it(sshd_server, env, tmp_path):
