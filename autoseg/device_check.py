@@ -53,7 +53,7 @@ def check_device(cfg: DeviceConfig, opset: int = 17) -> dict[str, Any]:
         fp = device.fingerprint()
         m = device.measure(blob, shape, settings)
         q = device.measure(int8_bytes(blob, calib), shape, settings) if m.error == MeasureError.OK else None
-    int8_ok = q is not None and q.error == MeasureError.OK and q.median_ms and m.median_ms
+    int8_ok = bool(q is not None and q.error == MeasureError.OK and q.median_ms and m.median_ms)
     result: dict[str, Any] = {
         "device": m.device,
         "source": m.source,
