@@ -614,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.measure_size not in ("test", "tile") and not (args.measure_size.isdigit() and int(args.measure_size) >= 8):
+        ap.error(f"--measure-size: test, tile or a number >= 8, got {args.measure_size!r}")
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("autoseg.search", "autoseg.pipeline"):
