@@ -357,7 +357,7 @@ def trained_like_batchnorm(model: torch.nn.Module) -> None:
 
     At their defaults every bias folded from BatchNorm is zero and the exporter shares one zero tensor
     among the convs; quantized, those convs stayed in float (onnxruntime did not fuse them into integer
-    kernels), so the int8 graph timed ran up to 2x slower than a trained net's.
+    kernels), so the int8 graph timed ran up to 3x slower than a trained net's.
     """
     with torch.no_grad():
         for m in model.modules():
