@@ -477,7 +477,7 @@ class Objective:
         try:
             scores = cross_validate(
                 cand.arch, data.x, data.y, data.groups, self.task.num_classes, s, self.cfg.train.folds, on_fold,
-                epoch_guard=self.gate.epoch if self.gate is not None else None,
+                epoch_guard=self.gate.epoch if self.gate is not None else nullcontext,
             )
         except optuna.TrialPruned:
             self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned by the median rule")

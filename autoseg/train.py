@@ -244,14 +244,14 @@ def train_model(
     device: str | torch.device | None = None,
     resume: dict | None = None,
     on_epoch: Callable[[int, Callable[[], dict]], None] | None = None,
-    epoch_guard: Callable[[], AbstractContextManager] | None = None,
+    epoch_guard: Callable[[], AbstractContextManager] = nullcontext,
 ) -> nn.Module:
     """Train `model` in place with AdamW and a cosine schedule; returns it (in train mode).
 
     on_epoch(done, state) is called after each epoch; state() gives everything needed to go on from
     there (weights, optimiser, schedule, random streams, batch size). Passing that dict back as `resume`
     continues the run, and the result is the same bit for bit as if it had never stopped. Each epoch runs
-    inside epoch_guard(), if given (parallel search workers let a local latency measurement go first).
+    inside epoch_guard() (parallel search workers let a local latency measurement go first).
     """
     dev = torch.device(device) if device is not None else _default_device()
     xt = torch.as_tensor(x, dtype=torch.float32)
@@ -302,7 +302,7 @@ def train_model(
         bar = tqdm(range(first, s.epochs), desc="epochs", disable=not progress, leave=False, initial=first,
                    total=s.epochs)
         for epoch in bar:
-            with epoch_guard() if epoch_guard is not None else nullcontext():
+            with epoch_guard():
                 order = torch.randperm(n, generator=gen).to(dev)
                 total = torch.zeros((), device=dev)
                 for start in range(0, n, bs):
@@ -355,7 +355,7 @@ def cross_validate(
     folds: int,
     on_fold: Callable[[int, float], None] | None = None,
     progress: bool = False,
-    epoch_guard: Callable[[], AbstractContextManager] | None = None,
+    epoch_guard: Callable[[], AbstractContextManager] = nullcontext,
 ) -> list[float]:
     """Per-fold validation mIoU of a fresh `arch` net per fold.
 
@@ -371,7 +371,7 @@ def cross_validate(
         torch.manual_seed(fold_s.seed)  # same init for the same arch, seed and fold
         model = build_unet(arch, int(x.shape[1]), num_classes)
         train_model(model, x[tr], y[tr], num_classes, fold_s, epoch_guard=epoch_guard)
-        with epoch_guard() if epoch_guard is not None else nullcontext():
+        with epoch_guard():
             cm = predict_confusion(model, x[va], y[va], num_classes)
         scores.append(metrics_from_confusion(cm).miou)
         log.debug("fold %d/%d: val mIoU %.4f", i + 1, folds, scores[-1])
