@@ -8,9 +8,9 @@ out 0/255), or the class colours for colour-coded masks.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from autoseg.data import ClassMap, list_images, read_image
 from autoseg.errors import InputError
 from autoseg.export import read_metadata
 from autoseg.infer import MODES, normalize, ort_runner, predict
+from autoseg.rundir import write_bytes_atomic
 from autoseg.visual import colorize, palette
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,9 @@ def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = 
 
 
 def _save_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        Image.fromarray(array).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=Image.registered_extensions()[path.suffix.lower()])
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def predict_folder(
