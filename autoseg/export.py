@@ -344,18 +344,21 @@ def upsample_as_conv(proto: onnx.ModelProto) -> int:
     return done
 
 
+def _calibration(calib: np.ndarray) -> np.ndarray:
+    calib = np.ascontiguousarray(calib, dtype=np.float32)
+    if calib.ndim != 4 or len(calib) == 0:
+        raise ValueError(f"calibration tiles must be a non-empty (N, C, H, W) array, got shape {calib.shape}")
+    return calib
+
+
 def _quantize(src: Path, dst: Path, calib: np.ndarray, batch: int) -> bool:
     """quantize_static from the float model at `src` into `dst`; returns whether weights are per channel.
 
     QDQ format, int8 weights and uint8 activations: the form onnxruntime fuses into integer kernels on x86
     and ARM, and TensorRT reads. Weights get a scale per output channel, or one per tensor below opset 13,
-    where DequantizeLinear has no axis. Min/max calibration on `calib`.
+    where DequantizeLinear has no axis. Min/max calibration on `calib` (from _calibration).
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    calib = np.ascontiguousarray(calib, dtype=np.float32)
-    if calib.ndim != 4 or len(calib) == 0:
-        raise ValueError(f"calibration tiles must be a non-empty (N, C, H, W) array, got shape {calib.shape}")
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -391,7 +394,7 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
     The file appears at `path` only once it loads and has been checked against the fp32 model on the
     calibration tiles; the metadata of the fp32 model is carried over.
     """
-    fp32_path, path = Path(fp32_path), Path(path)
+    fp32_path, path, calib = Path(fp32_path), Path(path), _calibration(calib)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -404,7 +407,7 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
             proto.metadata_props.add(key=k, value=v)
         data = proto.SerializeToString()
         tmp.write_bytes(data)
-        agree = _argmax_agreement(fp32_path, tmp, np.ascontiguousarray(calib, dtype=np.float32), batch)
+        agree = _argmax_agreement(fp32_path, tmp, calib, batch)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -419,7 +422,7 @@ def int8_bytes(model: bytes, calib: np.ndarray) -> bytes:
     with tempfile.TemporaryDirectory(prefix="autoseg-int8-") as d:
         src, dst = Path(d) / "model.onnx", Path(d) / "model.int8.onnx"
         src.write_bytes(model)
-        _quantize(src, dst, calib, batch=8)
+        _quantize(src, dst, _calibration(calib), batch=8)
         return dst.read_bytes()
 
 
