@@ -158,31 +158,6 @@ def test_impossible_budget_stops_and_keeps_the_study(tmp_path):
     assert len(distinct_trials(study)) == 2
 
 
-class OldRuntime:
-    """A real local device whose onnxruntime is older than the models: each model reaches the real
-    onnxruntime stamped with an opset it does not implement, as opset 17 reaches onnxruntime 1.10."""
-
-    def __init__(self, device) -> None:
-        self.device, self.name, self.source = device, device.name, device.source
-
-    def fingerprint(self) -> dict:
-        return self.device.fingerprint()
-
-    def measure(self, model: bytes, shape, settings):
-        proto = onnx.load_from_string(model)
-        proto.opset_import[0].version = 99
-        return self.device.measure(proto.SerializeToString(), shape, settings)
-
-    def close(self) -> None:
-        self.device.close()
-
-
-def test_candidates_are_timed_at_the_export_opset(tmp_path):
-    _, run, study = run_search(tmp_path, trials=1, **{"export.opset": 13})
-    proto = onnx.load(str(run.trial(study.trials[0].number) / "model.onnx"))
-    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
-
-
 class Recorder:
     """A real local device that keeps the models it was asked to time."""
 
@@ -199,6 +174,22 @@ class Recorder:
 
     def close(self) -> None:
         self.device.close()
+
+
+class OldRuntime(Recorder):
+    """A real local device whose onnxruntime is older than the models: each model reaches the real
+    onnxruntime stamped with an opset it does not implement, as opset 17 reaches onnxruntime 1.10."""
+
+    def measure(self, model: bytes, shape, settings):
+        proto = onnx.load_from_string(model)
+        proto.opset_import[0].version = 99
+        return super().measure(proto.SerializeToString(), shape, settings)
+
+
+def test_candidates_are_timed_at_the_export_opset(tmp_path):
+    _, run, study = run_search(tmp_path, trials=1, **{"export.opset": 13})
+    proto = onnx.load(str(run.trial(study.trials[0].number) / "model.onnx"))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [13]
 
 
 def test_int8_precision_times_each_candidate_quantized(tmp_path):
