@@ -26,6 +26,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from autoseg.rundir import write_text_atomic
+from autoseg.workers import threads_per_worker
 from benchmarks import DATA_ROOT
 from benchmarks.bench_search import machine_info
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     cores = os.cpu_count() or 1
     for r in rows:
-        threads = cores if r["workers"] == 1 else max(1, cores // r["workers"])
+        threads = threads_per_worker(r["workers"], None)
         lines.append(f"| {r['workers']} worker(s) | {threads} | {r['distinct']} | {r['trials_s']:.1f} s | "
                      f"{r['nets_per_min']:.1f} | {r['nets_per_min'] / base['nets_per_min']:.2f}x | `{r['best']}` |")
     lines += [
@@ -115,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- platform: {platform.platform()}",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_text_atomic(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
