@@ -286,15 +286,20 @@ def _opset(proto: onnx.ModelProto) -> int:
 
 
 def upsample_as_conv(proto: onnx.ModelProto) -> int:
-    """Rewrite each 2x2, stride-2 ConvTranspose in place as a 1x1 Conv to 4x the channels and a
-    DepthToSpace (CRD); returns how many were rewritten.
+    """Rewrite each 2x2, stride-2 ConvTranspose in place as a 1x1 Conv to 4x the channels and a pixel
+    shuffle written in channels-last order; returns how many were rewritten.
 
     The two compute the same function, but onnxruntime's CPU provider has an integer kernel for Conv and
     none for ConvTranspose (onnxruntime#8988): quantized as it is, the decoder's upsampling runs in
     float between a DequantizeLinear and a QuantizeLinear. Only for int8; in float32 ConvTranspose is
     the faster of the two.
+
+    The shuffle is not a DepthToSpace: onnxruntime runs integer convs channels-last (NHWC) and has no
+    NHWC DepthToSpace, so it would wrap one in transposes and block the Concat that follows from
+    staying NHWC. Written as Transpose-Reshape-Transpose-Reshape-Transpose, the outer transposes cancel
+    against onnxruntime's own, and the one left moves blocks of 2C bytes (its fast path).
     """
-    if _opset(proto) < 11:  # DepthToSpace's CRD mode
+    if _opset(proto) < 11:  # Slice with inputs; Reshape's copied (0) dims
         return 0
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
@@ -320,19 +325,35 @@ def upsample_as_conv(proto: onnx.ModelProto) -> int:
             nodes.append(node)
             continue
         cin, cout = wa.shape[:2]
-        # out[c, 2i+a, 2j+b] = sum_k x[k, i, j] W[k, c, a, b]; DepthToSpace(CRD) reads channel c*4 + a*2 + b
-        conv_w = np.ascontiguousarray(wa.transpose(1, 2, 3, 0).reshape(cout * 4, cin, 1, 1))
         stem = node.name or node.output[0]
-        names = [f"{stem}/as_conv/W"]
-        g.initializer.append(onnx.numpy_helper.from_array(conv_w, names[0]))
+        # out[c, 2i+a, 2j+b] = sum_k x[k, i, j] W[k, c, a, b]; the conv's channel (a*2 + b)*cout + c holds it
+        const = {
+            "W": np.ascontiguousarray(wa.transpose(2, 3, 1, 0).reshape(cout * 4, cin, 1, 1)),
+            "rows": np.array([0, 0, 0, 2, 2 * cout], np.int64),  # NHWC (N, H, W, a, b*C)
+            "two": np.array([2], np.int64),
+            "four": np.array([4], np.int64),
+            "copy_n": np.array([0], np.int64),
+            "c": np.array([cout], np.int64),
+        }
         if b is not None:
-            names.append(f"{stem}/as_conv/B")
-            g.initializer.append(onnx.numpy_helper.from_array(np.repeat(onnx.numpy_helper.to_array(b), 4), names[1]))
-        mid = f"{stem}/as_conv/out"
-        nodes.append(onnx.helper.make_node("Conv", [node.input[0], *names], [mid], name=f"{stem}/as_conv",
-                                           kernel_shape=[1, 1]))
-        nodes.append(onnx.helper.make_node("DepthToSpace", [mid], [node.output[0]], name=f"{stem}/as_shuffle",
-                                           blocksize=2, mode="CRD"))
+            const["B"] = np.tile(onnx.numpy_helper.to_array(b), 4)
+        name = {k: f"{stem}/as_conv/{k}" for k in const}
+        g.initializer.extend(onnx.numpy_helper.from_array(v, name[k]) for k, v in const.items())
+        t = f"{stem}/as_conv/"
+        conv_in = [node.input[0], name["W"], *([name["B"]] if b is not None else [])]
+        make = onnx.helper.make_node
+        nodes += [
+            make("Conv", conv_in, [t + "out"], name=t + "conv", kernel_shape=[1, 1]),
+            make("Transpose", [t + "out"], [t + "nhwc"], name=t + "to_nhwc", perm=[0, 2, 3, 1]),
+            make("Reshape", [t + "nhwc", name["rows"]], [t + "split"], name=t + "split_rows"),
+            make("Transpose", [t + "split"], [t + "shuffled"], name=t + "shuffle", perm=[0, 1, 3, 2, 4]),
+            make("Shape", [node.input[0]], [t + "in_shape"], name=t + "in_shape"),
+            make("Slice", [t + "in_shape", name["two"], name["four"]], [t + "hw"], name=t + "hw"),
+            make("Mul", [t + "hw", name["two"]], [t + "hw2"], name=t + "hw2"),
+            make("Concat", [name["copy_n"], t + "hw2", name["c"]], [t + "out_shape"], name=t + "out_shape", axis=0),
+            make("Reshape", [t + "shuffled", t + "out_shape"], [t + "up"], name=t + "merge"),
+            make("Transpose", [t + "up"], [node.output[0]], name=t + "to_nchw", perm=[0, 3, 1, 2]),
+        ]
         done += 1
     if done:
         used = {i for n in nodes for i in n.input}
@@ -342,6 +363,27 @@ def upsample_as_conv(proto: onnx.ModelProto) -> int:
         del g.initializer[:]
         g.initializer.extend(keep)
     return done
+
+
+def shape_of_quantized(proto: onnx.ModelProto) -> int:
+    """Let each Shape that reads a DequantizeLinear read its quantized input instead (the same shape),
+    and drop DequantizeLinears left unused; returns how many Shapes moved.
+
+    Otherwise onnxruntime gives the Shape a DequantizeLinear of its own and runs it: a whole feature map
+    converted to float just to read its size."""
+    g = proto.graph
+    dq = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    moved = 0
+    for n in g.node:
+        if n.op_type == "Shape" and n.input[0] in dq:
+            n.input[0] = dq[n.input[0]].input[0]
+            moved += 1
+    if moved:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        keep = [n for n in g.node if n.op_type != "DequantizeLinear" or n.output[0] in used]
+        del g.node[:]
+        g.node.extend(keep)
+    return moved
 
 
 def _calibration(calib: np.ndarray) -> np.ndarray:
@@ -381,6 +423,9 @@ def _quantize(src: Path, dst: Path, calib: np.ndarray, batch: int) -> bool:
             str(float_tmp if float_tmp.exists() else src), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )
+        quantized = onnx.load(str(dst))
+        if shape_of_quantized(quantized):
+            onnx.save(quantized, str(dst))
     finally:
         qlog.setLevel(level)
         float_tmp.unlink(missing_ok=True)
