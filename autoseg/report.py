@@ -137,6 +137,12 @@ def _trial_row(t: Any) -> dict:
     if cv is None and values is not None and len(values) == 2:
         cv = values[0]
     note = a.get("pruned_reason")
+    steps = getattr(t, "intermediate_values", None) or {}
+    if t.state.name == "PRUNED" and steps:
+        # Optuna keeps a pruned trial's last report as its value: a running CV score, not an objective.
+        values = None
+        fold, running = max(steps.items())
+        note = f"{note or 'pruned'} after fold {fold + 1} (running CV {running:.3f})"
     if t.state.name == "FAIL":
         reason = getattr(t, "system_attrs", {}).get("fail_reason")
         note = note or (f"failed: {str(reason).splitlines()[0][:80]}" if reason else "failed")

@@ -221,6 +221,23 @@ def test_report_on_run_in_progress(tmp_path, runs):
     assert not list(run.glob(".*.tmp"))
 
 
+def test_a_median_pruned_trial_shows_its_running_cv_as_a_note_not_as_an_objective(tmp_path, runs):
+    run = runs(tmp_path / "run")
+    study = optuna.load_study(storage=f"sqlite:///{run / 'study.db'}", study_name="autoseg")
+    trial = study.ask()
+    for k, v in {**_attrs("k3-3_c4-4_standard_transpose", 64, 900, 1e6, 1.0, None), "pruned_reason": "median"}.items():
+        trial.set_user_attr(k, v)
+    trial.report(0.81, 0)  # above every completed trial's objective, as a first fold can be
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert study.trials[-1].value == pytest.approx(0.81)  # what Optuna keeps: the last report
+
+    rep = write_report(run)
+    row = next(r for r in rep["trials"] if r["number"] == trial.number)
+    assert row["values"] is None and row["pruned_reason"] == "median after fold 1 (running CV 0.810)"
+    line = next(x for x in (run / "report.md").read_text().splitlines() if "k3-3_c4-4_standard_transpose" in x)
+    assert line.endswith("| – | median after fold 1 (running CV 0.810) |")  # objective cell: none
+
+
 def test_report_on_empty_and_missing_run_dir(tmp_path):
     rep = write_report(tmp_path)
     assert rep["trials"] == [] and rep["study"] is None and rep["chosen"] is None
