@@ -180,13 +180,13 @@ def _trial_row(t: Any) -> dict:
 
 def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None, card: dict | None) -> dict:
     """Where the latencies came from, and loud warnings when they are not one comparable set."""
-    measured = [r for r in rows if r["latency_ms"] is not None]
+    measured = [r for r in rows if r["latency_ms"] is not None and r["same_as_trial"] is None]  # not repeats
     sources = sorted({str(r["latency_source"]) for r in measured if r["latency_source"]})
     devices = sorted({str(r["device"]) for r in measured if r["device"]})
     fps: dict[str, dict] = {}
     for t, r in zip(trials, rows, strict=True):
         fid = r["fingerprint_id"]
-        if r["latency_ms"] is None or not fid:
+        if r["latency_ms"] is None or not fid or r["same_as_trial"] is not None:
             continue
         entry = fps.setdefault(fid, {"fingerprint": {}, "devices": set(), "trials": 0})
         lat = t.user_attrs.get("latency")
@@ -980,7 +980,7 @@ def write_report(run_dir: Path) -> dict:
            f"{chosen.get('arch')}" if chosen else "")
         + (f", dashed = latency budget {budget:g} ms" if budget else "") + ".")}
 
-    mpts = [r for r in rows if (_num(r["macs"]) or 0) > 0 and (r["latency_ms"] or 0) > 0]
+    mpts = [r for r in rows if (_num(r["macs"]) or 0) > 0 and (r["latency_ms"] or 0) > 0 and r["same_as_trial"] is None]
     fit = fit_loglog([p["macs"] for p in mpts], [p["latency_ms"] for p in mpts]) if mpts else None
     outliers = _macs_outliers(mpts, fit) if fit else []
     if fit:

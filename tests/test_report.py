@@ -268,6 +268,8 @@ def test_full_report(tmp_path, runs, objective):
     assert rep["pareto_front"] == [0, 1, 3]
     # the separable net is the one MACs mislead about
     assert rep["macs_fit"]["outliers"][0]["trial"] == 2 and rep["macs_fit"]["outliers"][0]["ratio"] > 1.25
+    # the repeat of trial 0 is neither a second point of the fit nor a second measurement
+    assert rep["macs_fit"]["n"] == len(NETS) + 1 and rep["latency"]["measured_trials"] == len(NETS) + 1
     rows = {r["number"]: r for r in rep["trials"]}
     assert rows[len(NETS)]["pruned_reason"] == "latency_budget"
     assert rows[len(NETS) + 1]["pruned_reason"] == "failed"
@@ -312,7 +314,8 @@ def test_mixed_latency_sources_are_flagged(tmp_path, runs):
 def test_int8_timing_is_in_the_latency_label_and_mixed_precision_is_flagged():
     def rows(*precisions):
         return [{"latency_ms": 2.0, "latency_source": "local", "device": "local", "fingerprint_id": None,
-                 "measure_size": 64, "precision": p, "throttled": None, "cached": False} for p in precisions]
+                 "measure_size": 64, "precision": p, "throttled": None, "cached": False, "same_as_trial": None}
+                for p in precisions]
 
     trials = [SimpleNamespace(user_attrs={})] * 2
     lat = _latency_provenance(rows("int8", "int8"), trials, None, None)
