@@ -187,8 +187,10 @@ def evaluate(
     batch: int,
     multiple: int,
     progress: bool = False,
+    on_prediction: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict:
-    """Predict every image in `image_ids` and score it against its mask.
+    """Predict every image in `image_ids` and score it against its mask; `on_prediction(id, image, mask,
+    pred)` sees each one (the examples are drawn from it, so no image is predicted twice).
 
     Returns {"per_image": [{"stem", "index", **Metrics}], "per_class": {name: {"iou", "dice",
     "gt_pixels", "pred_pixels"}}, "mean": Metrics of the summed confusion, "confusion": (K, K) list,
@@ -212,6 +214,8 @@ def evaluate(
             raise InputError(
                 f"{ds.pairs[i].mask}: mask is {mask.shape}, image is {pred.shape}; they must match"
             )
+        if on_prediction is not None:
+            on_prediction(int(i), image, mask, pred)
         cm = confusion_matrix(pred, mask, k)
         total += cm
         per_image.append({"stem": ds.pairs[i].stem, "index": int(i), **metrics_from_confusion(cm).to_dict()})

@@ -49,7 +49,7 @@ from autoseg.search import (
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import TrainSettings, train_model, training_settings
 from autoseg.unet import Arch, build_unet
-from autoseg.visual import write_examples
+from autoseg.visual import write_example
 from autoseg.workers import run_parallel
 
 log = logging.getLogger(__name__)
@@ -419,17 +419,23 @@ def evaluate_model(
     if len(ids) == 0:
         log.warning("no test images: pass --test-images/--test-masks or raise data.test_fraction")
         return None
-    run_fn = ort_runner(onnx_path)
     e = cfg.eval
-    metrics = evaluate(run_fn, ds, ids, e.mode, tile, e.window_overlap, e.batch, arch.multiple, progress=progress)
+    examples = {int(i) for i in ids[: e.num_examples]} if name == "metrics.json" else set()
+    if name == "metrics.json" and run.eval.joinpath("examples").is_dir():  # from an earlier evaluation
+        stems = {f"{ds.pairs[i].stem}.png" for i in examples}
+        for old in run.eval.joinpath("examples").glob("*.png"):
+            if old.name not in stems:
+                old.unlink()
+
+    def draw(i: int, image: np.ndarray, mask: np.ndarray, pred: np.ndarray) -> None:
+        if i in examples:
+            write_example(ds, i, image, mask, pred, run.eval / "examples")
+
+    metrics = evaluate(ort_runner(onnx_path), ds, ids, e.mode, tile, e.window_overlap, e.batch, arch.multiple,
+                       progress=progress, on_prediction=draw)
     metrics["mode"] = e.mode
     metrics["model"] = str(onnx_path)
     write_json_atomic(run.eval / name, metrics)
-    if e.num_examples and name == "metrics.json":
-        write_examples(
-            run_fn, ds, ids[: e.num_examples], run.eval / "examples", mode=e.mode, tile=tile,
-            overlap=e.window_overlap, batch=e.batch, multiple=arch.multiple,
-        )
     return metrics
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from autoseg.data import Dataset, load_pair
-from autoseg.infer import RunFn, normalize, predict
+from autoseg.data import Dataset
 from autoseg.rundir import write_bytes_atomic
 
 
@@ -51,27 +50,18 @@ def colorize(mask: np.ndarray, pal: np.ndarray) -> np.ndarray:
 MAX_STRIP_WIDTH = 1536  # pixels; bigger strips are scaled down so the report stays light
 
 
-def write_examples(
-    run: RunFn, ds: Dataset, ids: Sequence[int], folder: Path, *, mode: str, tile: int, overlap: float,
-    batch: int, multiple: int,
-) -> list[Path]:
-    """image | ground truth | prediction, one PNG per test image, predicted as the evaluation predicts."""
+def write_example(ds: Dataset, i: int, image: np.ndarray, mask: np.ndarray, pred: np.ndarray, folder: Path) -> Path:
+    """image | ground truth | prediction of test image `i` as one PNG in `folder`."""
     pal = palette(ds.class_map.num_classes, ds.class_map.colors)
-    paths = []
-    for i in ids:
-        image, mask = load_pair(ds, int(i))
-        logits = predict(run, normalize(image, ds.mean, ds.std), mode, tile, overlap, batch, multiple)
-        pred = logits.argmax(0).astype(np.int32)
-        rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
-        gap = np.full((rgb.shape[0], 4, 3), 255, dtype=np.uint8)
-        strip = np.concatenate([rgb, gap, colorize(mask, pal), gap, colorize(pred, pal)], axis=1)
-        path = folder / f"{ds.pairs[int(i)].stem}.png"
-        picture = Image.fromarray(strip)
-        if picture.width > MAX_STRIP_WIDTH:
-            scale = MAX_STRIP_WIDTH / picture.width
-            picture = picture.resize((MAX_STRIP_WIDTH, max(1, round(picture.height * scale))), Image.NEAREST)
-        buf = io.BytesIO()
-        picture.save(buf, format="PNG")
-        write_bytes_atomic(path, buf.getvalue())
-        paths.append(path)
-    return paths
+    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+    gap = np.full((rgb.shape[0], 4, 3), 255, dtype=np.uint8)
+    strip = np.concatenate([rgb, gap, colorize(mask, pal), gap, colorize(pred, pal)], axis=1)
+    path = folder / f"{ds.pairs[i].stem}.png"
+    picture = Image.fromarray(strip)
+    if picture.width > MAX_STRIP_WIDTH:
+        scale = MAX_STRIP_WIDTH / picture.width
+        picture = picture.resize((MAX_STRIP_WIDTH, max(1, round(picture.height * scale))), Image.NEAREST)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
+    return path

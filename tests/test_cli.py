@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -134,6 +135,11 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
         "report.json",
     ):
         assert (out / rel).exists(), rel
+    # eval.num_examples 1: one image | truth | prediction strip, from the float model's evaluation only
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    first = metrics["per_image"][0]["stem"]
+    assert [p.name for p in (out / "eval" / "examples").iterdir()] == [f"{first}.png"]
+    assert Image.open(out / "eval" / "examples" / f"{first}.png").size == (3 * 64 + 8, 64)
     card = json.loads((out / "best" / "model_card.json").read_text())
     for key in (
         "arch",
@@ -164,6 +170,14 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     assert "int8 test mIoU" in (out / "report.md").read_text()
 
     assert autoseg("eval", out, "-q").returncode == 0
+    # Evaluated on other images, the examples show those images only.
+    first_image = sorted(images.iterdir())[0]
+    for src, sub in ((first_image, "other_img"), (masks / first_image.name, "other_msk")):
+        (tmp_path / sub).mkdir()
+        shutil.copy(src, tmp_path / sub / f"other{src.suffix}")
+    proc = autoseg("eval", out, "--test-images", tmp_path / "other_img", "--test-masks", tmp_path / "other_msk", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (out / "eval" / "examples").iterdir()] == ["other.png"]
     exported = tmp_path / "again.onnx"
     proc = autoseg("export", out, "--to", exported, "-q")
     assert proc.returncode == 0, proc.stderr

@@ -220,6 +220,11 @@ def test_evaluate_on_files(tmp_path):
         assert set(res["per_class"]) == set(ds.class_map.names)
         assert sum(v["gt_pixels"] for v in res["per_class"].values()) == 40 * 56 + 33 * 47
 
+    seen = []
+    res = evaluate(_threshold_runner, ds, [1, 0], "whole", 16, 0.25, 4, 4,
+                   on_prediction=lambda i, image, mask, pred: seen.append((i, image.shape, np.array_equal(pred, mask))))
+    assert seen == [(1, (33, 47, 3), True), (0, (40, 56, 3), True)]  # each image once, as it was scored
+
     # An inverted runner is wrong everywhere: IoU 0 for both classes.
     res = evaluate(lambda x: -_threshold_runner(x), ds, [1], "whole", 16, 0.25, 4, 4)
     assert res["mean"]["miou"] == 0.0 and len(res["per_image"]) == 1
