@@ -1,7 +1,8 @@
 """Representative tiles: a few hundred tiles that stand for every training tile.
 
-features per tile -> standardise -> drop near-duplicates -> MiniBatchKMeans -> the tiles nearest
-each centre -> class-aware swaps, so a rare class keeps at least one representative.
+features per tile -> standardise -> drop near-duplicates -> MiniBatchKMeans -> per cluster, the tile
+richest in rare classes among its nearer half -> class-aware swaps, so a rare class keeps at least one
+representative.
 
 The default embedder needs no downloaded weights: per image it reduces per-pixel maps (colour,
 gradients, local binary comparisons) to sums over a grid of blocks whose edges are exactly the
@@ -41,11 +42,15 @@ from autoseg.tiles import TileIndex, crop
 log = logging.getLogger(__name__)
 
 # Bump when the features or the selection change: old caches then miss instead of lying.
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 # Share of the total feature weight given to the tile's class histogram (the rest is appearance).
 CLASS_SHARE = 2.0 / 3.0  # bench_reps: +0.009 mIoU over random on drone (5 seeds), +0.004 on isbi
 # Standardised features are clipped here, so a handful of outliers cannot eat the clusters.
 Z_CLIP = 5.0
+# A cluster's rep is the tile richest in rare classes among its nearer half (the typical tiles), not just
+# the one nearest the centre. bench_reps at R = 200, 2000 steps, 3 seeds: drone 0.163 -> 0.169 test mIoU
+# (random tiles 0.148), isbi 0.788 either way.
+POOL = 0.5
 PCA_DIMS = 32
 SHEET_CELL = 64
 SHEET_COLUMNS = 20
@@ -544,17 +549,34 @@ def _kmeans_pp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return centres
 
 
-def nearest_per_cluster(labels: np.ndarray, dist: np.ndarray, per_cluster: int, total: int) -> np.ndarray:
-    """Indices of `total` points: the `per_cluster` nearest to the centre in every cluster first;
-    surplus is trimmed from the deepest ranks, and clusters too small are made up from the others."""
+def rarity(counts: np.ndarray) -> np.ndarray:
+    """Per tile (`counts`: (n_tiles, K) pixels per class): sum over classes of its pixel share divided by
+    the square root of the class's share of all pixels. High for tiles rich in rare classes."""
+    total = counts.sum(axis=0).astype(np.float64)
+    share = total / max(total.sum(), 1.0)
+    w = np.where(share > 0, 1.0 / np.sqrt(np.maximum(share, 1e-12)), 0.0)
+    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return frac @ w
+
+
+def pick_per_cluster(
+    labels: np.ndarray, dist: np.ndarray, score: np.ndarray, per_cluster: int, total: int, pool: float = POOL
+) -> np.ndarray:
+    """Indices of `total` points, `per_cluster` from every cluster first: within a cluster, its nearer
+    `pool` share of members (the typical ones) by highest `score`, then the rest by distance to the centre.
+    Surplus is trimmed from the deepest ranks, and clusters too small are made up from the others."""
     order = np.lexsort((dist, labels))
     lab = labels[order]
     new = np.r_[True, lab[1:] != lab[:-1]]
     start = np.maximum.accumulate(np.where(new, np.arange(len(lab)), 0))
+    size = np.diff(np.r_[np.flatnonzero(new), len(lab)])[np.cumsum(new) - 1]
+    near = (np.arange(len(lab)) - start) < np.maximum(1, np.ceil(pool * size))
+    # Within a cluster: the near share first, by score; ties (and the rest) by distance.
+    key = np.where(near, -score[order], 0.0)
+    order = order[np.lexsort((dist[order], key, ~near, lab))]
     rank = np.arange(len(lab)) - start
     by_rank = np.lexsort((dist[order], rank))
-    pick = order[by_rank[: min(total, len(order))]]
-    return pick
+    return order[by_rank[: min(total, len(order))]]
 
 
 def class_aware_swap(
@@ -653,7 +675,7 @@ def build_reps(
         zk = ((z[kept] - mean) @ comp).astype(np.float32)
         labels, centres = kmeans(zk, k, seed)
     dist = ((zk - centres[labels]) ** 2).sum(axis=1)
-    pick = nearest_per_cluster(labels, dist, cfg.reps_per_cluster, cfg.num_reps)
+    pick = pick_per_cluster(labels, dist, rarity(counts)[kept], cfg.reps_per_cluster, cfg.num_reps)
     chosen, cluster, cdist = kept[pick], labels[pick], dist[pick]
 
     if cfg.class_aware:

@@ -24,7 +24,8 @@ from autoseg.reps import (
     class_counts,
     dedup,
     load_resnet18,
-    nearest_per_cluster,
+    pick_per_cluster,
+    rarity,
     rep_arrays,
     resnet18,
     write_contact_sheet,
@@ -283,10 +284,23 @@ def test_handcrafted_features_and_class_counts_are_exact():
     assert gray.shape == (len(ys), sum(HandcraftedEmbedder().groups(1)))
 
 
-def test_nearest_per_cluster_trims_and_fills():
+def test_pick_per_cluster_trims_and_fills():
     labels = np.array([0, 0, 0, 1, 1, 2])
     dist = np.array([0.3, 0.1, 0.2, 0.5, 0.4, 0.0])
-    assert sorted(nearest_per_cluster(labels, dist, 1, 3).tolist()) == [1, 4, 5]
+    flat = np.zeros(6)  # no tile rarer than another: the nearest to each centre
+    assert sorted(pick_per_cluster(labels, dist, flat, 1, 3).tolist()) == [1, 4, 5]
     # Two per cluster but cluster 2 has one member: made up from the next ranks.
-    assert sorted(nearest_per_cluster(labels, dist, 2, 5).tolist()) == [1, 2, 3, 4, 5]
-    assert sorted(nearest_per_cluster(labels, dist, 2, 4).tolist()) == [1, 2, 4, 5]
+    assert sorted(pick_per_cluster(labels, dist, flat, 2, 5).tolist()) == [1, 2, 3, 4, 5]
+    assert sorted(pick_per_cluster(labels, dist, flat, 2, 4).tolist()) == [1, 2, 4, 5]
+
+
+def test_pick_per_cluster_prefers_rare_classes_among_the_typical_tiles():
+    labels = np.zeros(6, dtype=int)
+    dist = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    counts = np.array([[100, 0], [100, 0], [90, 10], [100, 0], [100, 0], [0, 100]])  # class 1 is rare
+    score = rarity(counts)
+    assert score[5] > score[2] > score[0] == score[1]
+    # Tile 5 is the rarest but the least typical (outside the nearer half); tile 2 is inside it.
+    assert pick_per_cluster(labels, dist, score, 1, 1).tolist() == [2]
+    assert pick_per_cluster(labels, dist, score, 2, 2).tolist() == [2, 0]
+    assert pick_per_cluster(labels, dist, score, 1, 1, pool=1.0).tolist() == [5]
