@@ -570,11 +570,11 @@ def pick_per_cluster(
     new = np.r_[True, lab[1:] != lab[:-1]]
     start = np.maximum.accumulate(np.where(new, np.arange(len(lab)), 0))
     size = np.diff(np.r_[np.flatnonzero(new), len(lab)])[np.cumsum(new) - 1]
-    near = (np.arange(len(lab)) - start) < np.maximum(1, np.ceil(pool * size))
+    rank = np.arange(len(lab)) - start
+    near = rank < np.maximum(1, np.ceil(pool * size))
     # Within a cluster: the near share first, by score; ties (and the rest) by distance.
     key = np.where(near, -score[order], 0.0)
     order = order[np.lexsort((dist[order], key, ~near, lab))]
-    rank = np.arange(len(lab)) - start
     by_rank = np.lexsort((dist[order], rank))
     return order[by_rank[: min(total, len(order))]]
 
