@@ -393,8 +393,9 @@ def _calibration(calib: np.ndarray) -> np.ndarray:
     return calib
 
 
-def _quantize(src: Path, dst: Path, calib: np.ndarray, batch: int) -> bool:
-    """quantize_static from the float model at `src` into `dst`; returns whether weights are per channel.
+def _quantize(src: Path, dst: Path, calib: np.ndarray, batch: int) -> tuple[onnx.ModelProto, bool]:
+    """quantize_static from the float model at `src` (its output file is `dst`, scratch for the caller);
+    returns the quantized model, after shape_of_quantized, and whether weights are per channel.
 
     QDQ format, int8 weights and uint8 activations: the form onnxruntime's CPU provider fuses into integer
     kernels on x86 and ARM (TensorRT would want symmetric int8 activations). Weights get a scale per output
@@ -426,12 +427,11 @@ def _quantize(src: Path, dst: Path, calib: np.ndarray, batch: int) -> bool:
             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         )
         quantized = onnx.load(str(dst))
-        if shape_of_quantized(quantized):
-            onnx.save(quantized, str(dst))
+        shape_of_quantized(quantized)
     finally:
         qlog.setLevel(level)
         float_tmp.unlink(missing_ok=True)
-    return per_channel
+    return quantized, per_channel
 
 
 def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8) -> Int8Info:
@@ -445,8 +445,7 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        per_channel = _quantize(fp32_path, tmp, calib, batch)
-        proto = onnx.load(str(tmp))
+        proto, per_channel = _quantize(fp32_path, tmp, calib, batch)
         meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
         meta["quantization"] = "int8-qdq" if per_channel else "int8-qdq-per-tensor"
         del proto.metadata_props[:]
@@ -469,8 +468,7 @@ def int8_bytes(model: bytes, calib: np.ndarray) -> bytes:
     with tempfile.TemporaryDirectory(prefix="autoseg-int8-") as d:
         src, dst = Path(d) / "model.onnx", Path(d) / "model.int8.onnx"
         src.write_bytes(model)
-        _quantize(src, dst, _calibration(calib), batch=8)
-        return dst.read_bytes()
+        return _quantize(src, dst, _calibration(calib), batch=8)[0].SerializeToString()
 
 
 def _argmax_agreement(ref_path: Path, path: Path, x: np.ndarray, batch: int) -> float:
