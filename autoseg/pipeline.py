@@ -420,16 +420,18 @@ def evaluate_model(
         log.warning("no test images: pass --test-images/--test-masks or raise data.test_fraction")
         return None
     e = cfg.eval
-    examples = {int(i) for i in ids[: e.num_examples]} if name == "metrics.json" else set()
-    if name == "metrics.json" and run.eval.joinpath("examples").is_dir():  # from an earlier evaluation
-        stems = {f"{ds.pairs[i].stem}.png" for i in examples}
-        for old in run.eval.joinpath("examples").glob("*.png"):
-            if old.name not in stems:
+    main = name == "metrics.json"  # only the main model's evaluation draws examples
+    examples = {int(i) for i in ids[: e.num_examples]} if main else set()
+    folder = run.eval / "examples"
+    if main and folder.is_dir():  # strips of an earlier evaluation, maybe of other images
+        keep = {f"{ds.pairs[i].stem}.png" for i in examples}
+        for old in folder.glob("*.png"):
+            if old.name not in keep:
                 old.unlink()
 
     def draw(i: int, image: np.ndarray, mask: np.ndarray, pred: np.ndarray) -> None:
         if i in examples:
-            write_example(ds, i, image, mask, pred, run.eval / "examples")
+            write_example(ds, i, image, mask, pred, folder)
 
     metrics = evaluate(ort_runner(onnx_path), ds, ids, e.mode, tile, e.window_overlap, e.batch, arch.multiple,
                        progress=progress, on_prediction=draw)

@@ -180,13 +180,16 @@ def _trial_row(t: Any) -> dict:
 
 def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None, card: dict | None) -> dict:
     """Where the latencies came from, and loud warnings when they are not one comparable set."""
-    measured = [r for r in rows if r["latency_ms"] is not None and r["same_as_trial"] is None]  # not repeats
+    def counted(r: dict) -> bool:  # a repeat reuses its twin's measurement
+        return r["latency_ms"] is not None and r["same_as_trial"] is None
+
+    measured = [r for r in rows if counted(r)]
     sources = sorted({str(r["latency_source"]) for r in measured if r["latency_source"]})
     devices = sorted({str(r["device"]) for r in measured if r["device"]})
     fps: dict[str, dict] = {}
     for t, r in zip(trials, rows, strict=True):
         fid = r["fingerprint_id"]
-        if r["latency_ms"] is None or not fid or r["same_as_trial"] is not None:
+        if not counted(r) or not fid:
             continue
         entry = fps.setdefault(fid, {"fingerprint": {}, "devices": set(), "trials": 0})
         lat = t.user_attrs.get("latency")
