@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="processes running trials at once, each with an equal share of the "
                    "cores (default 1); small nets use many cores poorly")
     p.add_argument("--folds", type=int)
-    p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default 5)")
+    p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default: enough for "
+                   "each fold to train on about 1000 tiles, at least 3)")
     p.add_argument("--final-epochs", type=int, help="epochs of the chosen net's final retrain (default 100)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--objective", choices=["penalty", "pareto"])

@@ -123,7 +123,9 @@ class SearchConfig:
 @dataclass
 class TrainConfig:
     folds: int = field(default=3, metadata=_min(2))
-    epochs: int = field(default=5, metadata=_min(1))
+    # Epochs per CV fold. null: enough for each fold's net to see about 1000 tiles (at least 3 epochs);
+    # fewer made the CV ranking of nets worthless on the drone benchmark (train.FOLD_TILE_PASSES).
+    epochs: int | None = field(default=None, metadata=_min(1))
     # Epochs for the final retrain of the best net on all representatives. A one-off cost, so far more
     # than a fold gets: on the drone benchmark test mIoU still rose 15 -> 60 -> 120 epochs for every net.
     final_epochs: int = field(default=100, metadata=_min(1))

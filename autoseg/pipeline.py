@@ -39,6 +39,7 @@ from autoseg.search import (
     TileData,
     check_space,
     choose_best,
+    cv_epochs,
     open_study,
     pareto_summary,
     run_trials,
@@ -47,7 +48,7 @@ from autoseg.search import (
     trial_counts,
 )
 from autoseg.tiles import TileIndex, build_index
-from autoseg.train import TrainSettings, train_model, training_settings
+from autoseg.train import FOLD_TILE_PASSES, TrainSettings, train_model, training_settings
 from autoseg.unet import Arch, build_unet
 from autoseg.visual import write_example
 from autoseg.workers import run_parallel
@@ -154,7 +155,13 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
                 f"{cfg.data.images}: no training images left after the test split; lower data.test_fraction"
             )
         reps_by_tile = {t: select_reps(cfg, stage, t, run, progress) for t in tiles}
-        write_json_atomic(run.data, data_summary(stage, reps_by_tile))
+        summary = data_summary(stage, reps_by_tile)
+        summary["cv_epochs"] = {str(t): cv_epochs(cfg.train, len(r.rows)) for t, r in reps_by_tile.items()}
+        write_json_atomic(run.data, summary)
+        for t, epochs in summary["cv_epochs"].items():
+            log.info("cross-validation%s: %d folds x %d epochs on %d representatives%s", f" at tile {t}"
+                     if len(tiles) > 1 else "", cfg.train.folds, epochs, summary["reps"][t],
+                     "" if cfg.train.epochs else f" (about {FOLD_TILE_PASSES} tiles per fold; --epochs sets it)")
         task = SearchTask(
             data={t: TileData(*rep_arrays(stage.ds, r)) for t, r in reps_by_tile.items()},
             in_channels=stage.ds.channels,

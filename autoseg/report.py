@@ -328,8 +328,8 @@ def _data_summary(data: dict | None, names: list[str]) -> dict | None:
     for key in ("test_source", "size_min", "size_max", "channels", "num_classes", "ignored_pixels"):
         if data.get(key) is not None:
             out[key] = data[key]
-    # tiles / reps: {tile size: count}, one entry per searched tile size (a bare number also works).
-    for part in ("tiles", "reps"):
+    # tiles / reps / CV epochs: {tile size: count}, one per searched tile size (a bare number also works).
+    for part in ("tiles", "reps", "cv_epochs"):
         v = data.get(part)
         if isinstance(v, dict):
             nums = {str(k): x for k, x in v.items() if count(x) is not None}

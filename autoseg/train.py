@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 MIN_BATCH, MAX_BATCH = 2, 64
 FALLBACK_BATCH = 16  # when the model is not a UNet we can estimate
 MIN_STEPS_PER_EPOCH = 8  # with n_samples known, keep batches small enough to take this many steps
+# Default CV budget: tiles a fold's net trains on, over all its epochs. On the drone benchmark (14 nets,
+# 120 representatives, 3 folds) the Spearman correlation of the CV mIoU with the final test mIoU was
+# -0.33, 0.56 and 0.77 after 240, 480 and 960 tiles per fold (3, 6 and 12 epochs).
+FOLD_TILE_PASSES = 1000
+MIN_FOLD_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,11 @@ class TrainSettings:
 
 
 def training_settings(
-    t: TrainConfig, seed: int, class_weights: tuple[float, ...] | None, epochs: int | None = None
+    t: TrainConfig, seed: int, class_weights: tuple[float, ...] | None, epochs: int
 ) -> TrainSettings:
-    """The training knobs of the config; `epochs` overrides for the final retrain."""
+    """The training knobs of the config, for a run of `epochs` epochs."""
     return TrainSettings(
-        epochs=t.epochs if epochs is None else epochs,
+        epochs=epochs,
         lr=t.lr,
         weight_decay=t.weight_decay,
         batch_size=t.batch_size,
@@ -58,6 +63,12 @@ def training_settings(
         seed=seed,
         threads=t.threads,
     )
+
+
+def fold_epochs(n_tiles: int, folds: int) -> int:
+    """Epochs per CV fold when train.epochs is unset: about FOLD_TILE_PASSES tiles seen per fold."""
+    per_fold = max(1, n_tiles * (folds - 1) // folds)
+    return max(MIN_FOLD_EPOCHS, math.ceil(FOLD_TILE_PASSES / per_fold))
 
 
 # ---------------------------------------------------------------- loss

@@ -71,6 +71,7 @@ from autoseg.search import (
     tile_choices,
     trial_counts,
 )
+from autoseg.train import FOLD_TILE_PASSES, fold_epochs
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 from benchmarks import DATA_ROOT
 
@@ -91,7 +92,7 @@ class Budget:
     trials: int  # real search
     eff_trials: int  # each efficiency variant
     folds: int
-    epochs: int
+    epochs: int | None  # None: autoseg's default (about 1000 tiles per fold)
     final_epochs: int
     reps: int
     budget_samples: int  # random candidates whose median latency becomes the budget
@@ -101,7 +102,8 @@ class Budget:
 # Over-budget trials cost an export and a timing, no training, so the real search can afford many.
 # 15 final epochs left every net far from converged: the reference's test mIoU was 0.118, 0.152, 0.183
 # after 15, 60, 120; comparing half-trained nets ranks how fast they learn, not how well they segment.
-FULL = Budget(trials=40, eff_trials=16, folds=3, epochs=3, final_epochs=120, reps=120, budget_samples=24,
+# The same holds for the folds, so the full run uses the product's default epochs per fold.
+FULL = Budget(trials=40, eff_trials=16, folds=3, epochs=None, final_epochs=120, reps=120, budget_samples=24,
               latency_rounds=5)
 QUICK = Budget(trials=16, eff_trials=6, folds=3, epochs=2, final_epochs=8, reps=40, budget_samples=12,
                latency_rounds=3)
@@ -445,6 +447,12 @@ def part_efficiency(data: Path, root: Path, b: Budget, seed: int, threads: int |
 # ---------------------------------------------------------------- report
 
 
+def epochs_text(b: Budget) -> str:
+    if b.epochs is not None:
+        return f"{b.epochs} epochs"
+    return f"{fold_epochs(b.reps, b.folds)} epochs (train.epochs unset: about {FOLD_TILE_PASSES} tiles per fold)"
+
+
 def check_line(ok: bool, text: str) -> str:
     return f"{'PASS' if ok else 'FAIL'}: {text}"
 
@@ -462,7 +470,7 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
         "local device, config defaults otherwise (penalty objective, TPE, median pruner, whole-image evaluation).",
         "",
         f"Budget{' (--quick: smaller than the full run)' if args.quick else ''}: {b.trials} trials (real search), "
-        f"{b.eff_trials} trials per efficiency variant, {b.folds} folds, {b.epochs} epochs per fold, "
+        f"{b.eff_trials} trials per efficiency variant, {b.folds} folds, {epochs_text(b)} per fold, "
         f"{b.final_epochs} final epochs, {b.reps} representative tiles, seed {args.seed}, "
         f"train threads {args.threads if args.threads else 'torch default'}.",
         "",
@@ -598,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", choices=("real", "efficiency", "all"), default="all")
     ap.add_argument("--trials", type=int, help="trials of each search (default 40 real / 16 per variant; "
                     "--quick 16 / 6)")
-    ap.add_argument("--epochs", type=int, help="epochs per fold (default 3, --quick 2)")
+    ap.add_argument("--epochs", type=int, help="epochs per fold (default: autoseg's, about "
+                    "1000 tiles per fold; --quick 2)")
     ap.add_argument("--reps", type=int, help="representative tiles (default 120, --quick 40)")
     ap.add_argument("--final-epochs", type=int, help="epochs of the final retrain (default 120, --quick 8)")
     ap.add_argument("--quick", action="store_true", help="the small budget of `make bench` (<= 10 min)")

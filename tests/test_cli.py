@@ -140,6 +140,7 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     first = metrics["per_image"][0]["stem"]
     assert [p.name for p in (out / "eval" / "examples").iterdir()] == [f"{first}.png"]
     assert Image.open(out / "eval" / "examples" / f"{first}.png").size == (3 * 64 + 8, 64)
+    assert json.loads((out / "data.json").read_text())["cv_epochs"] == {"32": 1}  # --epochs 1
     card = json.loads((out / "best" / "model_card.json").read_text())
     for key in (
         "arch",

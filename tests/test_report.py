@@ -88,7 +88,7 @@ def make_run(root: Path, objective: str = "penalty", final: bool = True, mixed: 
             "class_pixels": [700_000, 250_000, 50_000], "class_fractions": [0.7, 0.25, 0.05],
             "ignored_pixels": 0, "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2],
             "train_images": [f"img{i}" for i in range(8)], "test_images": ["img8", "img9"],
-            "test_source": "split", "tiles": {"64": 500}, "reps": {"64": 40}}
+            "test_source": "split", "tiles": {"64": 500}, "reps": {"64": 40}, "cv_epochs": {"64": 38}}
     (root / "data.json").write_text(json.dumps(data))
 
     directions = ["maximize"] if objective == "penalty" else ["maximize", "minimize"]
@@ -277,6 +277,7 @@ def test_full_report(tmp_path, runs, objective):
     assert rep["per_class_iou"]["items"] == [["background", 0.91], ["road", 0.6], ["tree", None]]
     assert rep["export"]["opset"] == 17
     assert rep["data"]["images"] == 10 and rep["data"]["test_images"] == 2 and rep["data"]["reps"] == 40
+    assert rep["data"]["cv_epochs"] == 38
     assert [c["name"] for c in rep["data"]["classes"]] == CLASSES
     assert rep["examples"] == ["img8.png", "img9.png"]
 

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoseg.config import load_config
+from autoseg.config import TrainConfig, load_config
 from autoseg.errors import InputError
 from autoseg.latency import open_device, settings_from_config
 from autoseg.rundir import RunDir
@@ -24,6 +24,7 @@ from autoseg.search import (
     TileData,
     check_space,
     choose_best,
+    cv_epochs,
     distinct_trials,
     is_repeat,
     open_study,
@@ -76,6 +77,15 @@ def test_penalty_objective_matches_formula():
     )
     v = penalty_objective(0.8, 100.0, 1e7, cfg.search)
     assert v == pytest.approx(0.8 - 0.1 * 1.0 - 0.05 * 1.0)
+
+
+def test_cv_epochs_unset_aim_at_a_thousand_tiles_per_fold_and_a_set_number_is_kept(tmp_path):
+    assert cv_epochs(TrainConfig(folds=3, epochs=None), 120) == 13
+    assert cv_epochs(TrainConfig(folds=3, epochs=4), 120) == 4
+    cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "train.epochs": None})
+    with closing(open_device(cfg.device, tmp_path / "cache.db")) as device:
+        objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), RunDir(cfg.out).prepare())
+        assert objective.train_settings(16).epochs == 167  # 12 tiles, 2 folds: 6 a fold
 
 
 def test_a_one_level_net_is_one_candidate_whatever_its_upsample():

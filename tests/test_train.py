@@ -13,6 +13,7 @@ from autoseg.train import (
     auto_batch_size,
     batch_size_for,
     cross_validate,
+    fold_epochs,
     make_folds,
     predict_confusion,
     seg_loss,
@@ -110,6 +111,14 @@ def test_auto_batch_size_is_cheap_and_valid():
     assert (time.perf_counter() - t) / 20 < 0.01
     for b in [*values, auto_batch_size(TINY, 3, 2, 64), auto_batch_size(TINY, 3, 2, 64, n_samples=40)]:
         assert 2 <= b <= 64 and b & (b - 1) == 0
+
+
+def test_fold_epochs_give_each_fold_about_a_thousand_tiles():
+    assert fold_epochs(120, 3) == 13  # 80 tiles a fold
+    assert fold_epochs(200, 3) == 8  # 133
+    assert fold_epochs(20, 2) == 100
+    assert fold_epochs(100_000, 5) == 3  # never fewer than 3
+    assert fold_epochs(1, 2) == 1000  # a fold of no tiles still gets a number
 
 
 # ---------------------------------------------------------------- loss
