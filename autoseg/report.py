@@ -1034,9 +1034,13 @@ def write_report(run_dir: Path) -> dict:
         export = {k: v for k, v in export.items() if v is not None}
 
     running = sum(r["state"] in ("RUNNING", "WAITING") for r in rows)
+    # Nothing completed and nothing running: the search ended (or stopped) without a net to pick.
+    stuck = bool(rows) and running == 0 and card is None and not any(r["state"] == "COMPLETE" for r in rows)
     status = [text for cond, text in (
         (study is None, "search not started"),
         (running > 0, f"search running ({running} trial{'s' if running > 1 else ''} in progress)"),
+        (stuck, "no trial completed yet, so there is no net to retrain: rerun the search with more --trials or "
+                "a looser --latency-budget-ms (finished trials are kept)"),
         (card is None, "final net not built yet"),
         (metrics is None, "test evaluation not done yet"),
     ) if cond]

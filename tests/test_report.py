@@ -238,6 +238,19 @@ def test_a_median_pruned_trial_shows_its_running_cv_as_a_note_not_as_an_objectiv
     assert line.endswith("| – | median after fold 1 (running CV 0.810) |")  # objective cell: none
 
 
+def test_a_study_where_every_trial_was_pruned_says_how_to_go_on(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="autoseg",
+                                direction="maximize")
+    for arch, tile, params, macs, ms, _ in NETS[:2]:
+        trial = study.ask()
+        for k, v in {**_attrs(arch, tile, params, macs, ms, None), "pruned_reason": "latency_budget"}.items():
+            trial.set_user_attr(k, v)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    rep = write_report(tmp_path)
+    assert rep["status"][0].startswith("no trial completed yet, so there is no net to retrain: rerun the search")
+    assert rep["status"][0] in (tmp_path / "report.md").read_text()
+
+
 def test_report_on_empty_and_missing_run_dir(tmp_path):
     rep = write_report(tmp_path)
     assert rep["trials"] == [] and rep["study"] is None and rep["chosen"] is None
