@@ -1,0 +1,168 @@
+"""How many epochs per fold does the search need to rank nets the way their final retrain does?
+
+    python -m benchmarks.bench_fidelity [--quick] [--epochs 3 6 12 ...] [--keep DIR]
+
+Data: ../shared/datasets/semantic_drone_224, set up exactly as bench_search sets it up (same held-out split,
+tile 64, the same representative tiles, seed 0). Nets: small U-Nets within 10% of bench_search's reference
+latency at 224x224, standard and separable, 2 to 4 levels. For each net:
+
+  final   the test mIoU after autoseg.pipeline.finalize (the final retrain on all representatives for
+          the final epochs, export, evaluation on the held-out images): what the search should predict;
+  CV      autoseg.train.cross_validate's mean fold mIoU (the search's score) at each --epochs budget.
+
+Reported: for each budget, the tiles a fold trains on and the Spearman rank correlation of the CV score with
+the final test mIoU, against the baseline of the 3-epoch budget in the same run. autoseg's default budget
+(train.epochs unset) is one of the budgets. Target (set here): it ranks better than 3 epochs per fold.
+Results: benchmarks/results/fidelity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from autoseg.pipeline import finalize
+from autoseg.rundir import RunDir, write_text_atomic
+from autoseg.search import cv_epochs
+from autoseg.train import FOLD_TILE_PASSES, cross_validate, training_settings
+from autoseg.unet import Arch
+from benchmarks.bench_search import DATASET, FULL, QUICK, TILE, machine_info, make_config, prepare_task
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fidelity.md"
+SEP, STD = "separable", "standard"
+NETS = [
+    Arch((3, 3, 3, 3), (16, 32, 64, 128), SEP, "transpose"),
+    Arch((3, 3, 3), (16, 32, 64), SEP, "bilinear"),
+    Arch((3, 3, 3, 3), (16, 32, 64, 64), SEP, "transpose"),
+    Arch((3, 3, 3, 3), (16, 16, 32, 32), SEP, "transpose"),
+    Arch((3, 5), (16, 64), SEP, "bilinear"),
+    Arch((3, 3, 3, 3), (16, 32, 64, 128), SEP, "bilinear"),
+    Arch((3, 3, 3), (16, 32, 64), SEP, "transpose"),
+    Arch((3, 3, 5), (8, 16, 32), STD, "transpose"),
+    Arch((5, 3), (16, 32), SEP, "transpose"),
+    Arch((5, 3), (16, 16), SEP, "bilinear"),
+    Arch((3, 3), (8, 16), STD, "transpose"),
+    Arch((3, 3, 3, 3), (8, 16, 32, 64), STD, "transpose"),
+    Arch((3, 5, 5), (8, 16, 32), SEP, "bilinear"),
+    Arch((5, 3), (8, 16), SEP, "bilinear"),
+]
+QUICK_NETS = [NETS[i] for i in (1, 4, 7, 10, 12, 13)]
+TARGET_BASELINE_EPOCHS = 3
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation, ties given their mean rank."""
+    def ranks(v: list[float]) -> np.ndarray:
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for x in np.unique(v):
+            r[v == x] = r[v == x].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="the small budget of `make bench`: 6 nets, 40 reps, "
+                    "30 final epochs")
+    ap.add_argument("--epochs", type=int, nargs="+", help="CV budgets, epochs per fold (default 3, 6 and "
+                    "autoseg's default; --quick 3 and the default)")
+    ap.add_argument("--threads", type=int, default=1, help="train.threads (default 1, as bench_search)")
+    ap.add_argument("--keep", type=Path, help="keep the run directories here; a rerun reuses finished retrains")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not (DATASET / "images").is_dir():
+        print(f"SKIP: {DATASET}/images not found")
+        return 0
+
+    # --quick: the final retrain needs enough epochs to rank the nets at all, even on 40 reps
+    b = dataclasses.replace(QUICK, final_epochs=30) if args.quick else FULL
+    nets = QUICK_NETS if args.quick else NETS
+    info = machine_info()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_fidelity_") as tmp:
+        root = args.keep or Path(tmp)
+        cfg = make_config(DATASET, root / "data", dataclasses.replace(b, epochs=None), 0, args.threads)
+        stage, task = prepare_task(cfg, RunDir(cfg.out).prepare())
+        data = task.data[TILE]
+        n = len(data.x)
+        default = cv_epochs(cfg.train, n)
+        budgets = sorted(set(args.epochs or ([3, default] if args.quick else [3, 6, default])))
+        print(f"{len(nets)} nets, {n} representatives, {cfg.train.folds} folds, CV budgets {budgets} epochs "
+              f"(default {default}), final retrain {b.final_epochs} epochs", flush=True)
+
+        finals, cv = [], {e: [] for e in budgets}
+        for arch in nets:
+            t0 = time.perf_counter()
+            fake_trial = SimpleNamespace(number=-1, user_attrs={"arch_dict": arch.to_dict(), "tile": TILE})
+            card = finalize(cfg, RunDir(root / "final" / arch.key()).prepare(), stage, task, fake_trial)
+            finals.append(card["test_miou"])
+            for e in budgets:
+                s = training_settings(cfg.train, cfg.seed, task.class_weights, e)
+                cv[e].append(float(np.mean(cross_validate(arch, data.x, data.y, data.groups, task.num_classes, s,
+                                                          cfg.train.folds))))
+            print(f"  {arch.key():45s} final {finals[-1]:.4f}  " + "  ".join(f"cv@{e} {cv[e][-1]:.4f}"
+                                                                            for e in budgets)
+                  + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    per_fold = n * (cfg.train.folds - 1) // cfg.train.folds
+    rho = {e: spearman(cv[e], finals) for e in budgets}
+    base = rho.get(TARGET_BASELINE_EPOCHS, float("nan"))
+    ok = rho[default] > base
+    lines = [
+        "# Search fidelity: CV epochs per fold vs the final ranking",
+        "",
+        f"`{' '.join(['python -m benchmarks.bench_fidelity', *(argv if argv is not None else sys.argv[1:])])}`",
+        "",
+        f"Data: `{DATASET}`, held-out split by image, tile {TILE}, {n} representative tiles, {cfg.train.folds} folds, "
+        f"seed 0, train threads {args.threads}. {len(nets)} nets, each retrained by `autoseg.pipeline.finalize` for "
+        f"{b.final_epochs} epochs and tested on {len(stage.test_ids)} held-out images (the final test mIoU), and "
+        f"cross-validated by `autoseg.train.cross_validate` (the search's score) at each budget.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        f"- total wall time: {time.perf_counter() - start:.0f} s",
+        "",
+        "## Rank correlation with the final test mIoU",
+        "",
+        "| epochs per fold | tiles a fold trains on | Spearman | vs 3 epochs (baseline) |",
+        "|---|---|---|---|",
+        *[f"| {e}{' (autoseg default)' if e == default else ''} | {e * per_fold} | {rho[e]:.2f} | "
+          f"{rho[e] - base:+.2f} |" for e in budgets],
+        "",
+        "## Nets",
+        "",
+        "| net | final test mIoU | " + " | ".join(f"CV mIoU, {e} epochs" for e in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+        *[f"| `{a.key()}` | {f:.4f} | " + " | ".join(f"{cv[e][i]:.4f}" for e in budgets) + " |"
+          for i, (a, f) in sorted(enumerate(zip(nets, finals, strict=True)), key=lambda t: -t[1][1])],
+        "",
+        "## Targets",
+        "",
+        f"- {'PASS' if ok else 'FAIL'}: the default budget ({default} epochs, about {FOLD_TILE_PASSES} tiles a "
+        f"fold) ranks better than {TARGET_BASELINE_EPOCHS} epochs: Spearman {rho[default]:.2f} vs {base:.2f}",
+        "",
+    ]
+    write_text_atomic(args.out, "\n".join(lines))
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
