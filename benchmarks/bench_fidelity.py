@@ -38,23 +38,18 @@ from benchmarks.bench_search import DATASET, FULL, QUICK, TILE, machine_info, ma
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fidelity.md"
 SEP, STD = "separable", "standard"
+# Eight nets spanning the range the hand-picked table of results/full/search.md found under the budget.
 NETS = [
     Arch((3, 3, 3, 3), (16, 32, 64, 128), SEP, "transpose"),
     Arch((3, 3, 3), (16, 32, 64), SEP, "bilinear"),
-    Arch((3, 3, 3, 3), (16, 32, 64, 64), SEP, "transpose"),
-    Arch((3, 3, 3, 3), (16, 16, 32, 32), SEP, "transpose"),
     Arch((3, 5), (16, 64), SEP, "bilinear"),
-    Arch((3, 3, 3, 3), (16, 32, 64, 128), SEP, "bilinear"),
-    Arch((3, 3, 3), (16, 32, 64), SEP, "transpose"),
     Arch((3, 3, 5), (8, 16, 32), STD, "transpose"),
     Arch((5, 3), (16, 32), SEP, "transpose"),
-    Arch((5, 3), (16, 16), SEP, "bilinear"),
     Arch((3, 3), (8, 16), STD, "transpose"),
     Arch((3, 3, 3, 3), (8, 16, 32, 64), STD, "transpose"),
-    Arch((3, 5, 5), (8, 16, 32), SEP, "bilinear"),
     Arch((5, 3), (8, 16), SEP, "bilinear"),
 ]
-QUICK_NETS = [NETS[i] for i in (1, 4, 7, 10, 12, 13)]
+QUICK_NETS = [NETS[i] for i in (1, 2, 3, 5, 7)]
 TARGET_BASELINE_EPOCHS = 3
 
 
@@ -77,7 +72,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the small budget of `make bench`: 6 nets, 40 reps, "
+    ap.add_argument("--quick", action="store_true", help="the small budget of `make bench`: 5 nets, 40 reps, "
                     "30 final epochs")
     ap.add_argument("--epochs", type=int, nargs="+", help="CV budgets, epochs per fold (default 3, 6 and "
                     "autoseg's default; --quick 3 and the default)")
