@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 MIN_BATCH, MAX_BATCH = 2, 64
 FALLBACK_BATCH = 16  # when the model is not a UNet we can estimate
 MIN_STEPS_PER_EPOCH = 8  # with n_samples known, keep batches small enough to take this many steps
-# Default CV budget: tiles a fold's net trains on, over all its epochs. On the drone benchmark (14 nets,
-# 120 representatives, 3 folds) the Spearman correlation of the CV mIoU with the final test mIoU was
-# -0.33, 0.56 and 0.77 after 240, 480 and 960 tiles per fold (3, 6 and 12 epochs).
+# Default CV budget: tiles a fold's net trains on, over all its epochs. On the drone data (bench_fidelity:
+# 8 nets, 120 representatives, 3 folds) the Spearman correlation of the CV mIoU with the final test mIoU
+# was -0.14, 0.43 and 0.74 after 240, 480 and 1040 tiles per fold (3, 6 and 13 epochs).
 FOLD_TILE_PASSES = 1000
 MIN_FOLD_EPOCHS = 3
 
