@@ -50,7 +50,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 import autoseg
-from autoseg.config import Config, load_config
+from autoseg.config import Config, TrainConfig, load_config
 from autoseg.errors import AutosegError
 from autoseg.latency import LocalDevice, MeasureError, open_device, settings_from_config
 from autoseg.pipeline import DataStage, class_weights, finalize, prepare_data, run_search, select_reps
@@ -61,6 +61,7 @@ from autoseg.search import (
     Objective,
     SearchTask,
     TileData,
+    cv_epochs,
     distinct_trials,
     find_twin,
     measure_candidate,
@@ -71,7 +72,7 @@ from autoseg.search import (
     tile_choices,
     trial_counts,
 )
-from autoseg.train import FOLD_TILE_PASSES, fold_epochs
+from autoseg.train import FOLD_TILE_PASSES
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 from benchmarks import DATA_ROOT
 
@@ -448,9 +449,8 @@ def part_efficiency(data: Path, root: Path, b: Budget, seed: int, threads: int |
 
 
 def epochs_text(b: Budget) -> str:
-    if b.epochs is not None:
-        return f"{b.epochs} epochs"
-    return f"{fold_epochs(b.reps, b.folds)} epochs (train.epochs unset: about {FOLD_TILE_PASSES} tiles per fold)"
+    epochs = cv_epochs(TrainConfig(folds=b.folds, epochs=b.epochs), b.reps)
+    return f"{epochs} epochs" + ("" if b.epochs else f" (train.epochs unset: about {FOLD_TILE_PASSES} tiles per fold)")
 
 
 def check_line(ok: bool, text: str) -> str:
