@@ -39,7 +39,6 @@ from autoseg.search import (
     TileData,
     check_space,
     choose_best,
-    cv_epochs,
     open_study,
     pareto_summary,
     run_trials,
@@ -48,7 +47,7 @@ from autoseg.search import (
     trial_counts,
 )
 from autoseg.tiles import TileIndex, build_index
-from autoseg.train import FOLD_TILE_PASSES, TrainSettings, train_model, training_settings
+from autoseg.train import FOLD_TILE_PASSES, TrainSettings, cv_epochs, train_model, training_settings
 from autoseg.unet import Arch, build_unet
 from autoseg.visual import write_example
 from autoseg.workers import run_parallel

@@ -24,14 +24,14 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from autoseg.config import Config, SearchConfig, SpaceConfig, TrainConfig, config_to_dict
+from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
 from autoseg.errors import DeviceUnreachable, InputError
 from autoseg.export import int8_bytes, onnx_bytes
 from autoseg.gate import Gate
 from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
 from autoseg.pareto import pareto_front
 from autoseg.rundir import RunDir, write_bytes_atomic
-from autoseg.train import TrainSettings, cross_validate, fold_epochs, training_settings
+from autoseg.train import TrainSettings, cross_validate, cv_epochs, training_settings
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,6 @@ def sample_candidate(trial: optuna.Trial, space: SpaceConfig, tiles: Sequence[in
     if levels == 1:  # no decoder: both choices are the same net, which should be trained once
         upsample = ups[0]
     return Candidate(Arch(tuple(ks), tuple(cs), conv, upsample), tile)
-
-
-def cv_epochs(t: TrainConfig, n_tiles: int) -> int:
-    """Epochs per CV fold: train.epochs, or when unset enough for about FOLD_TILE_PASSES tiles a fold."""
-    return t.epochs if t.epochs is not None else fold_epochs(n_tiles, t.folds)
 
 
 def penalty_objective(score: float, latency_ms: float, macs: float, cfg: SearchConfig) -> float:

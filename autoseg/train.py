@@ -71,6 +71,11 @@ def fold_epochs(n_tiles: int, folds: int) -> int:
     return max(MIN_FOLD_EPOCHS, math.ceil(FOLD_TILE_PASSES / per_fold))
 
 
+def cv_epochs(t: TrainConfig, n_tiles: int) -> int:
+    """Epochs per CV fold: train.epochs, or when unset enough for about FOLD_TILE_PASSES tiles a fold."""
+    return t.epochs if t.epochs is not None else fold_epochs(n_tiles, t.folds)
+
+
 # ---------------------------------------------------------------- loss
 
 

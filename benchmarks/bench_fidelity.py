@@ -31,8 +31,7 @@ import numpy as np
 
 from autoseg.pipeline import finalize
 from autoseg.rundir import RunDir, write_text_atomic
-from autoseg.search import cv_epochs
-from autoseg.train import FOLD_TILE_PASSES, cross_validate, training_settings
+from autoseg.train import FOLD_TILE_PASSES, cross_validate, cv_epochs, training_settings
 from autoseg.unet import Arch
 from benchmarks.bench_search import DATASET, FULL, QUICK, TILE, machine_info, make_config, prepare_task
 

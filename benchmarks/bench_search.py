@@ -61,7 +61,6 @@ from autoseg.search import (
     Objective,
     SearchTask,
     TileData,
-    cv_epochs,
     distinct_trials,
     find_twin,
     measure_candidate,
@@ -72,7 +71,7 @@ from autoseg.search import (
     tile_choices,
     trial_counts,
 )
-from autoseg.train import FOLD_TILE_PASSES
+from autoseg.train import FOLD_TILE_PASSES, cv_epochs
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 from benchmarks import DATA_ROOT
 

@@ -24,7 +24,6 @@ from autoseg.search import (
     TileData,
     check_space,
     choose_best,
-    cv_epochs,
     distinct_trials,
     is_repeat,
     open_study,
@@ -35,6 +34,7 @@ from autoseg.search import (
     timed_size,
     trial_counts,
 )
+from autoseg.train import cv_epochs
 from autoseg.unet import Arch, count_macs
 
 TINY = {
