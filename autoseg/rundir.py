@@ -60,7 +60,8 @@ class RunDir:
         """Create the directory and prove it is writable, so a bad --out fails before any work."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-probe"
+            # A name of its own: another process may be checking the same directory right now.
+            probe = self.root / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:

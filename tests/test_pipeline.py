@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,6 +11,7 @@ from PIL import Image
 from autoseg.config import load_config
 from autoseg.errors import InputError
 from autoseg.pipeline import class_weights, prepare_data
+from autoseg.rundir import RunDir
 
 
 def write_pair(folder, stem: str, value: int, labels: list[int], size: int = 16) -> None:
@@ -64,3 +67,17 @@ def test_inverse_class_weights_favour_rare_classes(tmp_path):
     assert class_weights(load_config(None, base), stage.ds) is None
     with pytest.raises(InputError, match=r"train\.class_weights: needs 3 weights"):
         class_weights(load_config(None, {**base, "train.class_weights": [1.0]}), stage.ds)
+
+
+def test_run_directory_check_is_safe_when_processes_share_it(tmp_path):
+    # A second search (refused later by the run lock) or `autoseg report` on a running one prepares the same
+    # directory at the same time: with one fixed probe name, one deleted the other's probe and said
+    # "cannot write the run directory".
+    def prepare_many() -> None:
+        for _ in range(300):
+            RunDir(tmp_path / "run").prepare()
+
+    with ThreadPoolExecutor(4) as pool:
+        for job in [pool.submit(prepare_many) for _ in range(4)]:
+            job.result()
+    assert not list((tmp_path / "run").iterdir())  # no probe left behind
