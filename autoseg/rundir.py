@@ -60,10 +60,9 @@ class RunDir:
         """Create the directory and prove it is writable, so a bad --out fails before any work."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            # A name of its own: another process may be checking the same directory right now.
-            probe = self.root / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
+            probe = self.root / ".write-probe"
             probe.write_bytes(b"ok")
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # another process checking this directory may have removed it
         except OSError as e:
             raise InputError(
                 f"{self.root}: cannot write the run directory ({os_reason(e)}); choose another --out"
