@@ -70,9 +70,9 @@ def test_inverse_class_weights_favour_rare_classes(tmp_path):
 
 
 def test_run_directory_check_is_safe_when_processes_share_it(tmp_path):
-    # A second search (refused later by the run lock) or `autoseg report` on a running one prepares the same
-    # directory at the same time: with one fixed probe name, one deleted the other's probe and said
-    # "cannot write the run directory".
+    # A second search on one --out (refused later by the run lock), or `autoseg reps` beside a search, checks
+    # the directory at the same time: one process deleted the other's probe, which then said "cannot write
+    # the run directory".
     def prepare_many() -> None:
         for _ in range(300):
             RunDir(tmp_path / "run").prepare()
