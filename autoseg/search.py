@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
@@ -187,7 +188,27 @@ def make_sampler(cfg: Config, worker: int = 0) -> optuna.samplers.BaseSampler:
 
 def study_storage(run: RunDir) -> optuna.storages.RDBStorage:
     # Parallel workers write to one SQLite file: wait for its lock instead of failing after 5 s.
-    return optuna.storages.RDBStorage(run.storage_url, engine_kwargs={"connect_args": {"timeout": 120}})
+    storage = optuna.storages.RDBStorage(run.storage_url, engine_kwargs={"connect_args": {"timeout": 120}})
+    _lock_on_begin(storage.engine)
+    return storage
+
+
+def _lock_on_begin(engine: Any) -> None:
+    """Every transaction takes SQLite's write lock when it begins (SQLAlchemy's recipe for pysqlite).
+
+    Optuna reads a trial and then updates it (WAITING -> RUNNING) trusting SELECT ... FOR UPDATE, which
+    SQLite ignores: two workers could both take one requeued trial, and the second then failed to tell it.
+    """
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_pysqlite_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the BEGIN below is the only one
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while the storage set itself up lack the hooks
 
 
 def load_study(run: RunDir, cfg: Config, worker: int) -> optuna.Study:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +20,7 @@ from autoseg.errors import InputError
 from autoseg.latency import open_device, settings_from_config
 from autoseg.rundir import RunDir
 from autoseg.search import (
+    STUDY_NAME,
     Candidate,
     Objective,
     SearchTask,
@@ -31,6 +34,7 @@ from autoseg.search import (
     penalty_objective,
     run_trials,
     sample_candidate,
+    study_storage,
     timed_size,
     trial_counts,
 )
@@ -379,3 +383,32 @@ def test_a_lowered_budget_prunes_a_net_it_once_trained(tmp_path):
     second = study.trials[1]
     assert second.params == first.params and "same_as_trial" not in second.user_attrs
     assert second.state == TrialState.PRUNED and second.user_attrs["pruned_reason"] == "latency_budget"
+
+
+def _pop_waiting(root: str, out: object) -> None:
+    study = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(RunDir(Path(root))))
+    popped = []
+    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        popped.append(study.ask().number)
+    out.put(popped)
+
+
+def test_two_processes_never_take_the_same_queued_trial(tmp_path):
+    # Trials requeued after a kill wait in the study; parallel workers pop them. SQLite ignores Optuna's
+    # SELECT ... FOR UPDATE, so two could both move one trial to RUNNING, and the second's tell failed
+    # ("Cannot tell a COMPLETE trial").
+    run = RunDir(tmp_path / "run").prepare()
+    study = optuna.create_study(storage=study_storage(run), study_name=STUDY_NAME)
+    for i in range(60):
+        study.enqueue_trial({"x": i}, skip_if_exists=False)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_pop_waiting, args=(str(run.root), out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    popped = [n for _ in procs for n in out.get(timeout=120)]
+    for p in procs:
+        p.join()
+    # Each queued trial taken exactly once (a process that found the queue empty just after its check
+    # got a new trial, numbered 60 on).
+    assert sorted(n for n in popped if n < 60) == list(range(60))
