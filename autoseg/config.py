@@ -84,8 +84,11 @@ class SpaceConfig:
     kernels: list[int] = field(
         default_factory=lambda: [3, 5], metadata=_all(lambda v: v in (3, 5, 7), "must be kernels from {3, 5, 7}")
     )
+    # 24 and 48 matter: on the drone data (23 classes) 24 channels at full resolution instead of 16 took a
+    # 2-level net from 89 % to 100 % of the reference's test mIoU, at 7 % of its latency; 32 was over 10 %.
     channels: list[int] = field(
-        default_factory=lambda: [8, 16, 32, 64], metadata=_all(lambda v: v >= 1, "must be positive channel counts")
+        default_factory=lambda: [8, 16, 24, 32, 48, 64],
+        metadata=_all(lambda v: v >= 1, "must be positive channel counts"),
     )
     conv: list[Literal["standard", "separable"]] = field(default_factory=lambda: ["standard", "separable"])
     upsample: list[Literal["transpose", "bilinear"]] = field(default_factory=lambda: ["transpose", "bilinear"])

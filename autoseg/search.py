@@ -38,7 +38,9 @@ from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_ar
 log = logging.getLogger(__name__)
 
 STUDY_NAME = "autoseg"
-CHANNEL_STEPS = (0, 1, 2)  # how many places up the sorted channel list each deeper level moves
+# How many places up the sorted channel list each deeper level moves: with the default list, up to x4 (8 -> 32)
+# or x2.7 (24 -> 64) per level.
+CHANNEL_STEPS = (0, 1, 2, 3)
 INT8_CALIB_TILES = 8  # timing needs the int8 graph, not good scales: a few tiles calibrate it
 
 # Config keys that do not change what a trial means: a rerun may change them and still resume.
@@ -152,6 +154,8 @@ def penalty_objective(score: float, latency_ms: float, macs: float, cfg: SearchC
 def config_fingerprint(cfg: Config) -> dict[str, Any]:
     """The flattened config keys that define what the study's trials mean."""
     flat = _flatten(config_to_dict(cfg))
+    # Part of the space though not a config key: a study sampled with other steps cannot take more trials.
+    flat["search.space.channel_steps"] = list(CHANNEL_STEPS)
     return {k: v for k, v in flat.items() if k not in _RESUMABLE_KEYS and k.split(".")[0] not in _RESUMABLE_KEYS}
 
 
@@ -241,6 +245,13 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
     theirs = study.user_attrs.get("config")
     if existed and theirs is not None and theirs != mine:
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        space = [k for k in changed if k.startswith("search.space.")]
+        if space:
+            # Optuna cannot add trials to a study whose parameters had other choices.
+            raise InputError(
+                f"{run.study_db}: made with a different search space (changed: {', '.join(space[:5])}); "
+                "a study cannot change its space, so use a new --out directory"
+            )
         if not resume_anyway:
             raise InputError(
                 f"{run.study_db}: made with a different config (changed: {', '.join(changed[:5])}); "

@@ -103,6 +103,14 @@ def test_a_one_level_net_is_one_candidate_whatever_its_upsample():
     assert cand(2, "bilinear") != cand(2, "transpose")
 
 
+def test_default_space_holds_the_wide_shallow_nets_that_won_on_drone():
+    # k3-5_c24-64_separable_bilinear matched the reference U-Net at 7 % of its latency (benchmarks/results).
+    space = load_config(None, {}).search.space
+    params = {"levels": 2, "c0": 24, "k0": 3, "cstep1": 3, "k1": 5, "conv": "separable", "upsample": "bilinear"}
+    cand = sample_candidate(optuna.trial.FixedTrial(params), space, [64])
+    assert cand.arch.key() == "k3-5_c24-64_separable_bilinear"
+
+
 def test_space_with_no_valid_architecture_is_refused():
     cfg = load_config(None, {"search.space.levels": [4, 5]})
     with pytest.raises(InputError, match=r"no valid architecture.*divisible by 2\^\(levels-1\) = 8"):
@@ -311,6 +319,22 @@ def test_changed_config_is_refused_unless_resume_anyway(tmp_path):
     # Asking for more trials is not a different config.
     more = load_config(None, {**TINY, "out": str(run.root), "search.alpha": 0.5, "search.trials": 9})
     open_study(run, more)
+
+
+def test_changed_search_space_is_refused_even_with_resume_anyway(tmp_path):
+    # Optuna cannot give a parameter other choices within one study: it would fail mid-search.
+    _, run, _ = run_search(tmp_path, trials=1)
+    wider = load_config(None, {**TINY, "out": str(run.root), "search.space.channels": [4, 8, 16]})
+    for anyway in (False, True):
+        with pytest.raises(InputError, match=r"different search space \(changed: search.space.channels\).*new --out"):
+            open_study(run, wider, resume_anyway=anyway)
+    # A study from before the channel steps were part of the fingerprint sampled with other steps.
+    study = optuna.load_study(study_name="autoseg", storage=run.storage_url)
+    old = {k: v for k, v in study.user_attrs["config"].items() if k != "search.space.channel_steps"}
+    study.set_user_attr("config", old)
+    same = load_config(None, {**TINY, "out": str(run.root)})
+    with pytest.raises(InputError, match=r"changed: search.space.channel_steps"):
+        open_study(run, same, resume_anyway=True)
 
 
 def test_pareto_objective_returns_score_and_latency(tmp_path):
