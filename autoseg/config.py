@@ -126,7 +126,7 @@ class SearchConfig:
 @dataclass
 class TrainConfig:
     folds: int = field(default=3, metadata=_min(2))
-    # Epochs per CV fold. null: enough for each fold's net to see about 1000 tiles (at least 3 epochs);
+    # Epochs per CV fold. null: enough for each fold's net to see about 3000 tiles (at least 3 epochs);
     # fewer made the CV ranking of nets worthless on the drone benchmark (train.FOLD_TILE_PASSES).
     epochs: int | None = field(default=None, metadata=_min(1))
     # Epochs for the final retrain of the best net on all representatives. A one-off cost, so far more

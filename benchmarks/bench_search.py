@@ -94,7 +94,7 @@ class Budget:
     trials: int  # real search
     eff_trials: int  # each efficiency variant
     folds: int
-    epochs: int | None  # None: autoseg's default (about 1000 tiles per fold)
+    epochs: int | None  # None: autoseg's default (about FOLD_TILE_PASSES tiles per fold)
     final_epochs: int
     reps: int
     budget_samples: int  # random candidates whose median latency becomes the budget
@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, help="trials of each search (default 40 real / 16 per variant; "
                     "--quick 16 / 6)")
     ap.add_argument("--epochs", type=int, help="epochs per fold (default: autoseg's, about "
-                    "1000 tiles per fold; --quick 2)")
+                    f"{FOLD_TILE_PASSES} tiles per fold; --quick 2)")
     ap.add_argument("--reps", type=int, help="representative tiles (default 120, --quick 40)")
     ap.add_argument("--final-epochs", type=int, help="epochs of the final retrain (default 120, --quick 8)")
     ap.add_argument("--seeds", type=int, help="training seeds of the final retrains of the chosen net and the "

@@ -83,13 +83,13 @@ def test_penalty_objective_matches_formula():
     assert v == pytest.approx(0.8 - 0.1 * 1.0 - 0.05 * 1.0)
 
 
-def test_cv_epochs_unset_aim_at_a_thousand_tiles_per_fold_and_a_set_number_is_kept(tmp_path):
-    assert cv_epochs(TrainConfig(folds=3, epochs=None), 120) == 13
+def test_cv_epochs_unset_aim_at_fold_tile_passes_and_a_set_number_is_kept(tmp_path):
+    assert cv_epochs(TrainConfig(folds=3, epochs=None), 120) == 38
     assert cv_epochs(TrainConfig(folds=3, epochs=4), 120) == 4
     cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "train.epochs": None})
     with closing(open_device(cfg.device, tmp_path / "cache.db")) as device:
         objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), RunDir(cfg.out).prepare())
-        assert objective.train_settings(16).epochs == 167  # 12 tiles, 2 folds: 6 a fold
+        assert objective.train_settings(16).epochs == 500  # 12 tiles, 2 folds: 6 a fold
 
 
 def test_a_one_level_net_is_one_candidate_whatever_its_upsample():

@@ -113,12 +113,12 @@ def test_auto_batch_size_is_cheap_and_valid():
         assert 2 <= b <= 64 and b & (b - 1) == 0
 
 
-def test_fold_epochs_give_each_fold_about_a_thousand_tiles():
-    assert fold_epochs(120, 3) == 13  # 80 tiles a fold
-    assert fold_epochs(200, 3) == 8  # 133
-    assert fold_epochs(20, 2) == 100
+def test_fold_epochs_give_each_fold_about_three_thousand_tiles():
+    assert fold_epochs(120, 3) == 38  # 80 tiles a fold
+    assert fold_epochs(200, 3) == 23  # 133
+    assert fold_epochs(20, 2) == 300
     assert fold_epochs(100_000, 5) == 3  # never fewer than 3
-    assert fold_epochs(1, 2) == 1000  # a fold of no tiles still gets a number
+    assert fold_epochs(1, 2) == 3000  # a fold of no tiles still gets a number
 
 
 # ---------------------------------------------------------------- loss
