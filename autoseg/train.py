@@ -32,7 +32,7 @@ MIN_STEPS_PER_EPOCH = 8  # with n_samples known, keep batches small enough to ta
 # 8 nets, 120 representatives, 3 folds) the Spearman correlation of the CV mIoU with the final test mIoU
 # was -0.14, 0.43 and 0.74 after 240, 480 and 1040 tiles per fold (3, 6 and 13 epochs). At 1040 the best
 # net by 3-seed test mIoU (k3-5_c24-64_separable_bilinear) still ranked only 3rd of 5 small nets; at 3200
-# (40 epochs) it ranked 1st by a clear margin (benchmarks/results/full/search.md).
+# (40 epochs) it ranked 1st by a clear margin (benchmarks/results/full/fidelity.md, last note).
 FOLD_TILE_PASSES = 3000
 MIN_FOLD_EPOCHS = 3
 
