@@ -31,7 +31,7 @@ MIN_STEPS_PER_EPOCH = 8  # with n_samples known, keep batches small enough to ta
 # Default CV budget: tiles a fold's net trains on, over all its epochs. On the drone data (bench_fidelity:
 # 8 nets, 120 representatives, 3 folds) the Spearman correlation of the CV mIoU with the final test mIoU
 # was -0.14, 0.43 and 0.74 after 240, 480 and 1040 tiles per fold (3, 6 and 13 epochs). At 1040 the best
-# net by 3-seed test mIoU (k3-5_c24-64_separable_bilinear) still ranked only 3rd of 5 small nets; at 3200
+# net by 3-seed test mIoU (k3-5_c24-64_separable_bilinear) ranked only 3rd of 4 retrained nets by CV; at 3200
 # (40 epochs) it ranked 1st by a clear margin (benchmarks/results/full/fidelity.md, last note).
 FOLD_TILE_PASSES = 3000
 MIN_FOLD_EPOCHS = 3
