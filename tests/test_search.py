@@ -175,7 +175,7 @@ def test_over_budget_candidates_are_pruned_before_training(tmp_path):
 def test_impossible_budget_stops_and_keeps_the_study(tmp_path):
     with pytest.raises(InputError, match=r"search\.latency_budget_ms: 2 candidates in a row were slower"):
         run_search(tmp_path, trials=10, **{"search.latency_budget_ms": 1e-6, "search.max_budget_prunes": 2})
-    study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert {t.state for t in study.trials} == {TrialState.PRUNED}
     assert len(distinct_trials(study)) == 2
 
@@ -243,7 +243,7 @@ def test_a_device_that_cannot_load_the_models_stops_the_search_and_says_why(tmp_
     assert "3 candidates in a row could not be measured" in msg and "Opset 99" in msg
     assert "cannot load the models, exported at ONNX opset 17: lower --opset (export.opset" in msg
     assert "study is kept" in msg and "\n" not in msg
-    study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert len(study.trials) == 3
     for t in study.trials:
         assert t.state == TrialState.PRUNED and t.user_attrs["pruned_reason"] == "measure_failed"
@@ -329,7 +329,7 @@ def test_changed_search_space_is_refused_even_with_resume_anyway(tmp_path):
         with pytest.raises(InputError, match=r"different search space \(changed: search.space.channels\).*new --out"):
             open_study(run, wider, resume_anyway=anyway)
     # A study from before the channel steps were part of the fingerprint sampled with other steps.
-    study = optuna.load_study(study_name="autoseg", storage=run.storage_url)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url)
     old = {k: v for k, v in study.user_attrs["config"].items() if k != "search.space.channel_steps"}
     study.set_user_attr("config", old)
     same = load_config(None, {**TINY, "out": str(run.root)})
