@@ -149,7 +149,7 @@ def predict_folder(
         "encoding": _encoding(info.class_map),
         "class_share": {name: float(s) for name, s in zip(info.classes, share, strict=True)},
     }
-    log.info("wrote %d mask(s) to %s (%s)", len(files), out, summary["encoding"])
+    log.debug("wrote %d mask(s) to %s (%s)", len(files), out, summary["encoding"])  # the CLI prints the summary
     return summary
 
 
