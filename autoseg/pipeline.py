@@ -172,6 +172,10 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
         with closing(open_device(cfg.device, run.latency_cache)) as device:
             log.info("measuring %slatency on %s (%s)", "int8 " if cfg.device.precision == "int8" else "",
                      device.name, device.source)
+            if cfg.search.latency_budget_ms is None:
+                # The largest nets of the default space take many minutes each to cross-validate on a small CPU.
+                log.info("no latency budget: every candidate is trained, the slowest too; "
+                         "--latency-budget-ms drops slow nets before any training")
             study = open_study(run, cfg, resume_anyway)
             if cfg.search.workers > 1:
                 objective = Objective(cfg, task, device, settings, run, gate=Gate(run.root))
