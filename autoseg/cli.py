@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg import __version__
-from autoseg.config import Config, load_config
+from autoseg.config import FOLD_TILE_PASSES, Config, load_config
 from autoseg.errors import AutosegError, InputError
 from autoseg.logs import progress_enabled, setup_logging
 from autoseg.rundir import os_reason
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cores (default 1); small nets use many cores poorly")
     p.add_argument("--folds", type=int)
     p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default: enough for "
-                   "each fold to train on about 3000 tiles, at least 3)")
+                   f"each fold to train on about {FOLD_TILE_PASSES} tiles, at least 3)")
     p.add_argument("--final-epochs", type=int, help="epochs of the chosen net's final retrain (default 100)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--objective", choices=["penalty", "pareto"])

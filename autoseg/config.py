@@ -123,11 +123,19 @@ class SearchConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 
+# Default CV budget: tiles a fold's net trains on, over all its epochs. On the drone data (bench_fidelity:
+# 8 nets, 120 representatives, 3 folds) the Spearman correlation of the CV mIoU with the final test mIoU
+# was -0.14, 0.43 and 0.74 after 240, 480 and 1040 tiles per fold (3, 6 and 13 epochs). At 1040 the best
+# net by 3-seed test mIoU (k3-5_c24-64_separable_bilinear) ranked only 3rd of 4 retrained nets by CV; at 3200
+# (40 epochs) it ranked 1st by a clear margin (benchmarks/results/full/fidelity.md, last note).
+FOLD_TILE_PASSES = 3000
+
+
 @dataclass
 class TrainConfig:
     folds: int = field(default=3, metadata=_min(2))
-    # Epochs per CV fold. null: enough for each fold's net to see about 3000 tiles (at least 3 epochs);
-    # fewer made the CV ranking of nets worthless on the drone benchmark (train.FOLD_TILE_PASSES).
+    # Epochs per CV fold. null: enough for each fold's net to see about FOLD_TILE_PASSES tiles (at least 3
+    # epochs); fewer made the CV ranking of nets worthless on the drone benchmark.
     epochs: int | None = field(default=None, metadata=_min(1))
     # Epochs for the final retrain of the best net on all representatives. A one-off cost, so far more
     # than a fold gets: on the drone benchmark test mIoU still rose 15 -> 60 -> 120 epochs for every net,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoseg.config import TrainConfig
+from autoseg.config import FOLD_TILE_PASSES, TrainConfig
 from autoseg.metrics import IGNORE, confusion_matrix, metrics_from_confusion
 from autoseg.unet import Arch, UNet, build_unet, validate_arch
 
@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 MIN_BATCH, MAX_BATCH = 2, 64
 FALLBACK_BATCH = 16  # when the model is not a UNet we can estimate
 MIN_STEPS_PER_EPOCH = 8  # with n_samples known, keep batches small enough to take this many steps
-# Default CV budget: tiles a fold's net trains on, over all its epochs. On the drone data (bench_fidelity:
-# 8 nets, 120 representatives, 3 folds) the Spearman correlation of the CV mIoU with the final test mIoU
-# was -0.14, 0.43 and 0.74 after 240, 480 and 1040 tiles per fold (3, 6 and 13 epochs). At 1040 the best
-# net by 3-seed test mIoU (k3-5_c24-64_separable_bilinear) ranked only 3rd of 4 retrained nets by CV; at 3200
-# (40 epochs) it ranked 1st by a clear margin (benchmarks/results/full/fidelity.md, last note).
-FOLD_TILE_PASSES = 3000
 MIN_FOLD_EPOCHS = 3
 
 
