@@ -329,8 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
+    from autoseg.checkpoint import checkpoint_with_keys
     from autoseg.pipeline import export_checkpoint
     from autoseg.rundir import RunDir
     from autoseg.unet import Arch, build_unet
@@ -338,9 +337,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = RunDir(args.run)
     cfg = _run_config(args.run, args)
     ckpt_path = run.best / "model.pt"
-    if not ckpt_path.exists():
-        raise InputError(f"{ckpt_path}: not found; run `autoseg search` to completion first")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = checkpoint_with_keys(ckpt_path, "arch", "in_channels", "num_classes", "state_dict", "tile", "classes",
+                                "mean", "std")
     model = build_unet(Arch.from_dict(ckpt["arch"]), ckpt["in_channels"], ckpt["num_classes"])
     model.load_state_dict(ckpt["state_dict"])
     info = export_checkpoint(ckpt, model.eval(), args.to or run.best / "model.onnx", cfg)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ import torch
 import yaml
 
 from autoseg import __version__
+from autoseg.checkpoint import load_if_key, save_checkpoint
 from autoseg.config import Config, config_to_dict
 from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.errors import InputError
@@ -32,7 +32,7 @@ from autoseg.gate import Gate
 from autoseg.infer import evaluate, ort_runner
 from autoseg.latency import Device, MeasureSettings, measure_each, open_device, settings_from_config
 from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
-from autoseg.rundir import RunDir, write_bytes_atomic, write_json_atomic, write_text_atomic
+from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
 from autoseg.search import (
     Objective,
     SearchTask,
@@ -211,7 +211,7 @@ def finalize(
     settings = training_settings(cfg.train, cfg.seed, task.class_weights, epochs=cfg.train.final_epochs)
     key = retrain_key(best.number, arch, tile, settings, data)
     ds = stage.ds
-    checkpoint = _load_if_key(run.best / "model.pt", key)
+    checkpoint = load_if_key(run.best / "model.pt", key)
     if checkpoint is not None:
         log.info("trial %d (%s) was retrained already: %s kept", best.number, arch.key(), run.best / "model.pt")
         model = build_unet(arch, task.in_channels, task.num_classes)
@@ -231,7 +231,7 @@ def finalize(
             "config": config_to_dict(cfg),
             "retrain_key": key,
         }
-        _save_atomic(checkpoint, run.best / "model.pt")
+        save_checkpoint(checkpoint, run.best / "model.pt")
         (run.best / RETRAIN_STATE).unlink(missing_ok=True)
     info = export_checkpoint(checkpoint, model.eval(), run.best / "model.onnx", cfg)
 
@@ -278,30 +278,13 @@ def retrain_key(trial: int, arch: Arch, tile: int, settings: TrainSettings, data
     return h.hexdigest()[:16]
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def _load_if_key(path: Path, key: str) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # damaged, or written by another version: not worth failing the run over
-        log.warning("%s: cannot read it (%s); not used", path, type(e).__name__)
-        return None
-    return obj if isinstance(obj, dict) and obj.get("retrain_key") == key else None
-
-
 def _retrain(
     run: RunDir, key: str, arch: Arch, task: SearchTask, data: TileData, settings: TrainSettings, trial: int,
     progress: bool,
 ) -> torch.nn.Module:
     """Train the chosen net from scratch, or on from the state an interrupted run of it saved."""
     state_path = run.best / RETRAIN_STATE
-    resume = _load_if_key(state_path, key)
+    resume = load_if_key(state_path, key)
     log.info("retraining trial %d (%s) for %d epochs%s", trial, arch.key(), settings.epochs,
              f", going on after epoch {resume['epochs_done']}" if resume else "")
     last, cost = time.monotonic(), 0.0
@@ -312,7 +295,7 @@ def _retrain(
         nonlocal last, cost
         now = time.monotonic()
         if epochs_done < settings.epochs and cost <= RETRAIN_SAVE_SHARE * (now - last):
-            _save_atomic({**state(), "retrain_key": key}, state_path)
+            save_checkpoint({**state(), "retrain_key": key}, state_path)
             last = time.monotonic()
             cost = last - now
 
