@@ -203,7 +203,7 @@ class ExportConfig:
 @dataclass
 class Config:
     out: Path = Path("runs/autoseg")
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # numpy and torch seeds are unsigned 32-bit
     data: DataConfig = field(default_factory=DataConfig)
     tiles: TilesConfig = field(default_factory=TilesConfig)
     reps: RepsConfig = field(default_factory=RepsConfig)
@@ -222,9 +222,11 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise InputError(f"{path}: cannot read config ({e.strerror}); check the --config path") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: is not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -46,7 +46,7 @@ def test_round_trip_of_a_training_state(tmp_path: Path) -> None:
 def test_a_pickle_with_code_is_refused_and_its_payload_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = _malicious(tmp_path / "model.pt", marker)
-    with pytest.raises(InputError, match="model.pt: cannot be read as a plain checkpoint"):
+    with pytest.raises(InputError, match=r"model\.pt: cannot be read as a plain checkpoint"):
         read_checkpoint(path)
     assert load_if_key(path, "k") is None  # a resume state: ignored with a warning
     assert not marker.exists()

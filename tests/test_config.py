@@ -61,3 +61,15 @@ def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(None, {"data.images": "a", "train.class_weights": [1.0, 2.0]})
     again = load_config(write(tmp_path, yaml.safe_dump(config_to_dict(cfg))))
     assert again == cfg
+
+
+def test_seed_must_be_an_unsigned_32_bit_integer() -> None:
+    with pytest.raises(InputError, match=r"^seed: must be in \[0, 4294967295\], got -1$"):
+        load_config(overrides={"seed": -1})
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_bytes(b"data: {images: \"\xff\xfe\"}\n")
+    with pytest.raises(InputError, match=r"c\.yml: is not UTF-8 text"):
+        load_config(path)
