@@ -175,6 +175,59 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _SeededPerTrial:
+    """Mixin for Optuna's seeded samplers: each trial draws from a stream seeded by (seed, its place in the
+    search), not from one stream begun when the process started.
+
+    With one stream, a resumed search began it again: its first new trial drew what trial 0 had drawn (and
+    repeated trial 0's net), and every later proposal moved off the uninterrupted run's. A trial redone
+    after a kill takes its original's place, and the original (failed) takes none, so the nets proposed
+    after a resume are those an uninterrupted search proposes.
+    """
+
+    _rng: Any
+    _random_sampler: Any
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, seed=seed, **kwargs)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        original = original_trial(study, trial)
+        seeds = np.random.SeedSequence([self._base_seed, trial_place(study, original)]).generate_state(2)
+        # Reseeded in place: NSGA-II's child generation holds the same random state object.
+        self._rng.rng.seed(int(seeds[0]))
+        self._random_sampler._rng.rng.seed(int(seeds[1]))
+        super().before_trial(study, trial)  # type: ignore[misc]
+
+
+class TrialSeededTPESampler(_SeededPerTrial, optuna.samplers.TPESampler):
+    pass
+
+
+class TrialSeededNSGAIISampler(_SeededPerTrial, optuna.samplers.NSGAIISampler):
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        # A redone trial's params are fixed, so NSGA-II never gives it a generation, and it would be left out of
+        # the population its original was in: it takes the original's.
+        key, original = self._get_generation_key(), original_trial(study, trial)
+        if original is not trial and key in original.system_attrs and key not in trial.system_attrs:
+            study._storage.set_trial_system_attr(trial._trial_id, key, original.system_attrs[key])
+        super().before_trial(study, trial)
+
+
+def original_trial(study: optuna.Study, trial: FrozenTrial) -> FrozenTrial:
+    """The trial first proposed with these params, when `trial` redoes one a kill interrupted."""
+    while "redo_of" in trial.user_attrs:
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial.user_attrs["redo_of"])
+        trial = study._storage.get_trial(trial_id)
+    return trial
+
+
+def trial_place(study: optuna.Study, trial: FrozenTrial) -> int:
+    """The trial's number in a search never interrupted: the trials that a resume ran again are not counted."""
+    return trial.number - sum(n < trial.number for n in study.user_attrs.get("requeued", []))
+
+
 def make_sampler(cfg: Config, worker: int = 0) -> optuna.samplers.BaseSampler:
     """Worker 0 samples as a single-process search does. Other workers get seeds of their own (or they
     would propose the same nets), and TPE counts the trials still running as if they had scored badly
@@ -184,10 +237,10 @@ def make_sampler(cfg: Config, worker: int = 0) -> optuna.samplers.BaseSampler:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if cfg.search.sampler == "nsga2":
             pop = max(4, min(50, cfg.search.trials // 4))
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=pop)
+            return TrialSeededNSGAIISampler(seed=seed, population_size=pop)
         startup = max(3, min(10, cfg.search.trials // 3))
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
-                                          constant_liar=cfg.search.workers > 1)
+        return TrialSeededTPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
+                                     constant_liar=cfg.search.workers > 1)
 
 
 def study_storage(run: RunDir) -> optuna.storages.RDBStorage:
@@ -284,7 +337,7 @@ def _requeue_interrupted(study: optuna.Study) -> None:
         if stale:
             # Only one search runs per run directory (see pipeline's lock), so RUNNING here means killed.
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, skip_if_exists=False)
+        study.enqueue_trial(t.params, user_attrs={"redo_of": t.number}, skip_if_exists=False)
         requeued.append(t.number)
     if requeued:
         log.info("resuming: trial(s) %s were interrupted and will run again", ", ".join(map(str, requeued)))

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -438,3 +443,69 @@ def test_two_processes_never_take_the_same_queued_trial(tmp_path):
     # Each queued trial taken exactly once (a process that found the queue empty just after its check
     # got a new trial, numbered 60 on).
     assert sorted(n for n in popped if n < 60) == list(range(60))
+
+
+class StopAtMeasure(Recorder):
+    """A real local device that, at its `at`-th measurement, says so in `marker` and hangs until killed."""
+
+    def __init__(self, device, at: int, marker: Path) -> None:
+        super().__init__(device)
+        self.at, self.marker = at, marker
+
+    def measure(self, model: bytes, shape, settings):
+        if len(self.models) + 1 == self.at:
+            self.marker.write_text("measuring")
+            time.sleep(600)
+        return super().measure(model, shape, settings)
+
+
+def _search_in_child(root: str, trials: int, overrides: dict, marker: str) -> None:
+    """A search in a process of its own that hangs in its second measurement (trial 1), to be killed."""
+    import torch
+
+    torch.set_num_threads(1)  # as this test process trains: the same folds, the same scores
+    run_search(Path(root), trials, wrap=lambda d: StopAtMeasure(d, 2, Path(marker)), **overrides)
+
+
+def proposals(study: optuna.Study) -> list[str]:
+    """The nets proposed, in order; a trial killed and run again counts once, where it was first proposed."""
+    redone = {t.user_attrs["redo_of"]: t for t in study.trials if "redo_of" in t.user_attrs}
+    out = []
+    for t in study.trials:
+        if "redo_of" in t.user_attrs:
+            continue
+        while t.number in redone:
+            t = redone[t.number]
+        out.append(t.user_attrs["arch"])
+    return out
+
+
+# Past TPE's 3 random startup trials, and past NSGA-II's first generation of 4.
+@pytest.mark.parametrize(("sampler", "trials"), [("tpe", 5), ("nsga2", 6)])
+def test_a_search_killed_in_trial_1_resumes_as_the_same_search(tmp_path, sampler, trials):
+    # alpha 0: the objective leaves out latency, which no two measurements give alike; the rest is deterministic.
+    same = {"search.alpha": 0.0, "search.sampler": sampler, "seed": 3}
+    _, _, whole = run_search(tmp_path / "whole", trials, **same)
+    expected = [t.user_attrs["arch"] for t in whole.trials]
+    assert len(set(expected)) == trials
+
+    marker = tmp_path / "measuring"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_search; "
+            f"test_search._search_in_child({str(tmp_path / 'killed')!r}, {trials}, {same!r}, {str(marker)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    ended = proc.poll() is not None
+    if not ended:
+        os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    if ended or not marker.exists():
+        pytest.fail(f"the search did not reach trial 1's measurement: {err.decode()[-2000:]}")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'killed' / 'run' / 'study.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]  # killed in trial 1
+
+    _, _, resumed = run_search(tmp_path / "killed", trials, **same)
+    assert resumed.trials[1].state == TrialState.FAIL
+    assert resumed.trials[2].user_attrs["redo_of"] == 1 and resumed.trials[2].params == resumed.trials[1].params
+    assert proposals(resumed) == expected  # and no new trial repeats trial 0's net
