@@ -403,6 +403,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout.errors == "strict":  # a name that is not UTF-8, printed after the work is done, must not fail
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))

@@ -19,14 +19,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import yaml
 
 from autoseg.errors import InputError
 from autoseg.pareto import pareto_front
-from autoseg.rundir import write_bytes_atomic
+from autoseg.rundir import StudyFileError, check_study_file, fs_escape, sqlite_ro_uri, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +85,7 @@ def _sqlite_ro_storage(db: Path) -> Any:
     path = str(db.resolve())
 
     def connect() -> sqlite3.Connection:
-        # SQLite URI: percent-quote so spaces, '?' and '#' in the path survive; mode=ro refuses writes.
-        return sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+        return sqlite3.connect(sqlite_ro_uri(Path(path)), uri=True, timeout=10, check_same_thread=False)
 
     # Optuna formats the URL with str.format; braces in the path must be doubled.
     url = "sqlite:///" + path.replace("{", "{{").replace("}", "}}")
@@ -96,9 +94,13 @@ def _sqlite_ro_storage(db: Path) -> Any:
 
 def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
     """(study summary, frozen trials), or (None, []) with a note when there is no readable study."""
-    if not db.is_file():
+    if not db.exists():
         notes.append(f"study.db: {NA} (the search has not started)")
         return None, []
+    try:
+        check_study_file(db)
+    except StudyFileError as e:
+        raise InputError(f"{e}; is {db.parent} the --out folder of an autoseg search?") from None
     import optuna
 
     storage = None
@@ -942,7 +944,7 @@ def write_report(run_dir: Path) -> dict:
 
     config_text, config = None, None
     try:
-        config_text = (run_dir / "config.yml").read_text()
+        config_text = (run_dir / "config.yml").read_text(encoding="utf-8", errors="backslashreplace")
         config = yaml.safe_load(config_text)
     except FileNotFoundError:
         missing.append(f"config.yml: {NA}")
@@ -1067,8 +1069,9 @@ def write_report(run_dir: Path) -> dict:
         "eval": {k: v for k, v in metrics.items() if k != "per_image"} if metrics else None,
         "plots": plots,
     })
-    write_bytes_atomic(run_dir / "report.json", (json.dumps(rep, indent=2, ensure_ascii=False) + "\n").encode())
-    write_bytes_atomic(run_dir / "report.md", render_markdown(rep, config_text, data_raw).encode())
-    write_bytes_atomic(run_dir / "report.html", render_html(rep, pngs, examples, config_text, data_raw).encode())
+    # Names that are not UTF-8 (a run or data folder, an image): \uXXXX escapes in JSON, \xNN in what people read.
+    write_text_atomic(run_dir / "report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(run_dir / "report.md", fs_escape(render_markdown(rep, config_text, data_raw)))
+    write_text_atomic(run_dir / "report.html", fs_escape(render_html(rep, pngs, examples, config_text, data_raw)))
     log.debug("report written to %s", run_dir / "report.html")
     return rep

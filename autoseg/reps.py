@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from autoseg.config import RepsConfig
 from autoseg.data import IGNORE, Dataset, load_pair
 from autoseg.errors import InputError
-from autoseg.rundir import write_bytes_atomic
+from autoseg.rundir import fs_escape, write_bytes_atomic
 from autoseg.tiles import TileIndex, crop
 
 log = logging.getLogger(__name__)
@@ -812,7 +812,7 @@ def write_manifest(ds: Dataset, reps: RepSet, path: Path) -> None:
             ds.pairs[int(reps.image[k])].image.name, int(reps.x[k]), int(reps.y[k]),
             reps.tile, int(reps.cluster[k]), hist,
         ])
-    write_bytes_atomic(Path(path), out.getvalue().encode())
+    write_bytes_atomic(Path(path), fs_escape(out.getvalue()).encode())
 
 
 def class_palette(ds: Dataset) -> np.ndarray:

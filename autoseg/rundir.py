@@ -6,9 +6,11 @@ import errno
 import json
 import os
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from autoseg.errors import InputError
 
@@ -100,8 +102,21 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def fs_escape(text: str) -> str:
+    """`text` with the bytes of non-UTF-8 file names as \\xNN escapes, so that it can be written as UTF-8.
+
+    Python reads such a name with each undecodable byte as a lone surrogate (U+DC80-U+DCFF); no UTF-8 file
+    can hold those, so a report or manifest naming the file failed after all the work was done.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name gave
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
+    # A lone surrogate left in JSON text becomes its \uXXXX escape: valid JSON, read back as the same string.
+    write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -116,3 +131,39 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class StudyFileError(Exception):
+    """A study.db that no Optuna study can be in (the message names the file and what it is)."""
+
+
+def sqlite_ro_uri(path: Path) -> str:
+    """A read-only SQLite URI for `path`: percent-quoted bytes, so spaces, '?', '#' and names that are not
+    UTF-8 survive; mode=ro refuses writes."""
+    return f"file:{quote(os.fsencode(path))}?mode=ro"
+
+
+def check_study_file(path: Path, empty_ok: bool = False) -> None:
+    """Raise StudyFileError when `path` exists but is no Optuna study: a directory, not SQLite, or a
+    database without Optuna's tables (an empty file is one, unless `empty_ok`: a search killed as it
+    created the study left it, and fills it in). A study being created, locked or unreadable passes: the
+    caller says what it can of those."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise StudyFileError(f"{path}: not an Optuna study (it is a directory, not a file)"
+                             if path.is_dir() else f"{path}: not an Optuna study (not a regular file)")
+    try:
+        con = sqlite3.connect(sqlite_ro_uri(path), uri=True, timeout=10)
+        try:
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # locked, or no permission: not this function's to judge
+        return
+    except sqlite3.DatabaseError as e:
+        raise StudyFileError(f"{path}: not an Optuna study (not an SQLite database: {e})") from None
+    if "studies" not in tables and not (empty_ok and not tables):
+        what = "an empty file" if path.stat().st_size == 0 else "an SQLite database without Optuna's tables"
+        raise StudyFileError(f"{path}: not an Optuna study ({what})")

@@ -31,7 +31,7 @@ from autoseg.export import int8_bytes, onnx_bytes
 from autoseg.gate import Gate
 from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
 from autoseg.pareto import pareto_front
-from autoseg.rundir import RunDir, write_bytes_atomic
+from autoseg.rundir import RunDir, StudyFileError, check_study_file, write_bytes_atomic
 from autoseg.train import TrainSettings, cross_validate, cv_epochs, training_settings
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 
@@ -285,6 +285,10 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.Study:
     """Create the study, or resume it after checking it was made with the same config."""
     directions = ["maximize"] if cfg.search.objective == "penalty" else ["maximize", "minimize"]
+    try:
+        check_study_file(run.study_db, empty_ok=True)
+    except StudyFileError as e:
+        raise InputError(f"{e}; move it away (the search then starts a new study) or use a new --out") from None
     existed = run.study_db.exists()
     study = optuna.create_study(
         storage=study_storage(run),

@@ -7,9 +7,12 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
+import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -337,6 +340,56 @@ def test_int8_timing_is_in_the_latency_label_and_mixed_precision_is_flagged():
     assert _latency_provenance(rows("fp32", "fp32"), trials, None, None)["axis_label"].startswith("latency at")
     mixed = _latency_provenance(rows("int8", "fp32"), trials, None, None)
     assert any("int8 and some in float32" in w for w in mixed["warnings"])
+
+
+def test_a_run_that_names_files_whose_names_are_not_utf8_is_reported(tmp_path, runs):
+    # A run from before data.py refused such names: its search finished, and its report must be written too.
+    odd = os.fsdecode(b"caf\xe9")  # Latin-1 "café": Python reads the byte that is not UTF-8 as a lone surrogate
+    run = runs(tmp_path / os.fsdecode(b"run\xff"))
+    cfg = yaml.safe_load((run / "config.yml").read_text())
+    cfg["data"] = {"images": str(tmp_path / odd / "images"), "masks": str(tmp_path / odd / "masks")}
+    (run / "config.yml").write_text(yaml.safe_dump(cfg))  # as the pipeline writes it: YAML escapes the name
+    data = json.loads((run / "data.json").read_text())
+    data["test_images"] = [f"{odd}8", "img9"]
+    (run / "data.json").write_text(json.dumps(data))  # JSON escapes it too
+    (run / "eval" / "examples" / "img8.png").rename(run / "eval" / "examples" / f"{odd}8.png")
+
+    rep = write_report(run)
+    assert rep["run_dir"] == str(run.resolve()) and rep["examples"] == [f"{odd}8.png", "img9.png"]
+    assert rep["study"] is not None and len(rep["trials"]) == len(NETS) + 4
+    assert json.loads((run / "report.json").read_text(encoding="utf-8")) == rep  # the name read back as it was
+    md = (run / "report.md").read_text(encoding="utf-8")
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "# autoseg report — run\\xff" in md and "caf\\xe98.png" in page
+
+    # PYTHONIOENCODING=utf-8 makes stdout strict, as a UTF-8 locale other than C.UTF-8 does.
+    proc = subprocess.run([sys.executable, "-m", "autoseg", "report", run], capture_output=True, text=True,
+                          errors="surrogateescape", timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == str(run / "report.html").replace("\udcff", "\\udcff")
+
+
+@pytest.mark.parametrize("kind", ["empty", "random bytes", "a directory", "another database"])
+def test_a_study_db_that_is_no_optuna_study_is_one_line_exit_2(tmp_path, runs, kind):
+    run = runs(tmp_path / "run")
+    db = run / "study.db"
+    db.unlink()
+    if kind == "empty":
+        db.write_bytes(b"")
+    elif kind == "random bytes":
+        db.write_bytes(bytes(range(256)) * 16)
+    elif kind == "a directory":
+        db.mkdir()
+    else:
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE notes (x TEXT)")
+    with pytest.raises(InputError, match=r"study\.db: not an Optuna study"):
+        write_report(run)
+    proc = subprocess.run([sys.executable, "-m", "autoseg", "report", run], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "not an Optuna study" in proc.stderr and "study.db" in proc.stderr
+    assert not (run / "report.html").exists()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -304,3 +305,29 @@ def test_pick_per_cluster_prefers_rare_classes_among_the_typical_tiles():
     assert pick_per_cluster(labels, dist, score, 1, 1).tolist() == [2]
     assert pick_per_cluster(labels, dist, score, 2, 2).tolist() == [2, 0]
     assert pick_per_cluster(labels, dist, score, 1, 1, pool=1.0).tolist() == [5]
+
+
+def test_outputs_name_files_whose_names_are_not_utf8(data, tmp_path):
+    # data.py refuses such names at the door now; a Dataset that holds them (an older run's, or a library
+    # caller's) must still get its manifest, tiles and sheet written, the names escaped where text holds them.
+    ds, index = data
+    odd = os.fsdecode(b"caf\xe9")  # Latin-1 "café": not UTF-8, so Python reads the byte as a lone surrogate
+    folder = tmp_path / os.fsdecode(b"data\xff")
+    pairs = []
+    for p in ds.pairs:
+        for sub in ("images", "masks"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        image = folder / "images" / f"{odd}{p.stem}.png"
+        mask = folder / "masks" / f"{odd}{p.stem}.png"
+        image.write_bytes(p.image.read_bytes())
+        mask.write_bytes(p.mask.read_bytes())
+        pairs.append(dataclasses.replace(p, stem=f"{odd}{p.stem}", image=image, mask=mask))
+    ds = dataclasses.replace(ds, pairs=pairs)
+    reps = build_reps(ds, index, RepsConfig(num_reps=7), 0, tmp_path / "index")
+    write_manifest(ds, reps, tmp_path / "manifest.csv")
+    with open(tmp_path / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and all(r["image"].startswith("caf\\xe9img") for r in rows)
+    write_tile_pngs(ds, reps, tmp_path / "tiles")
+    assert len(os.listdir(os.fsencode(tmp_path / "tiles"))) == 14  # named as the OS names the images
+    write_contact_sheet(ds, reps, tmp_path / "sheet.png")

@@ -317,6 +317,25 @@ def test_killed_trial_is_run_again_with_its_params(tmp_path):
     assert rerun and rerun[0].params["levels"] == params["levels"]
 
 
+@pytest.mark.parametrize("kind", ["random bytes", "a directory", "another database", "empty"])
+def test_a_study_db_that_is_no_optuna_study_is_refused_in_one_line(tmp_path, kind):
+    cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "search.trials": 1})
+    run = RunDir(cfg.out).prepare()
+    if kind == "random bytes":
+        run.study_db.write_bytes(bytes(range(256)) * 16)
+    elif kind == "a directory":
+        run.study_db.mkdir()
+    elif kind == "another database":
+        with closing(sqlite3.connect(run.study_db)) as con:
+            con.execute("CREATE TABLE notes (x TEXT)")
+    else:  # as a kill leaves it while the study is created: the search fills it in
+        run.study_db.write_bytes(b"")
+        assert open_study(run, cfg).trials == []
+        return
+    with pytest.raises(InputError, match=r"study\.db: not an Optuna study \(.*\); move it away"):
+        open_study(run, cfg)
+
+
 def test_changed_config_is_refused_unless_resume_anyway(tmp_path):
     _, run, _ = run_search(tmp_path, trials=1)
     other = load_config(None, {**TINY, "out": str(run.root), "search.alpha": 0.5})
