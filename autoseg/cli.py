@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg import __version__
-from autoseg.config import FOLD_TILE_PASSES, Config, load_config
+from autoseg.config import FINAL_TILE_PASSES, FOLD_TILE_PASSES, Config, load_config
 from autoseg.errors import AutosegError, InputError
 from autoseg.logs import progress_enabled, setup_logging
 from autoseg.rundir import os_reason
@@ -45,6 +45,9 @@ _FLAG_KEYS = {
     "folds": "train.folds",
     "epochs": "train.epochs",
     "final_epochs": "train.final_epochs",
+    "final_data": "train.final_data",
+    "final_tiles": "train.final_tiles",
+    "final_minutes": "train.final_minutes",
     "batch_size": "train.batch_size",
     "device": "device.target",
     "device_python": "device.python",
@@ -120,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int)
     p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default: enough for "
                    f"each fold to train on about {FOLD_TILE_PASSES} tiles, at least 3)")
-    p.add_argument("--final-epochs", type=int, help="epochs of the chosen net's final retrain (default 100)")
+    p.add_argument("--final-data", choices=["all", "reps"], help="what the shipped net trains on: crops of all "
+                   "training images (default), or the representative tiles for --final-epochs epochs")
+    p.add_argument("--final-tiles", type=int, help="crops the shipped net trains on with --final-data all "
+                   f"(default {FINAL_TILE_PASSES:,})")
+    p.add_argument("--final-minutes", type=float, help="wall-clock cap on the shipped net's training")
+    p.add_argument("--final-epochs", type=int, help="epochs of the final retrain with --final-data reps (default 100)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--objective", choices=["penalty", "pareto"])
     p.add_argument("--sampler", choices=["tpe", "nsga2"])
@@ -260,6 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "train.folds": 3,
         "train.epochs": 3,
         "train.final_epochs": 25,
+        "train.final_tiles": 6000,
         "export.int8": True,
         "out": str(out),
     }

@@ -129,6 +129,8 @@ class SearchConfig:
 # net by 3-seed test mIoU (k3-5_c24-64_separable_bilinear) ranked only 3rd of 4 retrained nets by CV; at 3200
 # (40 epochs) it ranked 1st by a clear margin (benchmarks/results/full/fidelity.md, last note).
 FOLD_TILE_PASSES = 3000
+# Default budget of the shipped net's training on all training images, in crops seen.
+FINAL_TILE_PASSES = 200_000
 
 
 @dataclass
@@ -141,6 +143,31 @@ class TrainConfig:
     # than a fold gets: on the drone benchmark test mIoU still rose 15 -> 60 -> 120 epochs for every net,
     # and by another 13 % from 120 to 240.
     final_epochs: int = field(default=100, metadata=_min(1))
+    # What the shipped net trains on: "all" (crops of every training image) or "reps" (the representative
+    # tiles, final_epochs epochs). The search ranks nets on the reps, but the net a user deploys should have
+    # seen all their labels.
+    final_data: Literal["all", "reps"] = "all"
+    # Crops the shipped net sees in all (tile passes), and an optional wall-clock cap on that training.
+    final_tiles: int = field(default=FINAL_TILE_PASSES, metadata=_min(1))
+    final_minutes: float | None = field(default=None, metadata=_min(0.0, strict=True))
+    # Side of the training crops; null: the tile size.
+    final_crop: int | None = field(default=None, metadata=_min(8))
+    # Share of training images held out (by image) to choose the best checkpoint and stop early; 0: none.
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    # Tiles between validations; null: MIN_EVALS validations over the run.
+    eval_every: int | None = field(default=None, metadata=_min(1))
+    # Validations without improvement before the final training stops; 0: it always uses its whole budget.
+    patience: int = field(default=4, metadata=_min(0))
+    # Share of crops centred on a pixel of a class drawn with weight 1/sqrt(frequency): rare classes get seen.
+    rare_share: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    # Crops cut at up to this factor larger or smaller than final_crop, then resized (1: no scale jitter).
+    scale_jitter: float = field(default=1.25, metadata=_range(1.0, 4.0))
+    # Brightness and contrast jitter, in normalised units (0: none).
+    colour_jitter: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    # Decoded training images kept in memory, per loader process.
+    cache_mb: float = field(default=1024.0, metadata=_min(0.0))
+    # Processes reading crops; null: none when the decoded images fit cache_mb, else up to 4.
+    loader_workers: int | None = field(default=None, metadata=_min(0))
     lr: float = field(default=3e-3, metadata=_min(0.0, strict=True))
     weight_decay: float = field(default=1e-4, metadata=_min(0.0))
     batch_size: int | None = field(default=None, metadata=_min(1))

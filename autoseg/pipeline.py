@@ -28,6 +28,16 @@ from autoseg.config import Config, config_to_dict
 from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.errors import InputError
 from autoseg.export import ExportInfo, export_final, quantize_int8
+from autoseg.final_train import (
+    check_cache_memory,
+    final_batch_size,
+    final_key,
+    final_settings,
+    image_class_pixels,
+    loader_workers,
+    split_validation,
+    train_final,
+)
 from autoseg.gate import Gate
 from autoseg.infer import evaluate, ort_runner
 from autoseg.latency import Device, MeasureSettings, measure_each, open_device, settings_from_config
@@ -201,23 +211,25 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
 def finalize(
     cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, best: Any, progress: bool = False
 ) -> dict[str, Any]:
-    """Retrain the chosen net on all representatives, export it verified, and test it on full images.
+    """Train the chosen net to ship (on crops of all training images, or on the representatives), export it
+    verified, and test it on full images.
 
-    A rerun keeps a retrain that finished (a later step failed) and goes on with one that was interrupted.
+    A rerun keeps a training that finished (a later step failed) and goes on with one that was interrupted.
     """
     arch = Arch.from_dict(best.user_attrs["arch_dict"])
     tile = int(best.user_attrs["tile"])
-    data = task.data[tile]
-    settings = training_settings(cfg.train, cfg.seed, task.class_weights, epochs=cfg.train.final_epochs)
-    key = retrain_key(best.number, arch, tile, settings, data)
     ds = stage.ds
+    if cfg.train.final_data == "all":
+        key, train = _on_all_data(cfg, run, stage, task, arch, tile, best.number, progress)
+    else:
+        key, train = _on_reps(cfg, run, task, arch, tile, best.number, progress)
     checkpoint = load_if_key(run.best / "model.pt", key)
     if checkpoint is not None:
         log.info("trial %d (%s) was retrained already: %s kept", best.number, arch.key(), run.best / "model.pt")
         model = build_unet(arch, task.in_channels, task.num_classes)
         model.load_state_dict(checkpoint["state_dict"])
     else:
-        model = _retrain(run, key, arch, task, data, settings, best.number, progress)
+        model, training = train()
         checkpoint = {
             "arch": arch.to_dict(),
             "in_channels": task.in_channels,
@@ -229,9 +241,11 @@ def finalize(
             "class_map": ds.class_map.to_dict(),
             "state_dict": model.state_dict(),
             "config": config_to_dict(cfg),
+            "training": training,
             "retrain_key": key,
         }
         save_checkpoint(checkpoint, run.best / "model.pt")
+        write_json_atomic(run.best / "training.json", training)
         (run.best / RETRAIN_STATE).unlink(missing_ok=True)
     info = export_checkpoint(checkpoint, model.eval(), run.best / "model.onnx", cfg)
 
@@ -253,6 +267,7 @@ def finalize(
         "cv_score": best.user_attrs.get("cv_mean"),
         "cv_std": best.user_attrs.get("cv_std"),
         "fold_scores": best.user_attrs.get("fold_scores"),
+        "training": _training_summary(checkpoint.get("training")),
         **_card_test_metrics(metrics),
         "test_images": len(stage.test_ids),
         "classes": list(ds.class_map.names),
@@ -276,6 +291,62 @@ def retrain_key(trial: int, arch: Arch, tile: int, settings: TrainSettings, data
     for a in (data.x, data.y):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
+
+
+def _on_reps(
+    cfg: Config, run: RunDir, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool
+) -> tuple[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]]:
+    """train.final_data: reps. Train on the representative tiles for final_epochs, as the search's folds do."""
+    data = task.data[tile]
+    settings = training_settings(cfg.train, cfg.seed, task.class_weights, epochs=cfg.train.final_epochs)
+    key = retrain_key(trial, arch, tile, settings, data)
+
+    def train() -> tuple[torch.nn.Module, dict[str, Any]]:
+        t0 = time.monotonic()
+        model = _retrain(run, key, arch, task, data, settings, trial, progress)
+        return model, {"data": "reps", "images": None, "tiles": len(data.x), "epochs": settings.epochs,
+                       "tile_passes": settings.epochs * len(data.x), "seconds": time.monotonic() - t0,
+                       "stopped": "budget", "curve": []}
+
+    return key, train
+
+
+def _on_all_data(
+    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool
+) -> tuple[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]]:
+    """train.final_data: all. Crops of every training image; a validation split by image picks the weights."""
+    t = cfg.train
+    fit_ids, val_ids = split_validation(stage.train_ids, t.val_fraction, cfg.seed)
+    crop = t.final_crop or tile
+    crop = -(-crop // arch.multiple) * arch.multiple
+    workers = loader_workers(t, stage.ds, fit_ids)
+    check_cache_memory(t, workers)
+    settings = training_settings(t, cfg.seed, task.class_weights, epochs=0)
+    fs = final_settings(t, settings, crop, final_batch_size(t, arch, task.in_channels, task.num_classes, crop),
+                        workers)
+    key = final_key(arch.key(), tile, fs, stage.ds, fit_ids, val_ids)
+
+    def train() -> tuple[torch.nn.Module, dict[str, Any]]:
+        log.info("training trial %d (%s) on %d training images (%d validate): %d crops of %d px, batch %d, "
+                 "%d steps%s", trial, arch.key(), len(fit_ids), len(val_ids), fs.tiles, crop, fs.batch_size,
+                 fs.steps, f", at most {fs.minutes:g} min" if fs.minutes else "")
+        pixels = image_class_pixels(stage.ds, fit_ids, run.index, progress)
+        torch.manual_seed(cfg.seed)
+        model = build_unet(arch, task.in_channels, task.num_classes)
+        r = train_final(model, stage.ds, fit_ids, val_ids, pixels, fs, run.best / RETRAIN_STATE, key, progress)
+        return r.model, {
+            "data": "all", "images": len(fit_ids), "val_images": [stage.ds.pairs[int(i)].stem for i in val_ids],
+            "crop": crop, "batch_size": fs.batch_size, "tile_passes": r.tile_passes, "budget_tiles": fs.tiles,
+            "best_step": r.best_step, "best_val_miou": r.best_val_miou, "stopped": r.stopped,
+            "seconds": r.seconds, "curve": r.curve,
+        }
+
+    return key, train
+
+
+def _training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model card's view of the final training: everything but the curve (best/training.json has it)."""
+    return None if training is None else {k: v for k, v in training.items() if k != "curve"}
 
 
 def _retrain(

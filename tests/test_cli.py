@@ -20,7 +20,8 @@ from PIL import Image
 
 from autoseg.demo_data import generate_demo
 
-FAST = ["--tile", "32", "--num-reps", "16", "--folds", "2", "--epochs", "1", "--final-epochs", "1", "-q"]
+FAST = ["--tile", "32", "--num-reps", "16", "--folds", "2", "--epochs", "1", "--final-epochs", "1",
+        "--final-tiles", "64", "-q"]
 
 
 def autoseg(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -267,7 +268,8 @@ def test_kill_9_in_the_final_retrain_then_rerun_goes_on_from_its_last_epoch(demo
 
     images, masks = demo
     out = tmp_path / "run"
-    args = [*search_args(tmp_path, images, masks, out, trials=1)[:-1], "--final-epochs", "150"]  # without -q
+    args = [*search_args(tmp_path, images, masks, out, trials=1)[:-1],  # without -q
+            "--final-data", "reps", "--final-epochs", "150"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "autoseg", *map(str, args), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

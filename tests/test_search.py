@@ -55,6 +55,7 @@ TINY = {
     "search.space.upsample": ["transpose", "bilinear"],
     "train.folds": 2,
     "train.epochs": 1,
+    "train.final_tiles": 64,
     "device.warmup": 0,
     "device.min_runs": 2,
     "device.min_seconds": 0.0,

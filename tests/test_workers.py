@@ -74,6 +74,7 @@ def search_args(tmp_path: Path, demo, out: Path, trials: int, final_epochs: int 
     images, masks = demo
     return ["search", "--config", cfg, "--images", images, "--masks", masks, "--trials", trials, "--out", out,
             "--tile", "32", "--num-reps", "16", "--folds", "2", "--epochs", "1", "--final-epochs", final_epochs,
+            "--final-tiles", 64,
             "--workers", "2"]
 
 
