@@ -25,7 +25,9 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Iterable, Sequence
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -52,6 +54,20 @@ _UNKNOWN = -2  # lookup result for a raw value the class map does not know
 _GRAY = 0x010101  # packed colour of gray level v is v * _GRAY
 _MAX_COLOURS = 4096  # more distinct mask colours than this means lossy (JPEG) or non-label masks
 _SHOW = 10  # values listed in an error message
+_BAND_PIXELS = 1 << 22  # pixels converted per step when reading or mapping a big image
+
+# Images bigger than this are refused before they are decoded (Pillow would warn, then fill memory).
+MAX_PIXELS_ENV = "AUTOSEG_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 28  # 16384 x 16384; reading takes about 7 bytes a pixel (RGB)
+
+
+def mask_dtype(num_classes: int) -> type[np.signedinteger]:
+    """The smallest signed dtype holding class ids 0..num_classes-1 and IGNORE."""
+    return np.int8 if num_classes <= 127 else np.int16 if num_classes <= 32767 else np.int32
+
+
+def _band_rows(width: int) -> int:
+    return max(1, _BAND_PIXELS // max(1, width))
 
 
 # ---------------------------------------------------------------- records
@@ -83,8 +99,21 @@ class ClassMap:
     def colour_coded(self) -> bool:
         return self.values is None
 
-    def apply(self, raw: np.ndarray) -> np.ndarray:
-        """Raw mask (H, W) or (H, W, 3) -> int32 (H, W) class ids / IGNORE. ValueError on unknown values."""
+    def apply(self, raw: np.ndarray, dtype: type[np.signedinteger] = np.int32) -> np.ndarray:
+        """Raw mask (H, W) or (H, W, 3) -> (H, W) class ids / IGNORE. ValueError on unknown values.
+
+        Mapped a band of rows at a time, so a big colour mask never needs its 8-byte packed keys at once;
+        `dtype` must hold -1..K-1 (mask_dtype(K) is the smallest).
+        """
+        if raw.ndim not in (2, 3):
+            raise ValueError(f"mask must be (H, W) or (H, W, 3), got shape {raw.shape}")
+        out = np.empty(raw.shape[:2], dtype)
+        rows = _band_rows(raw.shape[1])
+        for y0 in range(0, raw.shape[0], rows):
+            out[y0 : y0 + rows] = self._apply(raw[y0 : y0 + rows])
+        return out
+
+    def _apply(self, raw: np.ndarray) -> np.ndarray:
         if raw.ndim == 3:
             if self.colour_coded:
                 ids = self._lookup(_pack(raw))
@@ -93,8 +122,6 @@ class ClassMap:
         if raw.ndim == 2:
             fast = raw.dtype == np.uint8  # a 256-entry table instead of a search per pixel
             ids = self._lut8[raw] if fast else self.map_keys(raw.astype(np.int64), colour=False)
-        elif raw.ndim != 3:
-            raise ValueError(f"mask must be (H, W) or (H, W, 3), got shape {raw.shape}")
         if (ids == _UNKNOWN).any():
             bad = np.unique(raw[ids == _UNKNOWN] if raw.ndim == 2 else _pack(raw)[ids == _UNKNOWN])
             raise ValueError(f"unexpected mask values {_format_keys(bad, raw.ndim == 3)}")
@@ -200,10 +227,14 @@ def list_images(folder: Path, role: str, key: str | None = None) -> list[Path]:
     if not folder.is_dir():
         what = "does not exist" if not folder.exists() else "is not a folder"
         raise InputError(f"{folder}: {role} folder {what}; check the {key} path")
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-    )
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_EXTS or p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():  # is_file() is False: it would vanish without a word
+            raise InputError(f"{p}: broken symbolic link (to {_link_target(p)}); fix the link or remove it")
+        if p.is_file():
+            files.append(p)
     if not files:
         raise InputError(
             f"{folder}: no {role} found (looked for {', '.join(IMAGE_EXTS)}); check the {key} path"
@@ -211,12 +242,40 @@ def list_images(folder: Path, role: str, key: str | None = None) -> list[Path]:
     return files
 
 
+def _link_target(p: Path) -> str:
+    try:
+        return _shown(Path(os.readlink(p)))
+    except OSError:
+        return "?"
+
+
+def _shown(p: Path) -> str:
+    """The path as printable text: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def _require_utf8(paths: Iterable[Path], key: str) -> None:
+    """Names that are not UTF-8 are refused here: run folders, manifests and reports are UTF-8 text."""
+    for p in paths:
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(
+                f"{_shown(p)}: the name is not valid UTF-8 (under {key}); rename it, e.g. with "
+                "`convmv -f latin1 -t utf8 --notest -r FOLDER`"
+            ) from None
+
+
 def find_pairs(images: Path, masks: Path, suffixes: Sequence[str]) -> list[Pair]:
     """Pair each image with the mask named `<stem>.<ext>` or `<stem><suffix>.<ext>`, sorted by stem."""
     images, masks = Path(images), Path(masks)
     suffixes = [s for s in suffixes if s]
+    _require_utf8([images.absolute()], "data.images")
+    _require_utf8([masks.absolute()], "data.masks")
     image_files = list_images(images, "images")
     mask_files = list_images(masks, "masks")
+    _require_utf8(image_files, "data.images")
+    _require_utf8(mask_files, "data.masks")
     by_stem: dict[str, list[Path]] = {}
     for p in mask_files:
         by_stem.setdefault(p.stem, []).append(p)
@@ -272,18 +331,65 @@ def find_pairs(images: Path, masks: Path, suffixes: Sequence[str]) -> list[Pair]
 # ---------------------------------------------------------------- reading
 
 
+def max_image_pixels() -> int:
+    """The pixel limit for one image: $AUTOSEG_MAX_IMAGE_PIXELS, else DEFAULT_MAX_IMAGE_PIXELS."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        limit = int(raw.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise InputError(f"{MAX_PIXELS_ENV}={raw!r}: must be a positive whole number of pixels, "
+                         f"e.g. {DEFAULT_MAX_IMAGE_PIXELS} (the default)")
+    return limit
+
+
+def _too_big(path: Path, what: str, size: tuple[int, int], limit: int) -> InputError:
+    w, h = size
+    return InputError(
+        f"{path}: {what} is {w}x{h} pixels ({w * h / 1e6:.0f} Mpx), above the limit of {limit / 1e6:.0f} Mpx; "
+        f"to read it anyway set {MAX_PIXELS_ENV}={w * h} (it needs about {w * h * 10 / 1e9:.1f} GB of memory), "
+        "or cut it into smaller images"
+    )
+
+
+def _size_unchecked(path: Path) -> tuple[int, int]:
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(path) as im:  # the header only
+            return im.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
 def _open(path: Path, what: str) -> Image.Image:
+    limit = max_image_pixels()
+    # Pillow warns above its own limit and refuses above twice it; ours is checked before decoding instead.
+    Image.MAX_IMAGE_PIXELS = limit
     im = None
     try:
-        im = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        if im.width * im.height > limit:
+            raise _too_big(path, what, im.size, limit)
         im.load()  # decode now so truncated files fail here, not later
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise _too_big(path, what, _size_unchecked(path), limit) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         if im is not None:
             im.close()
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(
             f"{path}: cannot read {what} ({reason}); re-save it as PNG or remove the pair"
         ) from None
+    except BaseException:
+        if im is not None:
+            im.close()
+        raise
     pages = getattr(im, "n_frames", 1)
     if pages > 1:  # e.g. a TIFF stack of EM slices: reading page 1 alone would drop the rest unnoticed
         im.close()
@@ -300,64 +406,88 @@ def _open(path: Path, what: str) -> Image.Image:
     return im
 
 
+def _by_bands(im: Image.Image, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """np.concatenate of convert(band) over bands of rows: Pillow's tobytes would hold the whole image twice."""
+    w, h = im.size
+    rows = _band_rows(w)
+    first = convert(im.crop((0, 0, w, min(h, rows))))
+    if rows >= h:
+        return np.ascontiguousarray(first)
+    out = np.empty((h, *first.shape[1:]), first.dtype)
+    out[:rows] = first
+    for y0 in range(rows, h, rows):
+        out[y0 : y0 + rows] = convert(im.crop((0, y0, w, min(h, y0 + rows))))
+    return out
+
+
 def _scale16(a: np.ndarray) -> np.ndarray:
     # 16-bit (and 32-bit integer) data: a fixed scale, so every image maps the same way.
     a = np.clip(a, 0, 65535).astype(np.uint32)
     return ((a * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def _luma(a: np.ndarray) -> np.ndarray:
+    # ITU-R 601 luma, as Pillow's convert("L")
+    return np.rint(a @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)[..., None]
+
+
 def read_image(path: Path, channels: int | None = None) -> np.ndarray:
     """(H, W, C) uint8: gray -> C=1, RGB/RGBA/P -> C=3 (alpha dropped). `channels` forces 1 or 3."""
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None, got {channels}")
     with _open(path, "image") as im:
         mode = im.mode
-        if mode == "RGB":
-            a = np.asarray(im)
-        elif mode == "L":
-            a = np.asarray(im)[..., None]
-        elif mode in ("1", "LA", "La"):
-            a = np.asarray(im.convert("L"))[..., None]
-        elif mode.startswith("I"):
-            a = _scale16(np.asarray(im).astype(np.int64))[..., None]
-        elif mode == "F":
-            f = np.nan_to_num(np.asarray(im, dtype=np.float32))
-            f = f * 255.0 if f.size and f.max() <= 1.0 else f
-            a = np.clip(np.rint(f), 0, 255).astype(np.uint8)[..., None]
-        else:  # RGBA, P, PA, CMYK, YCbCr, ...
-            a = np.asarray(im.convert("RGB"))
-    if channels == 3 and a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    elif channels == 1 and a.shape[2] == 3:
-        # ITU-R 601 luma, as Pillow's convert("L")
-        a = np.rint(a @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)[..., None]
-    elif channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1, 3 or None, got {channels}")
-    return np.ascontiguousarray(a)
+        if mode == "F":  # values in 0..1 are scaled to 0..255: look at every band first
+            top = _by_bands(im, lambda b: np.nan_to_num(np.asarray(b, np.float32)).max(axis=1)).max()
+            scale = np.float32(255.0 if top <= 1.0 else 1.0)
+
+        def band(b: Image.Image) -> np.ndarray:
+            if mode == "RGB":
+                a = np.asarray(b)
+            elif mode == "L":
+                a = np.asarray(b)[..., None]
+            elif mode in ("1", "LA", "La"):
+                a = np.asarray(b.convert("L"))[..., None]
+            elif mode.startswith("I"):
+                a = _scale16(np.asarray(b).astype(np.int64))[..., None]
+            elif mode == "F":
+                f = np.nan_to_num(np.asarray(b, dtype=np.float32)) * scale
+                a = np.clip(np.rint(f), 0, 255).astype(np.uint8)[..., None]
+            else:  # RGBA, P, PA, CMYK, YCbCr, ...
+                a = np.asarray(b.convert("RGB"))
+            if channels == 3 and a.shape[2] == 1:
+                return np.repeat(a, 3, axis=2)
+            return _luma(a) if channels == 1 and a.shape[2] == 3 else a
+
+        return _by_bands(im, band)
 
 
 def read_raw_mask(path: Path) -> np.ndarray:
     """Mask values as stored: (H, W) gray levels / palette indices, or (H, W, 3) RGB (alpha dropped)."""
     with _open(path, "mask") as im:
         mode = im.mode
-        if mode == "1":
-            a = np.asarray(im, dtype=np.uint8)
-        elif mode in ("L", "P"):  # P: the palette index is the label (VOC style)
-            a = np.asarray(im)
-        elif mode.startswith("I;16"):
-            a = np.asarray(im).astype(np.uint16)
-        elif mode == "I":
-            a = np.asarray(im).astype(np.int32)
-        elif mode in ("LA", "La", "PA"):
-            a = np.asarray(im)[..., 0]
-        elif mode in ("RGB", "RGBA", "RGBX", "RGBa"):
-            a = np.asarray(im)[..., :3]
-        elif mode == "F":
-            f = np.asarray(im, dtype=np.float32)
-            if not np.all(np.isfinite(f)) or not np.all(f == np.rint(f)):
-                raise InputError(f"{path}: mask holds fractional values; masks must hold integer class ids")
-            a = f.astype(np.int32)
-        else:
-            a = np.asarray(im.convert("RGB"))
-    return np.ascontiguousarray(a)
+
+        def band(b: Image.Image) -> np.ndarray:
+            if mode == "1":
+                return np.asarray(b, dtype=np.uint8)
+            if mode in ("L", "P"):  # P: the palette index is the label (VOC style)
+                return np.asarray(b)
+            if mode.startswith("I;16"):
+                return np.asarray(b).astype(np.uint16)
+            if mode == "I":
+                return np.asarray(b).astype(np.int32)
+            if mode in ("LA", "La", "PA"):
+                return np.asarray(b)[..., 0]
+            if mode in ("RGB", "RGBA", "RGBX", "RGBa"):
+                return np.asarray(b)[..., :3]
+            if mode == "F":
+                f = np.asarray(b, dtype=np.float32)
+                if not np.all(np.isfinite(f)) or not np.all(f == np.rint(f)):
+                    raise InputError(f"{path}: mask holds fractional values; masks must hold integer class ids")
+                return f.astype(np.int32)
+            return np.asarray(b.convert("RGB"))
+
+        return _by_bands(im, band)
 
 
 # ---------------------------------------------------------------- class definitions
@@ -719,8 +849,10 @@ def scan_dataset(
             keys, n = np.unique(raw, return_counts=True)
             _count(gray, where_gray, keys, n, pair.mask)
         else:
-            keys, n = np.unique(_pack(raw), return_counts=True)
-            _count(colour, where_colour, keys, n, pair.mask)
+            rows = _band_rows(w)
+            for y0 in range(0, h, rows):  # the packed keys take 8 bytes a pixel: a band at a time
+                keys, n = np.unique(_pack(raw[y0 : y0 + rows]), return_counts=True)
+                _count(colour, where_colour, keys, n, pair.mask)
             if len(colour) > _MAX_COLOURS:
                 raise InputError(
                     f"{pair.mask}: masks hold more than {_MAX_COLOURS} distinct colours; masks must be "
@@ -746,6 +878,7 @@ def scan_dataset(
             keys_d[k >> 16] = keys_d.get(k >> 16, 0) + c
             where.setdefault(k >> 16, where_colour[k])
 
+    inferred = class_map is None
     if class_map is None:
         spec = _class_spec(masks, cfg)
         if colour_coded:
@@ -763,6 +896,15 @@ def scan_dataset(
                           "they are not classes of the given class map")
     counts = np.array([keys_d[k] for k in key_arr.tolist()], dtype=np.int64)
     class_pixels = np.bincount(ids[ids >= 0], weights=counts[ids >= 0], minlength=class_map.num_classes)
+    present = np.flatnonzero(class_pixels)
+    if inferred and len(present) == 0:
+        raise _all_ignored(masks, cfg.ignore_index)
+    if inferred and len(present) == 1:  # e.g. empty binary masks: a net would learn nothing, and score 0
+        raise InputError(
+            f"{masks}: every labelled pixel of the {len(pairs)} mask(s) is class "
+            f"{class_map.names[int(present[0])]!r}; segmentation needs at least two classes present: "
+            "check the masks (are they empty?) and the data.masks path"
+        )
     log.info(
         "%d images, %d channel(s), %d classes (%s)",
         len(pairs), n_channels, class_map.num_classes, class_map.kind,
@@ -779,8 +921,8 @@ def scan_dataset(
     )
 
 
-def load_pair(ds: Dataset, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image (H, W, C) uint8 with C = ds.channels, mask (H, W) int32 class ids / IGNORE)."""
+def load_pair(ds: Dataset, i: int, dtype: type[np.signedinteger] = np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """(image (H, W, C) uint8 with C = ds.channels, mask (H, W) class ids / IGNORE as `dtype`)."""
     pair = ds.pairs[i]
     img = read_image(pair.image, channels=ds.channels)
     raw = read_raw_mask(pair.mask)
@@ -790,7 +932,7 @@ def load_pair(ds: Dataset, i: int) -> tuple[np.ndarray, np.ndarray]:
             f"{img.shape[1]}x{img.shape[0]} (WxH); each mask must have the size of its image"
         )
     try:
-        mask = ds.class_map.apply(raw)
+        mask = ds.class_map.apply(raw, dtype)
     except ValueError as e:
         raise InputError(f"{pair.mask}: {e}; the file changed since the scan, or it is not a mask") from None
     return img, mask

@@ -1,17 +1,22 @@
 import json
 import logging
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from autoseg import data as data_module
 from autoseg.config import DataConfig
 from autoseg.data import (
     IGNORE,
+    MAX_PIXELS_ENV,
     ClassMap,
     find_pairs,
     load_pair,
+    mask_dtype,
     read_image,
     read_raw_mask,
     scan_dataset,
@@ -116,6 +121,42 @@ def test_two_masks_for_one_image_is_ambiguous(tmp_path):
         find_pairs(tmp_path / "images", tmp_path / "masks", SUFFIXES)
 
 
+def test_a_dangling_symlink_image_is_named_not_blamed_on_its_mask(tmp_path, caplog):
+    """It was silently dropped, then its mask was skipped with a warning that blamed the mask."""
+    dataset(tmp_path, {"a": np.eye(8, 10, dtype=np.uint8), "b": np.eye(8, 10, dtype=np.uint8)})
+    (tmp_path / "images" / "b.png").unlink()
+    (tmp_path / "images" / "b.png").symlink_to(tmp_path / "gone" / "b.png")
+    with caplog.at_level(logging.WARNING), pytest.raises(InputError) as e:
+        scan(tmp_path)
+    link, target = tmp_path / "images" / "b.png", tmp_path / "gone" / "b.png"
+    assert str(e.value) == f"{link}: broken symbolic link (to {target}); fix the link or remove it"
+    assert "without an image" not in caplog.text
+    # A symlink that resolves is an image like any other.
+    (tmp_path / "images" / "b.png").unlink()
+    (tmp_path / "images" / "b.png").symlink_to(tmp_path / "images" / "a.png")
+    assert [p.stem for p in scan(tmp_path).pairs] == ["a", "b"]
+
+
+NOT_UTF8 = b"caf\xe9"  # Latin-1, as old Windows tools wrote it
+
+
+@pytest.mark.parametrize("where", ["image", "mask", "folder"])
+def test_names_that_are_not_utf8_are_refused_at_the_door(tmp_path, where):
+    """The whole search ran, then writing the manifest or the report failed on such a name."""
+    root = tmp_path / os.fsdecode(NOT_UTF8) if where == "folder" else tmp_path
+    dataset(root, {"a": np.eye(8, 10, dtype=np.uint8)})
+    if where != "folder":
+        sub = root / ("images" if where == "image" else "masks")
+        (sub / "a.png").rename(sub / os.fsdecode(NOT_UTF8 + b".png"))
+        other = root / ("masks" if where == "image" else "images")
+        (other / "a.png").rename(other / os.fsdecode(NOT_UTF8 + b".png"))
+    with pytest.raises(InputError, match=r"caf\\xe9.*: the name is not valid UTF-8 \(under data\.(images|masks)\); "
+                                         "rename it") as e:
+        scan(root)
+    str(e.value).encode("utf-8")  # the message itself prints anywhere
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -144,6 +185,79 @@ def test_exif_orientation_is_applied_as_viewers_and_label_tools_do(tmp_path):
     assert np.array_equal(read_image(tmp_path / "cam.png"), np.rot90(pixels, k=-1))
     Image.fromarray(gray(8, 10)).save(tmp_path / "m.png", exif=exif.tobytes())
     assert read_raw_mask(tmp_path / "m.png").shape == (10, 8)
+
+
+def test_big_images_are_read_a_band_at_a_time_to_the_same_pixels(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    cases = {
+        "rgb.png": rng.integers(0, 256, (37, 23, 3), dtype=np.uint8),
+        "gray.png": rng.integers(0, 256, (37, 23), dtype=np.uint8),
+        "rgba.png": rng.integers(0, 256, (37, 23, 4), dtype=np.uint8),
+        "g16.png": rng.integers(0, 65536, (37, 23), dtype=np.uint16),
+        "f.tif": rng.random((37, 23), dtype=np.float32) * 0.9,  # values in 0..1 are scaled by 255
+        "ids.tif": rng.integers(0, 5, (37, 23)).astype(np.float32),
+    }
+    for name, a in cases.items():
+        Image.fromarray(a).save(tmp_path / name)
+    images = {(n, c): read_image(tmp_path / n, c) for n in cases for c in (None, 1, 3)}
+    masks = {n: read_raw_mask(tmp_path / n) for n in cases if n != "f.tif"}
+    monkeypatch.setattr(data_module, "_BAND_PIXELS", 50)  # bands of 2 rows, the last one shorter
+    for (n, c), img in images.items():
+        assert np.array_equal(read_image(tmp_path / n, c), img), (n, c)
+    for n, raw in masks.items():
+        assert np.array_equal(read_raw_mask(tmp_path / n), raw), n
+    assert np.array_equal(images["rgb.png", None], cases["rgb.png"])
+    assert np.array_equal(images["rgba.png", None], cases["rgba.png"][..., :3])
+    assert images["f.tif", None].max() > 200 and np.array_equal(masks["ids.tif"], cases["ids.tif"])
+
+
+def test_class_ids_in_a_compact_type_a_band_at_a_time(monkeypatch):
+    cmap = ClassMap("palette", ("a", "b", "c"), None, ((0, 0, 0), (200, 0, 0), (0, 200, 0)), None,
+                    ((9, 9, 9),))
+    raw = np.zeros((9, 7, 3), np.uint8)
+    raw[2:5, 1:4] = (200, 0, 0)
+    raw[6:, 3:] = (0, 200, 0)
+    raw[0, 0] = (9, 9, 9)
+    ref = cmap.apply(raw)
+    monkeypatch.setattr(data_module, "_BAND_PIXELS", 10)
+    small = cmap.apply(raw, mask_dtype(3))
+    assert ref.dtype == np.int32 and small.dtype == np.int8 and np.array_equal(ref, small)
+    assert small[0, 0] == IGNORE and small[3, 2] == 1 and small[7, 5] == 2
+    raw[8, 0] = (1, 2, 3)  # unknown in the last band
+    with pytest.raises(ValueError, match=r"unexpected mask values \(1, 2, 3\)"):
+        cmap.apply(raw, np.int8)
+    assert [mask_dtype(k) for k in (2, 127, 128, 40000)] == [np.int8, np.int8, np.int16, np.int32]
+
+
+def test_images_over_the_pixel_limit_get_one_line_not_a_decompression_bomb(tmp_path, monkeypatch):
+    """Pillow warned (DecompressionBombWarning) above 89 Mpx, then evaluation filled memory."""
+    path = save(tmp_path / "big.png", rgb(30, 40))  # 1200 px
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1000")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Pillow warning either
+        for reader, what in ((read_image, "image"), (read_raw_mask, "mask")):
+            with pytest.raises(InputError) as e:
+                reader(path)
+            assert str(e.value).startswith(f"{path}: {what} is 40x30 pixels (0 Mpx), above the limit of 0 Mpx; "
+                                           f"to read it anyway set {MAX_PIXELS_ENV}=1200")
+        monkeypatch.setenv(MAX_PIXELS_ENV, "500")  # more than twice the limit: Pillow's error, turned into ours
+        with pytest.raises(InputError, match=rf"big\.png: image is 40x30 pixels .* set {MAX_PIXELS_ENV}=1200"):
+            read_image(path)
+        monkeypatch.setenv(MAX_PIXELS_ENV, "1200")  # up to the limit it just works
+        assert read_image(path).shape == (30, 40, 3)
+    for bad in ("lots", "0", "-5"):
+        monkeypatch.setenv(MAX_PIXELS_ENV, bad)
+        with pytest.raises(InputError, match=rf"{MAX_PIXELS_ENV}='{bad}': must be a positive whole number"):
+            read_image(path)
+
+
+def test_an_image_bigger_than_pillows_own_limit_reads_without_a_warning(tmp_path):
+    """9500 x 9500 = 90 Mpx is over Pillow's 89.5 Mpx warning limit, and well under ours."""
+    path = tmp_path / "wide.png"
+    Image.new("1", (9500, 9500)).save(path)  # 1 bit a pixel: a small file, decoded as 90 MB
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_raw_mask(path).shape == (9500, 9500)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a png at all", None])
@@ -198,11 +312,27 @@ def test_binary_0_255_is_foreground_even_with_ignore_255(tmp_path):
     assert mask.dtype == np.int32 and mask[:, :4].tolist() == [[1] * 4] * 8 and (mask[:, 4:] == 0).all()
 
 
-@pytest.mark.parametrize("values", [[0], [255]])
-def test_binary_with_one_value_only(tmp_path, values):
-    dataset(tmp_path, {f"m{v}": np.full((8, 10), v, np.uint8) for v in values})
-    ds = scan(tmp_path)
-    assert ds.class_map.kind == "binary" and ds.class_map.num_classes == 2
+@pytest.mark.parametrize(("values", "cls"), [([0], "background"), ([255], "foreground"), ([1, 1], "foreground")])
+def test_masks_of_one_class_only_are_refused_naming_the_folder(tmp_path, values, cls):
+    """All-zero masks made a "binary" net with no foreground pixel, and a test mIoU of 0.0, without a word."""
+    dataset(tmp_path, {f"m{i}": np.full((8, 10), v, np.uint8) for i, v in enumerate(values)})
+    with pytest.raises(InputError, match=rf"masks: every labelled pixel of the {len(values)} mask\(s\) is class "
+                                         rf"'{cls}'; segmentation needs at least two classes present") as e:
+        scan(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_one_class_is_refused_even_when_a_class_file_declares_more(tmp_path):
+    dataset(tmp_path, {"a": np.full((8, 10), 2, np.uint8)})
+    (tmp_path / "masks" / "classes.json").write_text(json.dumps(["sky", "road", "tree"]))
+    with pytest.raises(InputError, match="is class 'tree'; segmentation needs at least two"):
+        scan(tmp_path)
+    # Ignored pixels are not a class: 0 plus the ignore value is still one class.
+    m = np.zeros((8, 10), np.uint8)
+    m[0] = 7
+    dataset(tmp_path / "b", {"a": m})
+    with pytest.raises(InputError, match="is class 'background'; segmentation needs at least two"):
+        scan(tmp_path / "b", ignore_index=7)
 
 
 def test_binary_0_1_honours_the_ignore_value(tmp_path):
@@ -394,6 +524,7 @@ def test_class_map_round_trip():
 
 def test_channels_follow_the_data(tmp_path):
     z = np.zeros((8, 10), np.uint8)
+    z[0] = 1  # two classes present
     dataset(tmp_path / "g", {"a": z, "b": z}, images={"a": gray(seed=1), "b": gray(seed=2)})
     assert scan(tmp_path / "g").channels == 1
     dataset(tmp_path / "m", {"a": z, "b": z}, images={"a": gray(seed=1), "b": rgb(seed=2)})
@@ -405,6 +536,7 @@ def test_channels_follow_the_data(tmp_path):
 
 def test_mean_and_std_match_numpy(tmp_path):
     z = np.zeros((8, 10), np.uint8)
+    z[0] = 1  # two classes present
     images = {"a": gray(8, 10, seed=1), "b": rgb(8, 10, seed=2), "c": rgb(8, 10, seed=3)}
     dataset(tmp_path, {"a": z, "b": z, "c": z}, images=images)
     ds = scan(tmp_path)
