@@ -3,14 +3,16 @@
 A `RunFn` maps float32 NCHW to logits NCHW. `predict_whole` runs the image once (padded to the
 net's size multiple); `predict_windows` runs overlapping tiles in batches and blends them with a
 Gaussian importance map (sigma = tile/8, as nnU-Net), so window borders, where the net saw
-padding instead of context, count least.
+padding instead of context, count least. `predict_bands` / `predict_labels` give the same results a
+band of rows at a time, from the uint8 image, so memory is bounded by the window, not by the image.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,8 +30,11 @@ log = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray], np.ndarray]  # float32 NCHW -> logits NCHW
 MODES = ("auto", "whole", "window")
-# "auto" runs the whole image at once up to this many pixels, and windows beyond, to bound memory.
+# "auto" runs the whole image at once while that is cheap, and windows beyond, to bound memory: up to this
+# many pixels, and up to WHOLE_MAX_BYTES of estimated activations (whole_pixel_limit).
 WHOLE_MAX_PIXELS = 2048 * 2048
+WHOLE_MAX_BYTES = 512 * 2**20
+WIDTH_GUESS = 64  # first-level channels assumed when the net's are not known (the default space's widest)
 
 
 # ---------------------------------------------------------------- runners
@@ -71,27 +76,36 @@ def ort_runner(model: Path | bytes, threads: int | None = None) -> RunFn:
 # ---------------------------------------------------------------- prediction
 
 
-def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """HWC (or HW) uint8 -> CHW float32 as `(image/255 - mean) / std` per channel."""
-    img = image[..., None] if image.ndim == 2 else image
-    if img.ndim != 3 or img.shape[2] != len(mean) or len(std) != len(mean):
+def _check_channels(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> None:
+    channels = 1 if image.ndim == 2 else image.shape[2] if image.ndim == 3 else -1
+    if channels != len(mean) or len(std) != len(mean):
         raise InputError(
             f"image: shape {image.shape} does not match {len(mean)} normalisation channel(s); "
             "use images with the channel count the model was trained on"
         )
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """HWC (or HW) uint8 -> CHW float32 as `(image/255 - mean) / std` per channel."""
+    _check_channels(image, mean, std)
+    img = image[..., None] if image.ndim == 2 else image
     m = np.asarray(mean, np.float32)[:, None, None]
     s = np.asarray(std, np.float32)[:, None, None]
     x = img.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
     return np.ascontiguousarray((x - m) / s)
 
 
+def _pad_mode(h: int, w: int, hp: int, wp: int) -> str:
+    """Reflect when the image is big enough, else zeros (= the mean)."""
+    return "reflect" if hp - h < h and wp - w < w else "constant"
+
+
 def _pad_to(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Pad CHW bottom/right to (h, w): reflect when the image is big enough, else zeros (= the mean)."""
+    """Pad CHW bottom/right to (h, w) (see _pad_mode)."""
     ph, pw = h - x.shape[1], w - x.shape[2]
     if ph == 0 and pw == 0:
         return x
-    mode = "reflect" if ph < x.shape[1] and pw < x.shape[2] else "constant"
-    return np.pad(x, ((0, 0), (0, ph), (0, pw)), mode=mode)
+    return np.pad(x, ((0, 0), (0, ph), (0, pw)), mode=_pad_mode(x.shape[1], x.shape[2], h, w))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -125,6 +139,88 @@ def window_grid(h: int, w: int, tile: int, overlap: float) -> list[tuple[int, in
     return [(int(y), int(x)) for y in window_starts(h, tile, stride) for x in window_starts(w, tile, stride)]
 
 
+Rows = Callable[[int, int], np.ndarray]  # (y0, y1) -> CHW float32: rows y0..y1 of the normalised image
+
+
+def _ring(start: int, stop: int, size: int) -> list[tuple[slice, slice]]:
+    """Rows start..stop (at most `size` of them) of a ring buffer of `size` rows: (buffer rows, offsets)."""
+    r, n = start % size, stop - start
+    first = min(n, size - r)
+    parts = [(slice(r, r + first), slice(0, first))]
+    if n > first:
+        parts.append((slice(0, n - first), slice(first, n)))
+    return parts
+
+
+def window_bands(
+    run: RunFn,
+    rows: Rows,
+    h: int,
+    w: int,
+    tile: int,
+    overlap: float,
+    batch: int,
+    weights: np.ndarray | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Blended window logits of an (h, w) image as (y0, KxRxW logits) bands of rows, top to bottom.
+
+    The windows of `window_grid` run `batch` at a time, in row-major order; each pixel's logits are
+    the `weights`-weighted mean (default: Gaussian) over the windows that cover it. The sums live in a
+    ring of `tile` rows: the rows above the next window row are final, so they are divided, yielded and
+    their slots reused. Memory is K x tile x W floats whatever h, and every pixel sums the same terms
+    in the same order as one whole-image accumulator would. `rows(y0, y1)` is called once per window
+    row (once in all when the image is shorter than a tile); rows already yielded are never read again.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch=}")
+    hp, wp = max(h, tile), max(w, tile)  # smaller images are padded, and cropped back
+    mode = _pad_mode(h, w, hp, wp)
+    wmap = gaussian_weights(tile) if weights is None else np.asarray(weights, np.float32)
+    stride = stride_for(tile, overlap)
+    xs = window_starts(wp, tile, stride).tolist()
+
+    def band(y: int) -> np.ndarray:
+        x = rows(0, h) if h < tile else rows(y, y + tile)
+        ph = tile - x.shape[1]
+        return x if ph == 0 and wp == w else np.pad(x, ((0, 0), (0, ph), (0, wp - w)), mode=mode)
+
+    def windows() -> Iterator[tuple[int, int, np.ndarray]]:
+        for y in window_starts(hp, tile, stride).tolist():
+            b = band(y)
+            for x0 in xs:
+                yield y, x0, b[:, :, x0 : x0 + tile]
+
+    acc: np.ndarray | None = None  # (K, tile, wp): padded row r lives in ring row r % tile
+    wsum = np.zeros((tile, wp), np.float32)
+    done = 0  # rows above this were yielded
+
+    def emit(stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        assert acc is not None
+        if min(stop, h) > done:
+            out = np.empty((acc.shape[0], min(stop, h) - done, w), np.float32)
+            for buf, dst in _ring(done, min(stop, h), tile):
+                np.divide(acc[:, buf, :w], wsum[buf, :w], out=out[:, dst])
+            yield done, out
+        for buf, _ in _ring(done, stop, tile):
+            acc[:, buf] = 0
+            wsum[buf] = 0
+
+    it = windows()
+    while chunk := list(islice(it, batch)):
+        out = run(np.stack([win for _, _, win in chunk]))
+        if acc is None:
+            acc = np.zeros((out.shape[1], tile, wp), np.float32)
+        for (y, x0, _), o in zip(chunk, out, strict=True):
+            if y > done:  # a new window row: the rows above it are final
+                yield from emit(y)
+                done = y
+            weighted = o * wmap
+            for buf, src in _ring(y, y + tile, tile):
+                acc[:, buf, x0 : x0 + tile] += weighted[:, src]
+                wsum[buf, x0 : x0 + tile] += wmap[src]
+    yield from emit(hp)
+
+
 def predict_windows(
     run: RunFn,
     x: np.ndarray,
@@ -137,41 +233,94 @@ def predict_windows(
 
     Each pixel's logits are the weighted mean over the windows that cover it; `weights` (tile, tile)
     defaults to the Gaussian map (pass np.ones for plain mean blending). Images smaller than a
-    tile are padded first and cropped back.
+    tile are padded first and cropped back. Holds K x H x W logits: label big images with
+    `predict_labels`, which keeps a band of rows.
     """
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch=}")
     _, h, w = x.shape
-    xp = _pad_to(x, max(h, tile), max(w, tile))
-    hp, wp = xp.shape[1:]
-    wmap = gaussian_weights(tile) if weights is None else np.asarray(weights, np.float32)
-    corners = window_grid(hp, wp, tile, overlap)
-    acc: np.ndarray | None = None
-    wsum = np.zeros((hp, wp), np.float32)
-    for i in range(0, len(corners), batch):
-        chunk = corners[i : i + batch]
-        out = run(np.stack([xp[:, y : y + tile, x0 : x0 + tile] for y, x0 in chunk]))
-        if acc is None:
-            acc = np.zeros((out.shape[1], hp, wp), np.float32)
-        for (y, x0), o in zip(chunk, out, strict=True):
-            acc[:, y : y + tile, x0 : x0 + tile] += o * wmap
-            wsum[y : y + tile, x0 : x0 + tile] += wmap
-    assert acc is not None
-    acc /= wsum
-    return acc[:, :h, :w]
+    out: np.ndarray | None = None
+    for y0, band in window_bands(run, lambda a, b: x[:, a:b], h, w, tile, overlap, batch, weights):
+        if out is None:
+            out = np.empty((band.shape[0], h, w), np.float32)
+        out[:, y0 : y0 + band.shape[1]] = band
+    assert out is not None
+    return out
+
+
+def whole_pixel_limit(in_channels: int, classes: int, width: int | None = None) -> int:
+    """The most pixels "auto" runs in one whole-image pass, for a net with `width` first-level channels.
+
+    One onnxruntime pass holds about 5-6 full-resolution activations of the first level (measured on
+    2-4 level U-Nets, 8-64 channels), plus input and logits: 8 are counted, to stay on the safe side.
+    """
+    per_pixel = 4 * (in_channels + 2 * classes + 8 * (width or WIDTH_GUESS))
+    return max(1, min(WHOLE_MAX_PIXELS, WHOLE_MAX_BYTES // per_pixel))
+
+
+def _whole_mode(mode: str, pixels: int, limit: int | None) -> bool:
+    if mode not in MODES:
+        raise InputError(f"eval.mode: must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return pixels <= (WHOLE_MAX_PIXELS if limit is None else limit)
+    if mode == "whole" and limit is not None and pixels > limit:
+        log.warning("whole-image mode on %.1f Mpx: memory grows with the image; --eval-mode window bounds it",
+                    pixels / 1e6)
+    return mode == "whole"
 
 
 def predict(
     run: RunFn, x: np.ndarray, mode: str, tile: int, overlap: float, batch: int, multiple: int
 ) -> np.ndarray:
-    """Dispatch on `mode` ("auto", "whole" or "window"): CHW -> KHW logits."""
-    if mode == "auto":
-        mode = "whole" if x.shape[-2] * x.shape[-1] <= WHOLE_MAX_PIXELS else "window"
-    if mode == "whole":
+    """Dispatch on `mode` ("auto", "whole" or "window"): CHW -> KHW logits (auto: whole up to WHOLE_MAX_PIXELS)."""
+    if _whole_mode(mode, x.shape[-2] * x.shape[-1], None):
         return predict_whole(run, x, multiple)
-    if mode == "window":
-        return predict_windows(run, x, tile, overlap, batch)
-    raise InputError(f"eval.mode: must be one of {MODES}, got {mode!r}")
+    return predict_windows(run, x, tile, overlap, batch)
+
+
+def label_dtype(num_classes: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned dtype that holds class ids 0..num_classes-1."""
+    return np.uint8 if num_classes <= 256 else np.uint16 if num_classes <= 65536 else np.uint32
+
+
+def predict_bands(
+    run: RunFn,
+    image: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mode: str,
+    tile: int,
+    overlap: float,
+    batch: int,
+    multiple: int,
+    whole_max_pixels: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(y0, KxRxW logits) bands of rows of an HWC (or HW) uint8 image, normalised a band at a time.
+
+    "whole" yields one band (all rows, one pass); "window" yields a band per window row, holding
+    K x tile x W floats at a time; "auto" is "whole" up to `whole_max_pixels` (see whole_pixel_limit;
+    default WHOLE_MAX_PIXELS). Bad mode or channels raise here, before any band is computed.
+    """
+    _check_channels(image, mean, std)
+    h, w = image.shape[:2]
+    if _whole_mode(mode, h * w, whole_max_pixels):
+        return iter([(0, predict_whole(run, normalize(image, mean, std), multiple))])
+    return window_bands(run, lambda y0, y1: normalize(image[y0:y1], mean, std), h, w, tile, overlap, batch)
+
+
+def predict_labels(
+    run: RunFn,
+    image: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mode: str,
+    tile: int,
+    overlap: float,
+    batch: int,
+    multiple: int,
+    whole_max_pixels: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(y0, RxW class ids) bands of rows, the argmax of `predict_bands` (uint8 up to 256 classes)."""
+    bands = predict_bands(run, image, mean, std, mode, tile, overlap, batch, multiple, whole_max_pixels)
+    return ((y0, logits.argmax(axis=0).astype(label_dtype(logits.shape[0]))) for y0, logits in bands)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -188,9 +337,14 @@ def evaluate(
     multiple: int,
     progress: bool = False,
     on_prediction: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    width: int | None = None,
 ) -> dict:
     """Predict every image in `image_ids` and score it against its mask; `on_prediction(id, image, mask,
     pred)` sees each one (the examples are drawn from it, so no image is predicted twice).
+
+    Scored a band of rows at a time: no K x H x W array is held (see predict_bands); mask and pred are
+    class ids in the smallest integer types. `width` (the net's first-level channels) sets how big an
+    image "auto" runs whole (whole_pixel_limit; unknown: WIDTH_GUESS).
 
     Returns {"per_image": [{"stem", "index", **Metrics}], "per_class": {name: {"iou", "dice",
     "gt_pixels", "pred_pixels"}}, "mean": Metrics of the summed confusion, "confusion": (K, K) list,
@@ -198,25 +352,26 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from autoseg.data import load_pair
+    from autoseg.data import load_pair, mask_dtype
     from autoseg.metrics import confusion_matrix, metrics_from_confusion
 
     if mode not in MODES:
         raise InputError(f"eval.mode: must be one of {MODES}, got {mode!r}")
     k = ds.class_map.num_classes
+    limit = whole_pixel_limit(ds.channels, k, width)
     total = np.zeros((k, k), np.int64)
     per_image = []
     for i in tqdm(list(image_ids), desc="evaluate", disable=not progress):
-        image, mask = load_pair(ds, int(i))
-        logits = predict(run, normalize(image, ds.mean, ds.std), mode, tile, overlap, batch, multiple)
-        pred = logits.argmax(axis=0).astype(np.int32)
-        if pred.shape != mask.shape:
-            raise InputError(
-                f"{ds.pairs[i].mask}: mask is {mask.shape}, image is {pred.shape}; they must match"
-            )
+        image, mask = load_pair(ds, int(i), dtype=mask_dtype(k))
+        pred = np.empty(mask.shape, label_dtype(k))
+        cm = np.zeros((k, k), np.int64)
+        for y0, labels in predict_labels(run, image, ds.mean, ds.std, mode, tile, overlap, batch, multiple, limit):
+            y1 = y0 + labels.shape[0]
+            pred[y0:y1] = labels
+            cm += confusion_matrix(labels, mask[y0:y1], k)
         if on_prediction is not None:
             on_prediction(int(i), image, mask, pred)
-        cm = confusion_matrix(pred, mask, k)
+        del image, mask, pred  # before the next image is read
         total += cm
         per_image.append({"stem": ds.pairs[i].stem, "index": int(i), **metrics_from_confusion(cm).to_dict()})
     overall = metrics_from_confusion(total)

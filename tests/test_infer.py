@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
+from autoseg import infer
+from autoseg.config import DataConfig
+from autoseg.data import scan_dataset
 from autoseg.errors import InputError
 from autoseg.export import onnx_bytes
 from autoseg.infer import (
@@ -16,11 +21,16 @@ from autoseg.infer import (
     normalize,
     ort_runner,
     predict,
+    predict_bands,
+    predict_labels,
     predict_whole,
     predict_windows,
     torch_runner,
+    whole_pixel_limit,
+    window_bands,
     window_grid,
 )
+from autoseg.metrics import confusion_matrix
 from autoseg.unet import Arch, build_unet
 
 
@@ -153,6 +163,136 @@ def test_torch_and_onnxruntime_runners_agree(tmp_path):
     assert ort_runner(data)(x[None].astype(np.float64)).dtype == np.float32
 
 
+# ---------------------------------------------------------------- bands of rows: memory bounded by the window
+
+
+def _one_accumulator(run, x, tile, overlap, batch, weights=None):
+    """The former predict_windows: one K x H x W accumulator over the whole (padded) image."""
+    _, h, w = x.shape
+    xp = infer._pad_to(x, max(h, tile), max(w, tile))
+    hp, wp = xp.shape[1:]
+    wmap = gaussian_weights(tile) if weights is None else np.asarray(weights, np.float32)
+    corners = window_grid(hp, wp, tile, overlap)
+    acc = None
+    wsum = np.zeros((hp, wp), np.float32)
+    for i in range(0, len(corners), batch):
+        chunk = corners[i : i + batch]
+        out = run(np.stack([xp[:, y : y + tile, x0 : x0 + tile] for y, x0 in chunk]))
+        if acc is None:
+            acc = np.zeros((out.shape[1], hp, wp), np.float32)
+        for (y, x0), o in zip(chunk, out, strict=True):
+            acc[:, y : y + tile, x0 : x0 + tile] += o * wmap
+            wsum[y : y + tile, x0 : x0 + tile] += wmap
+    acc /= wsum
+    return acc[:, :h, :w]
+
+
+def _mixer(classes: int, seed: int = 0):
+    """A RunFn with spatial context and `classes` outputs, in numpy: a 3x3 box blur, then a 1x1 mix."""
+    mix = np.random.default_rng(seed).standard_normal((classes, 3)).astype(np.float32)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        p = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        blur = sum(p[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]] for dy in range(3) for dx in range(3)) / 9
+        return np.einsum("kc,nchw->nkhw", mix, blur).astype(np.float32)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "tile", "overlap", "batch"),
+    [
+        (157, 203, 32, 0.25, 5),  # stride 24: neither side a multiple of it; batches straddle window rows
+        (101, 77, 32, 0.5, 64),  # one batch holds every window
+        (130, 40, 32, 0.0, 1),  # no overlap
+        (70, 90, 16, 0.9, 7),  # stride 2: each pixel in 64 windows, the ring wraps every 8 rows
+        (20, 50, 32, 0.5, 3),  # shorter than a tile: padded rows
+        (50, 20, 32, 0.5, 3),  # narrower than a tile
+        (5, 6, 32, 0.5, 3),  # smaller than a tile both ways: zero padding
+    ],
+)
+def test_bands_of_rows_equal_one_whole_accumulator(h, w, tile, overlap, batch):
+    run = _mixer(7)
+    x = _image(h, w, seed=3)
+    ref = _one_accumulator(run, x, tile, overlap, batch)
+    np.testing.assert_allclose(predict_windows(run, x, tile, overlap, batch), ref, rtol=1e-6, atol=1e-6)
+    bands = list(window_bands(run, lambda a, b: x[:, a:b], h, w, tile, overlap, batch))
+    assert [y0 for y0, _ in bands] == list(np.cumsum([0] + [b.shape[1] for _, b in bands[:-1]]))
+    assert all(b.shape[1] <= tile for _, b in bands) and sum(b.shape[1] for _, b in bands) == h
+    joined = np.concatenate([b for _, b in bands], axis=1)
+    np.testing.assert_allclose(joined, ref, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(joined.argmax(0), ref.argmax(0))
+    uniform = np.ones((tile, tile), np.float32)
+    np.testing.assert_allclose(predict_windows(run, x, tile, overlap, batch, uniform),
+                               _one_accumulator(run, x, tile, overlap, batch, uniform), rtol=1e-6, atol=1e-6)
+
+
+def test_labels_from_the_uint8_image_a_band_at_a_time_equal_the_whole_path():
+    run = _mixer(5, seed=1)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (83, 61, 3), dtype=np.uint8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    ref = _one_accumulator(run, normalize(image, mean, std), 16, 0.5, 4)
+    got = np.concatenate([b for _, b in predict_bands(run, image, mean, std, "window", 16, 0.5, 4, 1)], axis=1)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    labels = list(predict_labels(run, image, mean, std, "window", 16, 0.5, 4, 1))
+    assert all(b.dtype == np.uint8 for _, b in labels)
+    assert np.array_equal(np.concatenate([b for _, b in labels]), ref.argmax(0))
+    whole = list(predict_labels(run, image, mean, std, "whole", 16, 0.5, 4, 1))
+    assert len(whole) == 1 and np.array_equal(whole[0][1], predict_whole(run, normalize(image, mean, std), 1).argmax(0))
+    with pytest.raises(InputError, match="channel"):  # at the call, before a band is computed
+        predict_labels(run, image[..., :1], mean, std, "window", 16, 0.5, 4, 1)
+    with pytest.raises(InputError, match=r"eval\.mode"):
+        predict_labels(run, image, mean, std, "tiles", 16, 0.5, 4, 1)
+
+
+def _peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_labelling_holds_a_band_of_logits_not_classes_x_h_x_w():
+    """`autoseg predict` peaked at 5.1 GB on a 6000x4000 image with 24 classes: K x H x W float32 logits,
+    plus the float32 copy of the whole normalised image."""
+    k, tile, w = 16, 32, 256
+    run = _mixer(k)
+    small = np.random.default_rng(0).integers(0, 256, (512, w, 3), dtype=np.uint8)
+    big = np.concatenate([small] * 4)  # 2048 x 256: four times the rows
+
+    def label(image):
+        for _ in predict_labels(run, image, (0.5,) * 3, (0.25,) * 3, "window", tile, 0.5, 8, 1):
+            pass
+
+    band = k * tile * w * 4  # one ring of float32 sums
+    peaks = [_peak_bytes(lambda im=im: label(im)) for im in (small, big)]
+    assert peaks[1] < 8 * band < k * big.shape[0] * w * 4 / 4  # the whole image's logits would be 32 MB
+    assert peaks[1] < 1.2 * peaks[0]  # four times the rows, the same peak
+
+
+def test_auto_runs_whole_images_only_while_the_pass_is_small():
+    # A 24-class net with 16 channels at full resolution: 2000 x 2000 took 1.65 GB in one onnxruntime pass.
+    assert whole_pixel_limit(3, 24, 16) < 1000 * 1000 < 2000 * 2000
+    assert whole_pixel_limit(3, 2, 8) > whole_pixel_limit(3, 24, 64)  # narrower nets, fewer classes: bigger
+    assert whole_pixel_limit(3, 2, None) == whole_pixel_limit(3, 2, infer.WIDTH_GUESS)
+    assert whole_pixel_limit(1, 2, 1) == infer.WHOLE_MAX_PIXELS  # never above the pixel cap
+    calls: list[tuple[int, ...]] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        calls.append(x.shape)
+        return np.repeat(x[:, :1], 2, axis=1)
+
+    image = np.zeros((40, 30, 3), np.uint8)
+    list(predict_bands(run, image, (0.5,) * 3, (0.5,) * 3, "auto", 16, 0.0, 4, 1, whole_max_pixels=1200))
+    assert calls == [(1, 3, 40, 30)]
+    calls.clear()
+    list(predict_bands(run, image, (0.5,) * 3, (0.5,) * 3, "auto", 16, 0.0, 4, 1, whole_max_pixels=1199))
+    assert all(c[-2:] == (16, 16) for c in calls)
+
+
 def test_normalize():
     img = np.array([[[0, 255, 51]]], np.uint8)  # 1x1 RGB
     x = normalize(img, (0.0, 0.5, 0.2), (1.0, 0.5, 0.1))
@@ -228,3 +368,32 @@ def test_evaluate_on_files(tmp_path):
     # An inverted runner is wrong everywhere: IoU 0 for both classes.
     res = evaluate(lambda x: -_threshold_runner(x), ds, [1], "whole", 16, 0.25, 4, 4)
     assert res["mean"]["miou"] == 0.0 and len(res["per_image"]) == 1
+
+
+def test_evaluation_scores_a_band_at_a_time(tmp_path):
+    """A 10000 x 10000 test image pushed evaluation past 10.5 GB: K x H x W logits, float32 image, int64 argmax."""
+    k, h, w = 16, 2048, 256
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray((np.arange(w)[None, :] // 16 % k + np.zeros((h, 1), int)).astype(np.uint8)).save(
+        tmp_path / "msk" / "a.png")
+    ds = scan_dataset(tmp_path / "img", tmp_path / "msk", DataConfig(ignore_index=None))
+    assert ds.class_map.num_classes == k
+    run = _mixer(k)
+    seen = []
+    res: dict = {}
+
+    def score():
+        res.update(evaluate(run, ds, [0], "window", 32, 0.5, 8, 1,
+                            on_prediction=lambda i, image, mask, pred: seen.append((mask.dtype, pred.dtype))))
+
+    peak = _peak_bytes(score)
+    assert peak < 12 * h * w  # bytes a pixel: image 3, raw mask 1, mask 1, prediction 1, and a band
+    assert seen == [(np.int8, np.uint8)]
+    # The same scores as labelling the whole image at once.
+    image = np.asarray(Image.open(tmp_path / "img" / "a.png"))
+    pred = _one_accumulator(run, normalize(image, ds.mean, ds.std), 32, 0.5, 8).argmax(0)
+    mask = np.asarray(Image.open(tmp_path / "msk" / "a.png")).astype(np.int64)
+    assert res["confusion"] == confusion_matrix(pred, mask, k).tolist()
