@@ -8,26 +8,34 @@ out 0/255), or the class colours for colour-coded masks.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+import math
+import os
+import re
+import secrets
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
 
 from autoseg.data import ClassMap, list_images, read_image
 from autoseg.errors import InputError
-from autoseg.export import read_metadata
-from autoseg.infer import MODES, normalize, ort_runner, predict
+from autoseg.infer import MODES, ort_runner, predict_labels, whole_pixel_limit
 from autoseg.rundir import write_bytes_atomic
 from autoseg.visual import colorize, palette
 
 log = logging.getLogger(__name__)
 
 OVERLAY_ALPHA = 0.45
+REQUIRED_KEYS = ("classes", "mean", "std", "tile")
 
 
 @dataclass(frozen=True)
@@ -40,27 +48,102 @@ class ModelInfo:
     tile: int
     multiple: int
     class_map: ClassMap | None  # None for models exported before autoseg stored it: class ids are written
+    width: int | None = None  # channels of the net's first level, when the metadata names the architecture
+
+
+def read_metadata(path: Path) -> tuple[dict[str, str], list[int | None]]:
+    """The metadata_props of an ONNX file and its input's static dims (weights are not loaded).
+
+    Read with onnx alone: autoseg.export would import torch, a few hundred MB that predict never uses.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such ONNX file; pass the model.onnx written by `autoseg export`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own types
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: not a readable ONNX model ({reason}); re-export it") from None
+    dims: list[int | None] = []
+    if proto.graph.input:
+        shape = proto.graph.input[0].type.tensor_type.shape
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    return {p.key: p.value for p in proto.metadata_props}, dims
+
+
+def _bad(path: Path, key: str, problem: str) -> InputError:
+    return InputError(f"{path}: metadata {key!r} {problem}; export the model again with `autoseg export`")
+
+
+def _json(path: Path, meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        raise _bad(path, key, f"is not JSON ({meta[key][:40]!r})") from None
+
+
+def _numbers(path: Path, meta: dict[str, str], key: str) -> tuple[float, ...]:
+    v = _json(path, meta, key)
+    if not isinstance(v, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+        raise _bad(path, key, f"must be a list of numbers, got {meta[key][:40]!r}")
+    if not all(math.isfinite(x) for x in v):
+        raise _bad(path, key, f"must hold finite numbers, got {meta[key][:40]!r}")
+    return tuple(float(x) for x in v)
+
+
+def _positive_int(path: Path, meta: dict[str, str], key: str, default: str | None = None) -> int:
+    raw = meta.get(key, default)
+    assert raw is not None
+    if not re.fullmatch(r"\s*[0-9]+\s*", raw) or int(raw) < 1:
+        raise _bad(path, key, f"must be a positive whole number, got {raw[:40]!r}")
+    return int(raw)
+
+
+def _first_width(arch: str | None) -> int | None:
+    """Channels of the first level from the metadata's arch: a key like k3-3_c16-64_... or a JSON dict."""
+    if not arch:
+        return None
+    with contextlib.suppress(ValueError, TypeError, KeyError, IndexError):
+        return int(json.loads(arch)["channels"][0])
+    m = re.search(r"_c(\d+)", arch)
+    return int(m.group(1)) if m else None
 
 
 def model_info(path: Path) -> ModelInfo:
-    """Read and check the metadata of an ONNX model exported by autoseg."""
-    meta = read_metadata(path)
-    missing = [k for k in ("classes", "mean", "std", "tile") if k not in meta]
+    """Read and check the metadata of an ONNX model exported by autoseg: every fault is one line naming the key."""
+    meta, dims = read_metadata(path)
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise InputError(f"{path}: metadata lacks {', '.join(missing)}; pass a model exported by autoseg "
-                         "(RUN/best/model.onnx or `autoseg export`)")
-    try:
-        classes = tuple(json.loads(meta["classes"]))
-        mean = tuple(float(v) for v in json.loads(meta["mean"]))
-        std = tuple(float(v) for v in json.loads(meta["std"]))
-        tile = int(meta["tile"])
-        multiple = int(meta.get("input_multiple", "1"))
-        cmap = ClassMap.from_dict(json.loads(meta["class_map"])) if "class_map" in meta else None
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: damaged autoseg metadata ({type(e).__name__}: {e}); export it again") from None
-    if cmap is not None and cmap.num_classes != len(classes):
-        cmap = None
-    return ModelInfo(classes, mean, std, tile, multiple, cmap)
+        raise InputError(f"{path}: metadata lacks {', '.join(repr(k) for k in missing)}; pass a model exported by "
+                         "autoseg (RUN/best/model.onnx or `autoseg export`)")
+    classes = _json(path, meta, "classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) < 2:
+        raise _bad(path, "classes", f"must be a list of two or more class names, got {meta['classes'][:40]!r}")
+    mean, std = _numbers(path, meta, "mean"), _numbers(path, meta, "std")
+    if len(mean) not in (1, 3):
+        raise _bad(path, "mean", f"must hold 1 (gray) or 3 (RGB) values, got {len(mean)}")
+    if len(std) != len(mean):
+        raise _bad(path, "std", f"must hold as many values as mean ({len(mean)}), got {len(std)}")
+    if not all(s > 0 for s in std):
+        raise _bad(path, "std", f"must be positive, got {list(std)}")
+    if len(dims) == 4 and dims[1] is not None and dims[1] != len(mean):
+        raise _bad(path, "mean", f"has {len(mean)} value(s) but the net takes {dims[1]} channel(s)")
+    tile = _positive_int(path, meta, "tile")
+    multiple = _positive_int(path, meta, "input_multiple", "1")
+    if tile % multiple:
+        raise _bad(path, "tile", f"{tile} is not a multiple of input_multiple {multiple}")
+    cmap = None
+    if "class_map" in meta:
+        try:
+            cmap = ClassMap.from_dict(_json(path, meta, "class_map"))
+            cmap.map_keys(np.zeros(1, np.int64), colour=False)  # builds its lookup table: bad values fail here
+        except (ValueError, KeyError, TypeError, AttributeError, InputError) as e:
+            raise _bad(path, "class_map", f"is damaged ({type(e).__name__}: {str(e)[:60]})") from None
+        if cmap.num_classes != len(classes):
+            cmap = None
+    return ModelInfo(tuple(classes), mean, std, tile, multiple, cmap, _first_width(meta.get("arch")))
 
 
 def resolve_model(target: Path, int8: bool = False) -> Path:
@@ -76,14 +159,23 @@ def resolve_model(target: Path, int8: bool = False) -> Path:
     return target
 
 
-def encode_mask(ids: np.ndarray, cmap: ClassMap | None) -> np.ndarray:
-    """Class ids (H, W) -> the training masks' encoding: (H, W) gray values, or (H, W, 3) RGB colours."""
-    if cmap is None:
-        return ids.astype(np.uint8 if ids.max(initial=0) < 256 else np.uint16)
-    if cmap.colour_coded:
+def mask_format(cmap: ClassMap | None, num_classes: int) -> tuple[int, type[np.unsignedinteger]]:
+    """(channels, dtype) of the masks `encode_mask` writes: 1 or 3 (colours), uint8 or uint16."""
+    if cmap is not None and cmap.colour_coded:
+        return 3, np.uint8
+    top = max(cmap.values or (0,)) if cmap is not None else num_classes - 1
+    return 1, np.uint8 if top < 256 else np.uint16
+
+
+def encode_mask(ids: np.ndarray, cmap: ClassMap | None, dtype: type[np.unsignedinteger] | None = None) -> np.ndarray:
+    """Class ids (H, W) -> the training masks' encoding: (H, W) gray values, or (H, W, 3) RGB colours.
+
+    `dtype` fixes the gray type (bands of one mask must agree); None picks uint8 when the values fit.
+    """
+    if cmap is not None and cmap.colour_coded:
         return np.asarray(cmap.colors, dtype=np.uint8)[ids]
-    raw = np.asarray(cmap.values)[ids]  # the raw value of each class: 0/255 masks come back 0/255
-    return raw.astype(np.uint8 if raw.max(initial=0) < 256 else np.uint16)
+    raw = ids if cmap is None else np.asarray(cmap.values)[ids]  # 0/255 masks come back 0/255
+    return raw.astype(dtype or (np.uint8 if raw.max(initial=0) < 256 else np.uint16))
 
 
 def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
@@ -93,10 +185,76 @@ def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = 
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def _save_atomic(array: np.ndarray, path: Path) -> None:
+class PngRows:
+    """A PNG written a band of rows at a time (8/16-bit gray or 8-bit RGB): no full-size copy of the mask.
+
+    Every row uses the Up filter (its difference to the row above), so label runs repeated down the
+    image compress to zeros, as with Pillow's adaptive filters.
+    """
+
+    def __init__(self, f: IO[bytes], width: int, height: int, channels: int, dtype: type[np.unsignedinteger]):
+        self._f, self._w, self._h, self._c = f, width, height, channels
+        self._dtype = np.dtype(dtype).newbyteorder(">")  # PNG samples are big-endian
+        self._rows = 0
+        self._prev: np.ndarray | None = None
+        self._z = zlib.compressobj(6)
+        colour_type = {1: 0, 3: 2}[channels]
+        f.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8 * self._dtype.itemsize, colour_type, 0, 0, 0))
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        self._f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
+
+    def write(self, band: np.ndarray) -> None:
+        """Append rows: (R, W) gray or (R, W, 3) RGB."""
+        expect = (self._w,) if self._c == 1 else (self._w, 3)
+        if band.shape[1:] != expect or self._rows + band.shape[0] > self._h:
+            raise ValueError(f"band {band.shape} does not fit a {self._h}x{self._w}x{self._c} PNG at row {self._rows}")
+        raw = np.ascontiguousarray(band, dtype=self._dtype).view(np.uint8).reshape(band.shape[0], -1)
+        up = np.empty((raw.shape[0], raw.shape[1] + 1), np.uint8)
+        up[:, 0] = 2  # filter type Up
+        np.subtract(raw[1:], raw[:-1], out=up[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
+        np.subtract(raw[0], self._prev if self._prev is not None else 0, out=up[0, 1:], casting="unsafe")
+        self._prev = raw[-1].copy()
+        self._rows += band.shape[0]
+        data = self._z.compress(up.tobytes())
+        if data:
+            self._chunk(b"IDAT", data)
+
+    def close(self) -> None:
+        if self._rows != self._h:
+            raise ValueError(f"PNG got {self._rows} of its {self._h} rows")
+        self._chunk(b"IDAT", self._z.flush())
+        self._chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A temp file beside `path`, renamed over it when the block ends without error (as write_bytes_atomic)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_atomic(picture: Image.Image, path: Path) -> None:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=Image.registered_extensions()[path.suffix.lower()])
+    picture.save(buf, format=Image.registered_extensions()[path.suffix.lower()])
     write_bytes_atomic(path, buf.getvalue())
+
+
+def _session(model: Path) -> Any:
+    try:
+        return ort_runner(model)
+    except Exception as e:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"{model}: onnxruntime cannot load it ({reason}); export the model again") from None
 
 
 def predict_folder(
@@ -112,6 +270,9 @@ def predict_folder(
 ) -> dict:
     """Predict every image in `images` and write `<stem>.png` masks (and `<stem>_overlay.jpg`) to `out`.
 
+    Each image is labelled a band of rows at a time (infer.predict_labels), and its mask written as the
+    bands come, so memory holds the image and a band of logits, not classes x H x W. File names are
+    bytes as the OS gives them: `<stem>.png` keeps the image's name, UTF-8 or not.
     Returns a summary: model, images, mode, and the share of pixels given to each class.
     """
     from tqdm.auto import tqdm
@@ -129,18 +290,34 @@ def predict_folder(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out}: cannot create the output folder ({e.strerror}); choose another --out") from None
-    run = ort_runner(model)
+    run = _session(model)
+    k = len(info.classes)
     channels = len(info.mean)
-    pal = palette(len(info.classes), info.class_map.colors if info.class_map else None)
-    counts = np.zeros(len(info.classes), np.int64)
+    limit = whole_pixel_limit(channels, k, info.width)
+    fmt = mask_format(info.class_map, k)
+    pal = palette(k, info.class_map.colors if info.class_map else None)
+    counts = np.zeros(k, np.int64)
     for path in tqdm(files, desc="predict", disable=not progress):
         image = read_image(path, channels)
-        logits = predict(run, normalize(image, info.mean, info.std), mode, info.tile, overlap, batch, info.multiple)
-        ids = logits.argmax(axis=0)
-        counts += np.bincount(ids.ravel(), minlength=len(info.classes))
-        _save_atomic(encode_mask(ids, info.class_map), out / f"{path.stem}.png")
-        if write_overlay:
-            _save_atomic(overlay(image, ids, pal), out / f"{path.stem}_overlay.jpg")
+        h, w = image.shape[:2]
+        shown = Image.new("RGB", (w, h)) if write_overlay else None  # filled band by band
+        with _atomic_file(out / f"{path.stem}.png") as f:
+            png = PngRows(f, w, h, *fmt)
+            bands = predict_labels(run, image, info.mean, info.std, mode, info.tile, overlap, batch, info.multiple,
+                                   limit)
+            for y0, ids in bands:
+                if ids.max(initial=0) >= k:
+                    raise InputError(f"{model}: the net outputs more classes than its metadata 'classes' names "
+                                     f"({k}); export the model again")
+                counts += np.bincount(ids.ravel(), minlength=k)
+                png.write(encode_mask(ids, info.class_map, fmt[1]))
+                if shown is not None:
+                    shown.paste(Image.fromarray(overlay(image[y0 : y0 + ids.shape[0]], ids, pal)), (0, y0))
+            png.close()
+        del image  # before the next one is read
+        if shown is not None:
+            _save_atomic(shown, out / f"{path.stem}_overlay.jpg")
+            del shown
     share = counts / max(1, counts.sum())
     summary = {
         "model": str(model),
