@@ -164,6 +164,10 @@ class TrainConfig:
     scale_jitter: float = field(default=1.25, metadata=_range(1.0, 4.0))
     # Brightness and contrast jitter, in normalised units (0: none).
     colour_jitter: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    # Distillation: soft labels of a bigger net guide the shipped one. "reference": a 4-level U-Net (base 32)
+    # trained first by the same final training; or the best/model.pt of another autoseg run. null: none.
+    teacher: str | None = None
+    distill_weight: float = field(default=0.5, metadata=_min(0.0))
     # Decoded training images kept in memory, per loader process.
     cache_mb: float = field(default=1024.0, metadata=_min(0.0))
     # Processes reading crops; null: none when the decoded images fit cache_mb, else up to 4.

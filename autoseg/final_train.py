@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autoseg.checkpoint import load_if_key, save_checkpoint
+from autoseg.checkpoint import checkpoint_with_keys, load_if_key, save_checkpoint
 from autoseg.config import TrainConfig
 from autoseg.data import Dataset, load_pair
 from autoseg.errors import InputError
 from autoseg.infer import evaluate, torch_runner
 from autoseg.metrics import IGNORE
 from autoseg.train import TrainSettings, _deterministic_threads, auto_batch_size, seg_loss
+from autoseg.unet import Arch, build_unet
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class FinalSettings:
     loader_workers: int
     minutes: float | None
     train: TrainSettings
+    distill_weight: float = 0.0  # weight of the teacher's soft labels (with a teacher)
 
     @property
     def steps(self) -> int:
@@ -81,6 +83,7 @@ def final_settings(t: TrainConfig, train: TrainSettings, crop: int, batch_size: 
         tiles=t.final_tiles, crop=crop, batch_size=batch_size, eval_every=every, patience=t.patience,
         rare_share=t.rare_share, scale_jitter=t.scale_jitter, colour_jitter=t.colour_jitter,
         cache_mb=t.cache_mb, loader_workers=loader_workers, minutes=t.final_minutes, train=train,
+        distill_weight=t.distill_weight if t.teacher else 0.0,
     )
 
 
@@ -304,6 +307,37 @@ def final_batch_size(t: TrainConfig, arch: Any, in_channels: int, num_classes: i
     return t.batch_size or min(FINAL_MAX_BATCH, auto_batch_size(arch, in_channels, num_classes, crop))
 
 
+# The teacher that train.teacher: reference trains first: the classic 4-level U-Net with 32 base channels.
+REFERENCE_ARCH = Arch((3, 3, 3, 3), (32, 64, 128, 256))
+
+
+@dataclass
+class Teacher:
+    name: str
+    arch: Arch
+    key: str  # part of the student's key: another teacher gives another net
+    model: nn.Module | None  # None: to be trained first (the reference)
+
+
+def teacher_source(spec: str, ds: Dataset, in_channels: int) -> Teacher:
+    """train.teacher: "reference", or the path of a best/model.pt whose net knows the same classes."""
+    if spec == "reference":
+        return Teacher("the reference U-Net", REFERENCE_ARCH, "|teacher:reference", None)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise InputError(f"train.teacher: {path} is not a file; give 'reference' or a best/model.pt of another run")
+    ck = checkpoint_with_keys(path, "arch", "state_dict", "in_channels", "num_classes", "classes")
+    if list(ck["classes"]) != list(ds.class_map.names) or int(ck["in_channels"]) != in_channels:
+        raise InputError(f"train.teacher: {path} was trained on classes {list(ck['classes'])} with "
+                         f"{ck['in_channels']} channel(s), this data has {list(ds.class_map.names)} with "
+                         f"{in_channels}; give a teacher trained on the same classes")
+    arch = Arch.from_dict(ck["arch"])
+    model = build_unet(arch, in_channels, int(ck["num_classes"]))
+    model.load_state_dict(ck["state_dict"])
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return Teacher(str(path), arch, f"|teacher:{digest}", model)
+
+
 @dataclass
 class FinalResult:
     model: nn.Module
@@ -313,6 +347,20 @@ class FinalResult:
     stopped: str  # "budget", "early_stop" or "time"
     tile_passes: int
     seconds: float
+
+
+DISTILL_T = 2.0  # softmax temperature of the soft labels (Hinton et al. use 2-4)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of temperature-softened class distributions, over labelled pixels, x T^2."""
+    valid = (target != IGNORE).unsqueeze(1)
+    if not bool(valid.any()):
+        return student.sum() * 0.0
+    log_s = F.log_softmax(student / DISTILL_T, dim=1)
+    p_t = F.softmax(teacher / DISTILL_T, dim=1)
+    kl = (p_t * (torch.log(p_t.clamp_min(1e-8)) - log_s)).sum(dim=1, keepdim=True)
+    return kl[valid].mean() * DISTILL_T**2
 
 
 def train_final(
@@ -326,12 +374,13 @@ def train_final(
     key: str = "",
     progress: bool = False,
     validate: Callable[[nn.Module], float] | None = None,
+    teacher: nn.Module | None = None,
 ) -> FinalResult:
     """Train `model` on crops of the `fit_ids` images for s.tiles crops; keep the weights that validate best.
 
     `pixels` is image_class_pixels of fit_ids. The state is saved to `state_path` at each validation (with
     `key`) and a later call with the same key goes on from there. `validate(model) -> mIoU` defaults to
-    whole-image evaluation of `val_ids`."""
+    whole-image evaluation of `val_ids`. With a `teacher`, its soft labels add s.distill_weight x distill_loss."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = dev.type == "cuda"
     tr = s.train
@@ -345,6 +394,8 @@ def train_final(
 
     weights = None if tr.class_weights is None else torch.tensor(tr.class_weights, dtype=torch.float32, device=dev)
     planner = CropPlanner(pixels, tr.seed, s.rare_share, s.scale_jitter, s.colour_jitter)
+    if teacher is not None:
+        teacher = teacher.to(dev).eval()
     with _deterministic_threads(tr.threads):
         torch.manual_seed(tr.seed)
         model.to(dev).train()
@@ -374,7 +425,12 @@ def train_final(
             for xb, yb in loader:
                 xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
                 with torch.autocast(dev.type, enabled=amp):
-                    loss = seg_loss(model(xb), yb, tr.dice_weight, weights)
+                    logits = model(xb)
+                    loss = seg_loss(logits, yb, tr.dice_weight, weights)
+                    if teacher is not None and s.distill_weight > 0:
+                        with torch.no_grad():
+                            soft = teacher(xb)
+                        loss = loss + s.distill_weight * distill_loss(logits.float(), soft.float(), yb)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

@@ -29,6 +29,7 @@ from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.errors import InputError
 from autoseg.export import ExportInfo, export_final, quantize_int8
 from autoseg.final_train import (
+    FinalSettings,
     check_cache_memory,
     final_batch_size,
     final_key,
@@ -36,6 +37,7 @@ from autoseg.final_train import (
     image_class_pixels,
     loader_workers,
     split_validation,
+    teacher_source,
     train_final,
 )
 from autoseg.gate import Gate
@@ -317,29 +319,57 @@ def _on_all_data(
     """train.final_data: all. Crops of every training image; a validation split by image picks the weights."""
     t = cfg.train
     fit_ids, val_ids = split_validation(stage.train_ids, t.val_fraction, cfg.seed)
-    crop = t.final_crop or tile
-    crop = -(-crop // arch.multiple) * arch.multiple
+    teacher = teacher_source(t.teacher, stage.ds, task.in_channels) if t.teacher else None
+    multiple = math.lcm(arch.multiple, teacher.arch.multiple if teacher else 1)  # both nets take the crops
+    crop = -(-(t.final_crop or tile) // multiple) * multiple
     workers = loader_workers(t, stage.ds, fit_ids)
     check_cache_memory(t, workers)
     settings = training_settings(t, cfg.seed, task.class_weights, epochs=0)
-    fs = final_settings(t, settings, crop, final_batch_size(t, arch, task.in_channels, task.num_classes, crop),
-                        workers)
-    key = final_key(arch.key(), tile, fs, stage.ds, fit_ids, val_ids)
 
-    def train() -> tuple[torch.nn.Module, dict[str, Any]]:
-        log.info("training trial %d (%s) on %d training images (%d validate): %d crops of %d px, batch %d, "
-                 "%d steps%s", trial, arch.key(), len(fit_ids), len(val_ids), fs.tiles, crop, fs.batch_size,
-                 fs.steps, f", at most {fs.minutes:g} min" if fs.minutes else "")
+    def plan(a: Arch, teacher_key: str = "") -> tuple[FinalSettings, str]:
+        fs = final_settings(t, settings, crop, final_batch_size(t, a, task.in_channels, task.num_classes, crop),
+                            workers)
+        if not teacher_key:
+            fs = replace(fs, distill_weight=0.0)
+        return fs, final_key(a.key() + teacher_key, tile, fs, stage.ds, fit_ids, val_ids)
+
+    fs, key = plan(arch, teacher.key if teacher else "")
+
+    def fit(a: Arch, fs: FinalSettings, key: str, state: Path, what: str, soft: torch.nn.Module | None = None
+            ) -> tuple[torch.nn.Module, dict[str, Any]]:
+        log.info("training %s (%s) on %d training images (%d validate): %d crops of %d px, batch %d, %d steps%s%s",
+                 what, a.key(), len(fit_ids), len(val_ids), fs.tiles, crop, fs.batch_size, fs.steps,
+                 f", at most {fs.minutes:g} min" if fs.minutes else "",
+                 f", distilled from {teacher.name}" if soft is not None and teacher else "")
         pixels = image_class_pixels(stage.ds, fit_ids, run.index, progress)
         torch.manual_seed(cfg.seed)
-        model = build_unet(arch, task.in_channels, task.num_classes)
-        r = train_final(model, stage.ds, fit_ids, val_ids, pixels, fs, run.best / RETRAIN_STATE, key, progress)
+        model = build_unet(a, task.in_channels, task.num_classes)
+        r = train_final(model, stage.ds, fit_ids, val_ids, pixels, fs, state, key, progress, teacher=soft)
         return r.model, {
             "data": "all", "images": len(fit_ids), "val_images": [stage.ds.pairs[int(i)].stem for i in val_ids],
             "crop": crop, "batch_size": fs.batch_size, "tile_passes": r.tile_passes, "budget_tiles": fs.tiles,
             "best_step": r.best_step, "best_val_miou": r.best_val_miou, "stopped": r.stopped,
-            "seconds": r.seconds, "curve": r.curve,
+            "seconds": r.seconds, "teacher": teacher.name if soft is not None and teacher else None,
+            "curve": r.curve,
         }
+
+    def train() -> tuple[torch.nn.Module, dict[str, Any]]:
+        soft = None
+        if teacher is not None:
+            soft = teacher.model
+            if soft is None:  # the reference U-Net, trained once by the same final training and kept
+                t_fs, t_key = plan(teacher.arch)
+                path = run.best / "teacher.pt"
+                done = load_if_key(path, t_key)
+                if done is not None:
+                    soft = build_unet(teacher.arch, task.in_channels, task.num_classes)
+                    soft.load_state_dict(done["state_dict"])
+                else:
+                    soft, info = fit(teacher.arch, t_fs, t_key, run.best / "teacher_state.pt", "the teacher")
+                    save_checkpoint({"arch": teacher.arch.to_dict(), "state_dict": soft.state_dict(),
+                                     "retrain_key": t_key, "training": info}, path)
+                    (run.best / "teacher_state.pt").unlink(missing_ok=True)
+        return fit(arch, fs, key, run.best / RETRAIN_STATE, f"trial {trial}", soft)
 
     return key, train
 
@@ -526,9 +556,21 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
         + f" on {card['device']} ({card['latency_source']})",
         f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
         f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
+        *_training_lines(card.get("training")),
         *_int8_summary(card.get("int8")),
         *_trials_summary(card.get("trials")),
     ]
+
+
+def _training_lines(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return []
+    if t["data"] == "reps":
+        return [f"  trained:   {t['epochs']} epochs on {t['tiles']} representative tiles"]
+    val = (f", best validation mIoU {_fmt(t['best_val_miou'])} on {len(t['val_images'])} image(s) at "
+           f"{t['best_step']:,} steps" if t.get("best_val_miou") is not None else ", no validation split")
+    return [f"  trained:   {t['tile_passes']:,} crops of {t['crop']} px from {t['images']} training images "
+            f"({t['stopped'].replace('_', ' ')}, {t['seconds'] / 60:.1f} min){val}"]
 
 
 def _trials_summary(n: dict[str, int] | None) -> list[str]:

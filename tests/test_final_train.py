@@ -200,3 +200,67 @@ def test_kill_9_mid_training_then_the_rerun_gives_the_same_net(demo, tmp_path):
     assert f"goes on after {killed_at} of 300 steps" in err
     a, b = torch.load(tmp_path / "whole.weights"), torch.load(tmp_path / "again.weights")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, loader process or not
+
+
+def test_distillation_follows_the_teacher_and_refuses_a_teacher_of_other_classes(demo, tmp_path):
+    from autoseg.checkpoint import save_checkpoint
+    from autoseg.final_train import distill_loss, teacher_source
+
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.zeros(2, 4, 4, dtype=torch.int64)
+    assert float(distill_loss(logits, logits, target)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(logits, -logits, target)) > 0.1
+    assert float(distill_loss(logits, -logits, torch.full_like(target, IGNORE))) == 0.0  # nothing labelled
+
+    _, ds, fit, val, fs = _setup(demo, **{"train.teacher": "reference", "train.patience": 0})
+    assert fs.distill_weight == 0.5
+    teacher = build_unet(ARCH, ds.channels, ds.class_map.num_classes)
+    path = tmp_path / "teacher.pt"
+    save_checkpoint({"arch": ARCH.to_dict(), "state_dict": teacher.state_dict(), "in_channels": ds.channels,
+                     "num_classes": ds.class_map.num_classes, "classes": list(ds.class_map.names)}, path)
+    t = teacher_source(str(path), ds, ds.channels)
+    assert t.model is not None and t.arch == ARCH and t.key.startswith("|teacher:")
+    torch.manual_seed(0)
+    plain = train_final(build_unet(ARCH, ds.channels, ds.class_map.num_classes), ds, fit, val,
+                        image_class_pixels(ds, fit, None), fs)
+    torch.manual_seed(0)
+    taught = train_final(build_unet(ARCH, ds.channels, ds.class_map.num_classes), ds, fit, val,
+                         image_class_pixels(ds, fit, None), fs, teacher=t.model)
+    assert any(not torch.equal(plain.model.state_dict()[k], taught.model.state_dict()[k])
+               for k in plain.model.state_dict())  # the soft labels changed what it learned
+
+    save_checkpoint({"arch": ARCH.to_dict(), "state_dict": teacher.state_dict(), "in_channels": ds.channels,
+                     "num_classes": 2, "classes": ["a", "b"]}, path)
+    with pytest.raises(InputError, match=r"^train\.teacher: .* give a teacher trained on the same classes$"):
+        teacher_source(str(path), ds, ds.channels)
+    with pytest.raises(InputError, match=r"^train\.teacher: .* is not a file"):
+        teacher_source(str(tmp_path / "nope.pt"), ds, ds.channels)
+
+
+def test_a_search_ships_the_all_data_net_distilled_from_the_reference(demo, tmp_path):
+    """End to end through the CLI: the teacher is trained once and kept, the student's card names it."""
+    import json
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(
+        "search:\n  space:\n    levels: [1]\n    kernels: [3]\n    channels: [4]\n"
+        "device:\n  warmup: 0\n  min_runs: 2\n  min_seconds: 0.0\n  max_busy_cores: null\n"
+        "train:\n  teacher: reference\n  threads: 1\n"
+        "eval:\n  num_examples: 0\n"
+    )
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "autoseg", "search", "--config", str(cfg), "--images", str(demo[0]), "--masks",
+            str(demo[1]), "--out", str(out), "--trials", "1", "--tile", "16", "--num-reps", "8", "--folds", "2",
+            "--epochs", "1", "--final-tiles", "64"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "training the teacher (k3-3-3-3_c32-64-128-256_standard_transpose)" in first.stderr
+    assert "distilled from the reference U-Net" in first.stderr
+    card = json.loads((out / "best" / "model_card.json").read_text())
+    t = card["training"]
+    assert t["data"] == "all" and t["teacher"] == "the reference U-Net" and t["tile_passes"] == 64
+    assert t["crop"] == 16 and t["images"] >= 1 and len(t["val_images"]) >= 1
+    assert (out / "best" / "teacher.pt").exists() and not (out / "best" / "teacher_state.pt").exists()
+    curve = json.loads((out / "best" / "training.json").read_text())["curve"]
+    assert curve and all("val_miou" in p for p in curve)
+    assert "trained:   64 crops of 16 px" in first.stdout
