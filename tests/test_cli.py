@@ -330,3 +330,53 @@ def test_disk_full_run_directory(demo, tmp_path):
     (out / ".write-probe").symlink_to("/dev/full")
     proc = autoseg("reps", "--images", images, "--masks", masks, "--out", out)
     assert_one_line_error(proc, 2, str(out), "disk full")
+
+
+@pytest.mark.ssh
+def test_a_device_lost_mid_search_is_one_line_exit_3_without_optunas_traceback(demo, fresh_sshd_server, agent_root,
+                                                                                 tmp_path):
+    images, masks = demo
+    out = tmp_path / "run"
+    known = fresh_sshd_server.write_known_hosts(tmp_path / "known_hosts")
+    args = [*search_args(tmp_path, images, masks, out, trials=8), "--device", fresh_sshd_server.target,
+            "--device-python", sys.executable, "--known-hosts", known, "--identity-file", fresh_sshd_server.user_key]
+    cfg = tmp_path / "small.yml"  # give up on the lost device soon
+    cfg.write_text(cfg.read_text().replace("device:\n", "device:\n  connect_timeout_s: 2\n  reconnect_attempts: 1\n"))
+    env = {**os.environ, "AUTOSEG_AGENT_ROOT": str(agent_root)}
+    proc = subprocess.Popen([sys.executable, "-m", "autoseg", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while _finished(out / "study.db") < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    fresh_sshd_server.stop()  # the device is switched off while the search runs
+    stdout, stderr = proc.communicate(timeout=240)
+    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), 3)
+    assert "because of the following error" not in stderr and "Trial" not in stderr
+
+
+def test_optunas_trial_failed_traceback_is_dropped_for_our_errors_and_kept_for_bugs(capsys):
+    import logging
+
+    import optuna
+
+    from autoseg.errors import DeviceUnreachable
+    from autoseg.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging()
+        for exc, bug in ((DeviceUnreachable("pi@edge: device unreachable"), False), (ZeroDivisionError("a bug"), True)):
+            def objective(trial, exc=exc):
+                raise exc
+
+            with pytest.raises(type(exc)):
+                optuna.create_study().optimize(objective, n_trials=1)
+            err = capsys.readouterr().err
+            assert ("because of the following error" in err) is bug and ("failed with value" in err) is bug
+            assert ("Traceback" in err) is bug, err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        optuna.logging.disable_propagation()
+        optuna.logging.enable_default_handler()
