@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the smallest U-Net that still segments well, measured on the device that runs it.",
     )
     parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    # Also before the command (`autoseg -q search ...`); other dests, or the command's defaults would reset them.
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="top_quiet", action="store_true", help="warnings and errors only")
+    g.add_argument("-v", "--verbose", dest="top_verbose", action="store_true", help="debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("search", help="search architectures, retrain the best, export and report")
@@ -416,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    quiet = getattr(args, "quiet", False) or args.top_quiet
+    verbose = getattr(args, "verbose", False) or args.top_verbose
+    if quiet and verbose:
+        parser.error("-q/--quiet and -v/--verbose cannot go together; give one of them")
+    setup_logging(quiet=quiet, verbose=verbose)
     handler = cmd_device_check if args.command == "device" else COMMANDS[args.command]
     try:
         return handler(args)

@@ -380,3 +380,14 @@ def test_optunas_trial_failed_traceback_is_dropped_for_our_errors_and_kept_for_b
         root.setLevel(saved[1])
         optuna.logging.disable_propagation()
         optuna.logging.enable_default_handler()
+
+
+def test_quiet_and_verbose_go_before_or_after_the_command(demo):
+    images, masks = demo
+    data = ["--images", images, "--masks", masks, "--tile", "32"]
+    quiet = autoseg("-q", "tiles", *data)
+    assert quiet.returncode == 0 and quiet.stderr == "" and "tiles" in quiet.stdout, quiet.stderr
+    verbose = autoseg("--verbose", "tiles", *data)
+    assert verbose.returncode == 0 and " DEBUG " in verbose.stderr, verbose.stderr
+    both = autoseg("-q", "tiles", *data, "-v")
+    assert both.returncode == 2 and "-q/--quiet and -v/--verbose" in both.stderr.strip().splitlines()[-1]
