@@ -116,7 +116,7 @@ def model_info(path: Path) -> ModelInfo:
     meta, dims = read_metadata(path)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise InputError(f"{path}: metadata lacks {', '.join(repr(k) for k in missing)}; pass a model exported by "
+        raise InputError(f"{path}: metadata lacks {', '.join(missing)}; pass a model exported by "
                          "autoseg (RUN/best/model.onnx or `autoseg export`)")
     classes = _json(path, meta, "classes")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) < 2:

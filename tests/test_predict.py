@@ -178,7 +178,7 @@ def test_normalisation_for_other_channels_than_the_net_takes_is_named(plain_mode
 @pytest.mark.parametrize("key", ["tile", "classes", "mean", "std"])
 def test_missing_metadata_keys_are_named(plain_model, tmp_path, key):
     model = with_metadata(plain_model, tmp_path / "bad.onnx", **{key: None})
-    with pytest.raises(InputError, match=rf"bad\.onnx: metadata lacks '{key}'; pass a model exported by autoseg"):
+    with pytest.raises(InputError, match=rf"bad\.onnx: metadata lacks {key}; pass a model exported by autoseg"):
         model_info(model)
 
 
