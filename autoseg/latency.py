@@ -5,8 +5,10 @@ Both sides run the same `edge_agent.bench` code, so local and device numbers are
 `open_device` is the entry point used by the search.
 
 SSHDevice keeps ONE agent process (`python -m edge_agent serve`) for the whole search and talks
-JSON lines (edge_agent.protocol) over the exec channel's stdin/stdout. Models travel over SFTP and
-are verified by sha256 on the device. Host keys are checked against known_hosts (RejectPolicy-like);
+JSON lines (edge_agent.protocol) over the exec channel's stdin/stdout; what the device's shell prints
+before the agent's first line is skipped, and every reply is checked against the protocol's schema.
+Models travel over SFTP into the agent's own upload folder and are verified by sha256 on the device.
+Host keys are checked against known_hosts (RejectPolicy-like);
 a new host is recorded only with trust_new_host, a changed key is always refused.
 """
 
@@ -27,7 +29,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import IntEnum
 from pathlib import Path
@@ -160,6 +162,10 @@ class DeviceRefused(DeviceUnreachable):
     Exit code 3 like DeviceUnreachable, but never retried and never replaced by the local fallback:
     these need the user's attention (a changed host key may be an attack).
     """
+
+
+class DeviceBusy(DeviceRefused):
+    """Another measurement held the device's measurement lock for longer than we wait (exit code 3)."""
 
 
 def settings_from_config(cfg: DeviceConfig, seed: int = 0) -> MeasureSettings:
@@ -373,6 +379,7 @@ class SSHDevice:
         self._backoff_base_s = 0.5
         self._backoff_max_s = 8.0
         self._reply_timeout_s = 900.0  # one measure request, whatever the model
+        self._lock_timeout_s = 600.0  # waiting for another search's measurement on the device, on top
         self._probe_every_s = 10.0  # liveness check of the connection while waiting for a reply
         self._lock = threading.RLock()
         self._clients: list[paramiko.SSHClient] = []
@@ -380,6 +387,7 @@ class SSHDevice:
         self._chan: paramiko.Channel | None = None
         self._buf = b""
         self._stderr_tail = b""
+        self._nonce = ""
         self._next_id = 0
         self._hello: dict | None = None
         self._fingerprint: dict | None = None
@@ -469,9 +477,9 @@ class SSHDevice:
     # -- one measurement ------------------------------------------------------------------------------
 
     def _measure_once(self, model: bytes, sha: str, shape: Sequence[int], s: MeasureSettings) -> Measurement:
-        self._upload(model, sha)
+        path = self._upload(model, sha)
         try:
-            r = self._request("load", path=f"{sha}.onnx", sha256=sha, timeout=max(120.0, self._timeout))
+            r = self._request("load", path=path, sha256=sha, timeout=max(120.0, self._timeout))
         except _Dropped as e:
             e.during_model = True
             raise
@@ -483,7 +491,8 @@ class SSHDevice:
                 "measure", model_id=model_id, shape=[int(d) for d in shape], threads=s.threads,
                 providers=list(s.providers), warmup=s.warmup, min_runs=s.min_runs,
                 min_seconds=float(s.min_seconds), cooldown_s=float(s.cooldown_s), seed=s.seed,
-                timeout=self._reply_timeout_s + s.cooldown_s,
+                lock_timeout_s=self._lock_timeout_s,
+                timeout=self._reply_timeout_s + self._lock_timeout_s + s.cooldown_s,
             )
         except _Dropped as e:
             e.during_model = True
@@ -523,12 +532,18 @@ class SSHDevice:
             return self._result(MeasureError.LOAD_FAILED, f"{code}: {text}")
         if code == "run_failed":
             return self._result(MeasureError.RUN_FAILED, f"{code}: {text}")
+        if code == "busy":
+            raise DeviceBusy(f"device {self.target.name}: {text}; let that measurement finish (or stop it) "
+                             "and run again")
+        if code == "lock_failed":
+            raise DeviceRefused(f"device {self.target.name}: {text}")
         # bad_request / version / unknown_op: host and agent disagree about the protocol, a bug.
         raise AutosegError(f"device {self.target.name}: agent rejected {op} ({code}: {text})")
 
-    def _upload(self, model: bytes, sha: str) -> None:
+    def _upload(self, model: bytes, sha: str) -> str:
+        """Put a model into this agent's own upload folder; returns the path to load it by."""
         assert self._sftp is not None
-        final = posixpath.join(self._dirs["models"], f"{sha}.onnx")
+        final = posixpath.join(self._dirs["upload"], f"{sha}.onnx")
         tmp = f"{final}.tmp-{secrets.token_hex(4)}"
         try:
             with self._sftp.open(tmp, "wb") as f:
@@ -537,6 +552,7 @@ class SSHDevice:
             self._sftp.posix_rename(tmp, final)  # atomic: the agent never sees a half-written model
         except (OSError, EOFError, paramiko.SSHException) as e:
             raise _Dropped(f"upload failed: {e or type(e).__name__}") from None
+        return posixpath.relpath(final, self._dirs["models"])
 
     # -- JSON lines over the exec channel -------------------------------------------------------------
 
@@ -544,10 +560,20 @@ class SSHDevice:
         self._next_id += 1
         rid = self._next_id
         self._send_raw(_proto.encode(_proto.request(op, rid, **fields)))
+        # One deadline for the reply, however many progress lines come before it.
+        deadline = time.monotonic() + (self._reply_timeout_s if timeout is None else timeout)
         while True:
-            msg = self._read_message(timeout)
+            msg = self._read_message(max(0.0, deadline - time.monotonic()))
+            if "progress" in msg:
+                if msg["id"] == rid:  # e.g. the device is busy with another search's measurement
+                    log.warning("device %s: %s", self.target.name, msg["progress"])
+                continue
             if msg.get("id") == rid or (msg.get("id") is None and msg.get("ok") is False):
-                return msg
+                try:
+                    return _proto.check_reply(msg, op)
+                except _proto.ProtocolError as e:
+                    self._teardown()
+                    raise self._unexpected(e) from None
             log.debug("device %s: ignoring stray reply %s", self.target.name, msg)
 
     def _send_raw(self, data: bytes) -> None:
@@ -560,25 +586,59 @@ class SSHDevice:
             raise _Dropped(f"sending to the agent failed: {e or type(e).__name__}") from None
 
     def _read_message(self, timeout: float | None = None) -> dict:
-        """Next JSON line from the agent. Any failure tears the channel down (state unknown)."""
+        """Next message from the agent, checked against the protocol. Any failure tears the channel down."""
         try:
             line = self._read_line(self._reply_timeout_s if timeout is None else timeout)
-            return _proto.decode(line)
+            return _proto.decode_reply(line)
         except _proto.ProtocolError as e:
             self._teardown()
-            raise _Dropped(f"agent sent a malformed line ({e})") from None
+            raise self._unexpected(e) from None
         except BaseException:
             self._teardown()
             raise
 
+    def _unexpected(self, e: _proto.ProtocolError) -> DeviceRefused:
+        # Not retried: the agent is deployed from this host's own copy, so another attempt would say the same.
+        where = self._dirs.get("version", "the agent's folder")
+        return DeviceRefused(f"device {self.target.name}: device agent speaks an unexpected protocol: {e}; "
+                             f"delete {where} on the device so that autoseg deploys its agent afresh")
+
     def _read_line(self, timeout: float) -> bytes:
+        limit = _proto.MAX_LINE_BYTES + 1
+        self._receive_until(lambda buf: b"\n" in buf or len(buf) > limit, timeout)
+        line, newline, rest = self._buf.partition(b"\n")
+        if not newline or len(line) >= limit:
+            raise _proto.ProtocolError("bad_reply", f"line longer than {_proto.MAX_LINE_BYTES} bytes")
+        self._buf = rest
+        return line
+
+    def _await_ready(self, timeout: float) -> None:
+        """Skip what the device printed before the agent's first line (shell start-up files), and say so."""
+        marker = _proto.ready_line(self._nonce)
+        limit = _proto.MAX_LINE_BYTES
+        self._receive_until(lambda buf: marker in buf or len(buf) > limit + len(marker), timeout)
+        junk, found, rest = self._buf.partition(marker)
+        if not found:
+            self._teardown()
+            raise DeviceRefused(f"device {self.target.name}: more than {limit} bytes were printed before the agent "
+                                "started; remove the output from the shell start-up files (~/.bashrc) there")
+        self._buf = rest
+        if junk.strip():
+            lines = junk.decode("utf-8", "replace").splitlines()
+            shown = " | ".join(ln.strip() for ln in lines if ln.strip())
+            log.warning("device %s: skipped %d line%s printed before the agent started (by the shell start-up "
+                        "files there?): %s", self.target.name, len(lines), "s" * (len(lines) != 1),
+                        shown[:200] + ("..." if len(shown) > 200 else ""))
+
+    def _receive_until(self, done: Callable[[bytes], bool], timeout: float) -> None:
+        """Read from the agent's stdout into self._buf until done(self._buf)."""
         chan = self._chan
         if chan is None:
             raise _Dropped("not connected")
         deadline = time.monotonic() + timeout
         next_probe = time.monotonic() + self._probe_every_s
         chan.settimeout(0.25)
-        while b"\n" not in self._buf:
+        while not done(self._buf):
             self._drain_stderr(chan)
             try:
                 data = chan.recv(65536)
@@ -607,8 +667,6 @@ class SSHDevice:
             if now > next_probe:
                 self._probe()
                 next_probe = time.monotonic() + self._probe_every_s
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line
 
     def _drain_stderr(self, chan: paramiko.Channel) -> None:
         # The agent logs to stderr; read it so the window never fills and keep a tail for messages.
@@ -669,8 +727,10 @@ class SSHDevice:
             raise _Dropped(f"SFTP failed: {e or type(e).__name__}") from None
         root = _expand_home(self._agent_root, home)
         version_dir = posixpath.join(root, edge_agent.__version__)
+        # The measurement lock is shared by every agent version of this user, in the agent's own 0700 folder.
         self._dirs = {"version": version_dir, "work": posixpath.join(version_dir, "work"),
-                      "models": posixpath.join(version_dir, "work", "models")}
+                      "models": posixpath.join(version_dir, "work", "models"),
+                      "lock": posixpath.join(root, "measure.lock")}
         self._python = _expand_home(self._cfg.python, home)
         # The package check runs while the agent is deployed and started (both import onnxruntime,
         # seconds on a Pi); its verdict is read before the agent is used.
@@ -784,6 +844,7 @@ class SSHDevice:
         py = self._python
         where = f"device {self.target.name}"
         fix = "pass --device-python /path/to/venv/bin/python"
+        # On a line of its own: a shell start-up file may have printed before it (without a newline, even).
         line = next((ln for ln in out.splitlines() if ln.startswith("AUTOSEG-CHECK ")), None)
         if line is None:
             if status == 127:
@@ -831,9 +892,11 @@ class SSHDevice:
     def _spawn_agent(self, client: paramiko.SSHClient) -> None:
         transport = client.get_transport()
         assert transport is not None
+        self._nonce = secrets.token_hex(8)
         cmd = (f"cd {shlex.quote(self._dirs['version'])} && exec {shlex.quote(self._python)} "
                f"-m edge_agent serve --cache-dir {shlex.quote(self._dirs['work'])} "
-               f"--max-model-mb {self._cfg.max_model_mb:g}")
+               f"--max-model-mb {self._cfg.max_model_mb:g} --lock {shlex.quote(self._dirs['lock'])} "
+               f"--nonce {self._nonce}")
         try:
             chan = transport.open_session(timeout=self._timeout)
             chan.exec_command(cmd)
@@ -842,7 +905,9 @@ class SSHDevice:
         self._chan, self._buf, self._stderr_tail = chan, b"", b""
 
     def _say_hello(self) -> None:
-        hello = self._request("hello", timeout=max(60.0, 3 * self._timeout))
+        timeout = max(60.0, 3 * self._timeout)
+        self._await_ready(timeout)
+        hello = self._request("hello", timeout=timeout)
         if not hello.get("ok"):
             err = hello.get("error") or {}
             raise DeviceRefused(f"device {self.target.name}: agent refused hello ({err.get('code')}: "
@@ -860,6 +925,7 @@ class SSHDevice:
             log.warning("device %s: fingerprint changed after reconnecting (different machine or software?)",
                         self.target.name)
         self._hello, self._fingerprint = hello, fp
+        self._dirs["upload"] = posixpath.join(self._dirs["models"], hello["upload_dir"])
         log.info("device %s: agent %s ready (%s, %s cores, onnxruntime %s)", self.target.name,
                  hello.get("agent_version"), fp.get("cpu_model"), fp.get("cores"), fp.get("onnxruntime"))
 
@@ -880,7 +946,7 @@ for name in ("numpy", "onnxruntime"):
         __import__(name)
     except Exception:
         missing.append(name)
-print("AUTOSEG-CHECK " + json.dumps({"python": list(sys.version_info[:3]), "missing": missing}))
+print("\\nAUTOSEG-CHECK " + json.dumps({"python": list(sys.version_info[:3]), "missing": missing}))
 """
 
 

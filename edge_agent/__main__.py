@@ -23,7 +23,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from edge_agent.serve import DEFAULT_LOCK, serve
 
         lock = DEFAULT_LOCK if args.lock is None else (args.lock or None)
-        return serve(args.cache_dir, int(args.max_model_mb * 2**20), lock)
+        return serve(args.cache_dir, int(args.max_model_mb * 2**20), lock, args.lock_timeout, args.busy_report_s,
+                     args.nonce)
     if args.cmd == "fingerprint":
         from edge_agent.fingerprint import fingerprint, fingerprint_id
 
@@ -46,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-mb", type=_non_negative, default=256.0,
                    help="refuse (and delete) model files larger than this (default 256)")
     s.add_argument("--lock", default=None, help="file locked while a model is timed, so that agents never "
-                   "time at once (default: autoseg-agent-measure.lock in the temp dir; '' for none)")
+                   "time at once; its folder must be private (default: ~/.cache/autoseg-agent/measure.lock; "
+                   "'' for none)")
+    s.add_argument("--lock-timeout", type=_non_negative, default=600.0,
+                   help="seconds to wait for another measurement before answering 'busy' (default 600)")
+    s.add_argument("--busy-report-s", type=_non_negative, default=5.0,
+                   help="seconds of waiting before the first 'device busy' progress line (default 5)")
+    s.add_argument("--nonce", default="", help="echoed in the first line, which frames the protocol")
 
     b = sub.add_parser("bench", help="measure one ONNX model and print the statistics")
     b.add_argument("model", help="path to an .onnx file")

@@ -1,15 +1,21 @@
 """JSON-lines messages between the autoseg host and the edge agent (one object per line, UTF-8).
 
-Shared by both sides: autoseg imports this module, so there is one definition of the messages.
+Shared by both sides: autoseg imports this module, so there is one definition of the messages, of their
+bounds (line length, nesting depth) and of the schema every reply is checked against.
+
+Framing: the agent's first line is `ready_line(nonce)`, the nonce given on its command line; whatever a
+shell start-up file printed before it is not protocol. Then each request gets one reply (`ok` true or
+false), possibly preceded by `progress` messages with the same id (e.g. while waiting for a busy device).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Optional, Union
+import re
+from typing import Any, Callable, Dict, Optional, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 OPS = ("hello", "load", "measure", "unload", "bye")
 ERROR_CODES = (
     "bad_request",
@@ -21,9 +27,13 @@ ERROR_CODES = (
     "outside_cache",
     "load_failed",
     "run_failed",
+    "busy",  # another measurement held the device's measurement lock for longer than the timeout
+    "lock_failed",  # the measurement lock cannot be used (not a regular file, a shared directory, ...)
 )
-# A request line longer than this is refused without being parsed (requests are tiny).
+# A line longer than this is refused without being parsed (messages are small).
 MAX_LINE_BYTES = 1 << 20
+# JSON nested deeper than this is refused before parsing (json.loads recurses; real messages nest 3 deep).
+MAX_DEPTH = 32
 # Refuse measurement inputs above this many elements (1 GiB of float32) rather than exhaust RAM.
 MAX_INPUT_ELEMENTS = 1 << 28
 
@@ -55,16 +65,12 @@ def encode(obj: Dict[str, Any]) -> bytes:
 
 
 def decode(line: Union[bytes, str]) -> Dict[str, Any]:
-    """Parse one line into a message object; checks JSON, object-ness and the protocol version."""
-    if isinstance(line, bytes):
-        if len(line) > MAX_LINE_BYTES:
-            raise ProtocolError("bad_request", f"line longer than {MAX_LINE_BYTES} bytes")
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ProtocolError("bad_request", f"line is not UTF-8: {e}") from None
+    """Parse one line into a message object; checks size, nesting, JSON, object-ness and the protocol version."""
+    text = check_line(line)
     try:
-        msg = json.loads(line)
+        msg = json.loads(text)
+    except RecursionError:  # cannot happen after check_line; a last guard all the same
+        raise ProtocolError("bad_request", "line is nested too deeply") from None
     except ValueError as e:
         raise ProtocolError("bad_request", f"line is not JSON: {e}") from None
     if not isinstance(msg, dict):
@@ -78,6 +84,36 @@ def decode(line: Union[bytes, str]) -> Dict[str, Any]:
         text = f"protocol version {msg['v']!r} not supported (expected {PROTOCOL_VERSION})"
         raise ProtocolError("version", text, msg_id)
     return msg
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def check_line(line: Union[bytes, str]) -> str:
+    """The line as text if it may be parsed: at most MAX_LINE_BYTES, UTF-8, nested at most MAX_DEPTH deep.
+
+    Both sides call this before json.loads, which recurses once per level and dies on `[[[[...`.
+    """
+    if isinstance(line, bytes):
+        if len(line) > MAX_LINE_BYTES:
+            raise ProtocolError("bad_request", f"line longer than {MAX_LINE_BYTES} bytes")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError("bad_request", f"line is not UTF-8: {e}") from None
+    else:
+        text = line
+        if len(text) > MAX_LINE_BYTES:
+            raise ProtocolError("bad_request", f"line longer than {MAX_LINE_BYTES} characters")
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return text
+    depth = 0
+    for m in _BRACKETS.finditer(_STRING.sub('""', text)):  # brackets inside strings are text
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise ProtocolError("bad_request", f"line is JSON nested deeper than {MAX_DEPTH} levels")
+    return text
 
 
 def parse_request(line: Union[bytes, str]) -> Dict[str, Any]:
@@ -120,6 +156,66 @@ def ok(id: Optional[int], **fields: Any) -> Dict[str, Any]:
 
 def error(id: Optional[int], code: str, message: str) -> Dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": id, "ok": False, "error": {"code": code, "message": message}}
+
+
+def progress(id: int, message: str) -> Dict[str, Any]:
+    """A line for the host's log while request `id` is still running (its reply comes later)."""
+    return {"v": PROTOCOL_VERSION, "id": id, "progress": message}
+
+
+def ready_line(nonce: str) -> bytes:
+    """The agent's first line: the host skips everything before it (shell start-up files may print)."""
+    return encode({"v": PROTOCOL_VERSION, "ready": "edge_agent", "nonce": nonce})
+
+
+# -- replies: one schema, checked by the host (and by the tests) ------------------------------------------
+
+
+def decode_reply(line: Union[bytes, str]) -> Dict[str, Any]:
+    """Parse and check one line from the agent: a reply (ok true/false) or a progress message."""
+    msg = decode(line)
+    msg_id = msg.get("id")
+    if msg_id is not None and not _is_int(msg_id):
+        raise ProtocolError("bad_reply", f"field 'id' must be an integer or null, got {_show(msg_id)}")
+    if "progress" in msg:
+        if not _is_int(msg_id) or not isinstance(msg["progress"], str):
+            raise ProtocolError("bad_reply", "a progress message needs an integer 'id' and a string 'progress'")
+        return msg
+    if not isinstance(msg.get("ok"), bool):
+        raise ProtocolError("bad_reply", "message is neither a reply (no boolean 'ok') nor a progress message")
+    if not msg["ok"]:
+        err = msg.get("error")
+        if not (isinstance(err, dict) and isinstance(err.get("code"), str) and isinstance(err.get("message"), str)):
+            raise ProtocolError("bad_reply", "an error reply needs 'error': {'code': str, 'message': str}")
+        if err["code"] not in ERROR_CODES:
+            raise ProtocolError("bad_reply", f"unknown error code {err['code']!r}")
+    elif not _is_int(msg_id):
+        raise ProtocolError("bad_reply", "a successful reply needs an integer 'id'")
+    return msg
+
+
+def check_reply(msg: Dict[str, Any], op: str) -> Dict[str, Any]:
+    """A successful reply to `op` must carry every field the host reads, with the right type."""
+    if msg.get("ok"):
+        for key, (check, what) in _REPLY_FIELDS.get(op, {}).items():
+            _check_field(msg, key, check, what, op)
+        if op == "measure":
+            for key, (check, what) in _STATS_FIELDS.items():
+                _check_field(msg["stats"], key, check, what, op, prefix="stats.")
+    return msg
+
+
+def _check_field(obj: Dict[str, Any], key: str, check: Callable[[Any], bool], what: str, op: str,
+                 prefix: str = "") -> None:
+    if key not in obj:
+        raise ProtocolError("bad_reply", f"{op} reply: field '{prefix}{key}' is missing")
+    if not check(obj[key]):
+        raise ProtocolError("bad_reply", f"{op} reply: field '{prefix}{key}' must be {what}, got {_show(obj[key])}")
+
+
+def _show(x: Any) -> str:
+    text = json.dumps(x) if isinstance(x, (str, int, float, bool, type(None))) else type(x).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,6 +273,48 @@ def _check_measure(msg: Dict[str, Any]) -> None:
     for key in ("min_seconds", "cooldown_s"):
         if not (_is_number(msg[key]) and msg[key] >= 0):
             raise bad(f"field {key!r} must be a non-negative number")
+    wait = msg.get("lock_timeout_s")
+    if wait is not None and not (_is_number(wait) and wait >= 0):
+        raise bad("field 'lock_timeout_s' must be a non-negative number or null")
+
+
+def _is_name(x: Any) -> bool:
+    """One path component: no separators, not '.' or '..'."""
+    if not isinstance(x, str) or x in ("", ".", ".."):
+        return False
+    return not any(c in x for c in "/\\\x00")
+
+
+def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda x: x is None or check(x)
+
+
+_INT = (lambda x: _is_int(x) and x >= 0, "a non-negative integer")
+_STR = (lambda x: isinstance(x, str) and bool(x), "a non-empty string")
+_NUM = (lambda x: _is_number(x) and x >= 0, "a non-negative number")
+_OPT_NUM = (_opt(_is_number), "a number or null")
+_REPLY_FIELDS: Dict[str, Dict[str, Any]] = {
+    "hello": {
+        "protocol": _INT, "agent_version": _STR, "fingerprint": (lambda x: isinstance(x, dict), "an object"),
+        "fingerprint_id": _STR, "cache_dir": _STR, "models_dir": _STR, "max_model_bytes": _INT,
+        "upload_dir": (_is_name, "a plain folder name"), "pid": _INT,
+    },
+    "load": {"model_id": _STR, "inputs": (lambda x: isinstance(x, list), "a list"), "size_bytes": _INT},
+    "measure": {
+        "stats": (lambda x: isinstance(x, dict), "an object"),
+        "providers_used": (lambda x: isinstance(x, list) and all(isinstance(p, str) for p in x), "a list of names"),
+        "cpu_others": _OPT_NUM, "temp_before_c": _OPT_NUM, "temp_after_c": _OPT_NUM,
+        "throttled": (_opt(lambda x: isinstance(x, bool)), "true, false or null"),
+        "lock_wait_s": _NUM,
+    },
+    "unload": {},
+    "bye": {},
+}
+_STATS_FIELDS: Dict[str, Any] = {
+    "min_ms": _NUM, "median_ms": _NUM, "mean_ms": _NUM, "p90_ms": _NUM, "p99_ms": _NUM,
+    "std_ms": (_opt(lambda x: _is_number(x) and x >= 0), "a non-negative number or null"),
+    "count": (lambda x: _is_int(x) and x >= 1, "a positive integer"),
+}
 
 
 def _finite(obj: Any) -> Any:

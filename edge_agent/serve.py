@@ -4,6 +4,11 @@ Safety rules: it only reads model files inside `<cache-dir>/models/` (paths reso
 symlinks out refused), verifies each model's sha256 and size before loading, never runs commands from
 requests, and deletes the model files it was handed on unload, bye, EOF, SIGTERM/SIGHUP and at exit.
 stdout carries protocol lines only; everything else goes to stderr.
+
+Each agent gets its own upload folder `models/agent-<pid>-<random>/`, held by an flock on its `.owner`
+file: agents sharing a cache dir never touch each other's files, and a starting agent removes the folders
+whose owner is gone (killed agents). It never hangs: the device-wide measurement lock is waited for with a
+timeout and progress lines, and an agent whose host went away (stdin EOF, stdout broken) exits at once.
 """
 
 from __future__ import annotations
@@ -13,25 +18,43 @@ import errno
 import hashlib
 import logging
 import os
+import select
+import shutil
 import signal
 import stat
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
-from typing import IO, Any, Dict, Iterator, Optional, Set, Tuple
+from contextlib import contextmanager, suppress
+from typing import IO, Any, Callable, Dict, Iterator, Optional, Set, Tuple
 
 from edge_agent import __version__, protocol
 from edge_agent.protocol import ProtocolError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no measurement lock and no stale-folder detection
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "autoseg-agent", "work")
-# One measurement at a time on a device, whichever search (or user) asks: two would slow each other down
-# and both latencies would be wrong. In the temp dir, so agents of every version and user share it.
-DEFAULT_LOCK = os.path.join(tempfile.gettempdir(), "autoseg-agent-measure.lock")
+# One measurement at a time on a device, whichever search asks: two would slow each other down and both
+# latencies would be wrong. The lock lives in the agent's own per-user folder (mode 0700): in the shared
+# temp dir any local user, or a FIFO put at its path, could stall every measurement.
+DEFAULT_LOCK = os.path.join("~", ".cache", "autoseg-agent", "measure.lock")
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+BUSY_REPORT_S = 5.0  # first "device busy" progress line after this long (or half the timeout, if shorter)
+BUSY_REPORT_EVERY_S = 30.0
+POLL_S = 0.1  # while waiting: how often the lock is tried and the host checked
 DEFAULT_MAX_MODEL_MB = 256.0
 DEFAULT_MAX_MODEL_BYTES = int(DEFAULT_MAX_MODEL_MB * 2**20)
+AGENT_DIR_PREFIX = "agent-"
+NEW_DIR_PREFIX = ".new-"  # an upload folder being set up; renamed once its owner lock is held
+OWNER_FILE = ".owner"
+
+
+class HostGone(Exception):
+    """The host went away (its SSH channel closed): stop whatever is going on and exit."""
 
 
 class _Model:
@@ -49,8 +72,18 @@ class _Model:
 class Agent:
     """Request handling, independent of stdin/stdout so it can be driven directly."""
 
-    def __init__(self, cache_dir: str, max_model_bytes: int, lock_path: Optional[str] = DEFAULT_LOCK) -> None:
+    def __init__(
+        self, cache_dir: str, max_model_bytes: int, lock_path: Optional[str] = DEFAULT_LOCK,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, busy_report_s: float = BUSY_REPORT_S,
+        idle: Optional[Callable[[float], None]] = None, report: Optional[Callable[[int, str], None]] = None,
+    ) -> None:
+        """idle(seconds) waits while the lock is busy (raising HostGone when the host left);
+        report(request id, text) sends a progress line."""
         self.lock_path = lock_path
+        self.lock_timeout_s = float(lock_timeout_s)
+        self.busy_report_s = float(busy_report_s)
+        self.idle = idle or time.sleep
+        self.report = report
         self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
         self.models_dir = os.path.join(self.cache_dir, "models")
         os.makedirs(self.models_dir, mode=0o700, exist_ok=True)
@@ -59,6 +92,8 @@ class Agent:
         self.models: Dict[str, _Model] = {}
         self.files: Set[str] = set()  # files handed to this agent that it must delete
         self._counter = 0
+        self.upload_dir, self._owner_fd = _claim_upload_dir(self.models_real)
+        self._clean_stale()
 
     # -- dispatch ----------------------------------------------------------------------------------------
 
@@ -86,6 +121,8 @@ class Agent:
         except ProtocolError as e:
             log.warning("%s #%s failed: %s: %s", op, rid, e.code, e.message)
             return protocol.error(rid, e.code, e.message), False
+        except HostGone:
+            raise
         except Exception as e:  # a bug or an exotic failure must not kill a long search
             log.exception("%s #%s raised", op, rid)
             code = {"load": "load_failed", "measure": "run_failed"}.get(op, "bad_request")
@@ -105,6 +142,8 @@ class Agent:
             "cache_dir": self.cache_dir,
             "models_dir": self.models_dir,
             "max_model_bytes": self.max_model_bytes,
+            "upload_dir": os.path.basename(self.upload_dir),  # where the host puts this agent's models
+            "pid": os.getpid(),
         }
 
     def load(self, rel_path: str, sha256: str) -> Dict[str, Any]:
@@ -144,9 +183,17 @@ class Agent:
             except Exception as e:
                 raise ProtocolError("load_failed", f"{model.model_id}: cannot create session: {e}") from None
             model.session_key = key
-        try:
-            with measure_lock(self.lock_path) as waited:
-                start = time.time()
+        rid = req["id"]
+        timeout = self.lock_timeout_s if req.get("lock_timeout_s") is None else float(req["lock_timeout_s"])
+
+        def report(text: str) -> None:
+            log.info("%s", text)
+            if self.report is not None:
+                self.report(rid, text)
+
+        with measure_lock(self.lock_path, timeout, self.idle, report, self.busy_report_s) as waited:
+            start = time.time()
+            try:
                 body = measure_report(
                     model.session,
                     req["shape"],
@@ -156,10 +203,10 @@ class Agent:
                     seed=req["seed"],
                     cooldown_s=float(req["cooldown_s"]),
                 )
-                body["timed_span"] = [start, time.time()]
-        except Exception as e:
-            text = f"{model.model_id}: inference failed on shape {req['shape']}: {e}"
-            raise ProtocolError("run_failed", text) from None
+            except Exception as e:
+                text = f"{model.model_id}: inference failed on shape {req['shape']}: {e}"
+                raise ProtocolError("run_failed", text) from None
+            body["timed_span"] = [start, time.time()]
         body["lock_wait_s"] = waited
         if waited > 0.5:
             log.info("waited %.1f s for another measurement on this device", waited)
@@ -176,10 +223,39 @@ class Agent:
         return {}
 
     def cleanup(self) -> None:
-        """Drop every session and delete every model file this agent was handed. Idempotent."""
+        """Drop every session, delete every model file this agent was handed and its upload folder. Idempotent."""
         self.models.clear()
         for path in sorted(self.files):
             self._delete(path)
+        if self._owner_fd is not None:
+            shutil.rmtree(self.upload_dir, ignore_errors=True)
+            os.close(self._owner_fd)  # after the folder is gone: nobody may take it for a dead agent's before
+            self._owner_fd = None
+
+    def _clean_stale(self) -> None:
+        """Remove the upload folders of agents that are gone: a killed agent's flock died with it."""
+        if fcntl is None:
+            return
+        try:
+            names = os.listdir(self.models_real)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.models_real, name)
+            if path == self.upload_dir or not name.startswith((AGENT_DIR_PREFIX, NEW_DIR_PREFIX + AGENT_DIR_PREFIX)):
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if name.startswith(NEW_DIR_PREFIX) and time.time() - st.st_mtime < 60:
+                continue  # another agent is setting it up right now
+            if _owner_alive(path):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by an agent that is gone", path)
 
     # -- paths and files ---------------------------------------------------------------------------------
 
@@ -242,39 +318,138 @@ class Agent:
         return model
 
 
-_LOCK_WARNED: Set[str] = set()
+def _claim_upload_dir(models_dir: str) -> Tuple[str, Optional[int]]:
+    """A fresh upload folder for this agent and the fd whose flock marks it as alive (None without fcntl)."""
+    name = f"{AGENT_DIR_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    final = os.path.join(models_dir, name)
+    if fcntl is None:
+        os.mkdir(final, 0o700)
+        return final, None
+    # Set up under another name, so that no starting agent sees the folder before its owner lock is held.
+    tmp = os.path.join(models_dir, NEW_DIR_PREFIX + name)
+    os.mkdir(tmp, 0o700)
+    fd = os.open(os.path.join(tmp, OWNER_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(tmp, final)
+    return final, fd
+
+
+def _owner_alive(folder: str) -> bool:
+    """Whether a live agent holds the owner lock of an upload folder."""
+    assert fcntl is not None
+    try:
+        fd = os.open(os.path.join(folder, OWNER_FILE), os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock taken above
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @contextmanager
-def measure_lock(path: Optional[str]) -> Iterator[float]:
+def measure_lock(
+    path: Optional[str], timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, idle: Callable[[float], None] = time.sleep,
+    report: Optional[Callable[[str], None]] = None, report_after_s: float = BUSY_REPORT_S,
+) -> Iterator[float]:
     """Hold the device-wide measurement lock (an flock on `path`); yields the seconds waited for it.
 
-    Without fcntl (not POSIX) or a usable lock file, measurements go on unlocked, as before the lock.
+    Waits at most timeout_s (ProtocolError "busy"), calling report() now and then and idle() between
+    tries; a lock that others could hold or replace is refused (ProtocolError "lock_failed").
+    Without fcntl (not POSIX) or with no path, measurements go on unlocked.
     """
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None  # type: ignore[assignment]
-    fd = None
-    if fcntl is not None and path:
-        try:
-            try:  # without O_CREAT first: protected_regular forbids it on another user's file in /tmp
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # readable by all: other users lock it too
-        except OSError as e:
-            if path not in _LOCK_WARNED:
-                _LOCK_WARNED.add(path)
-                log.warning("cannot open the measurement lock %s (%s); measuring without it", path, e.strerror)
-    if fd is None:
+    if fcntl is None or not path:
         yield 0.0
         return
+    path = os.path.abspath(os.path.expanduser(path))
+    fd = _open_lock(path)
     try:
         t0 = time.monotonic()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield time.monotonic() - t0
+        deadline = t0 + timeout_s
+        next_report = t0 + min(report_after_s, timeout_s / 2)
+        while not _try_lock(fd, path):
+            now = time.monotonic()
+            if now >= deadline:
+                raise ProtocolError("busy", f"{_holder(fd, path)}; gave up waiting after {timeout_s:g} s")
+            if report is not None and now >= next_report:
+                report(f"{_holder(fd, path)}; waiting up to {deadline - now:.0f} s more")
+                next_report = now + BUSY_REPORT_EVERY_S
+            idle(max(0.0, min(POLL_S, deadline - now)))
+        waited = time.monotonic() - t0
+        _set_holder(fd, f"{os.getpid()} {time.time():.3f}\n")
+        try:
+            yield waited
+        finally:
+            _set_holder(fd, "")
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _open_lock(path: str) -> int:
+    def refuse(text: str) -> ProtocolError:
+        return ProtocolError("lock_failed", f"measurement lock {path}: {text}")
+
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        st = os.stat(parent)
+    except OSError as e:
+        raise refuse(f"cannot create its folder ({e.strerror}); pass --lock with a writable path") from None
+    if st.st_uid != os.geteuid():
+        raise refuse(f"{parent} belongs to another user; keep the lock in a folder of your own")
+    if st.st_mode & 0o022:
+        raise refuse(f"others can write to {parent}, so they could hold or replace the lock; "
+                     f"`chmod 700 {parent}` or keep the lock in a private folder")
+    # O_NONBLOCK: opening a FIFO never waits for a writer; O_NOFOLLOW: a symlink is refused.
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise refuse("is a symlink; remove it (the agent creates the lock itself)") from None
+        raise refuse(f"cannot be opened ({e.strerror}); remove it (the agent creates the lock itself)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refuse("is not a regular file (a FIFO or a device?); remove it (the agent creates the lock itself)")
+    return fd
+
+
+def _try_lock(fd: int, path: str) -> bool:
+    assert fcntl is not None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:  # e.g. a file system without flock
+        raise ProtocolError("lock_failed", f"measurement lock {path}: cannot be locked ({e.strerror})") from None
+
+
+def _set_holder(fd: int, text: str) -> None:
+    """Who holds the lock since when ("<pid> <unix time>"), for the progress lines of those who wait."""
+    try:
+        os.ftruncate(fd, 0)
+        if text:
+            os.pwrite(fd, text.encode("ascii"), 0)
+    except OSError:
+        pass
+
+
+def _holder(fd: int, path: str) -> str:
+    try:
+        pid_text, since_text = os.pread(fd, 64, 0).decode("ascii").split()
+        pid, since = int(pid_text), float(since_text)
+    except (OSError, ValueError):  # held by some other process, or just released
+        return f"device busy: another autoseg measurement (or another process) holds the lock {path}"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    return (f"device busy: another autoseg measurement holds the lock since {when} "
+            f"(pid {pid}, {max(0.0, time.time() - since):.0f} s ago)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,22 +457,36 @@ def measure_lock(path: Optional[str]) -> Iterator[float]:
 
 def serve(
     cache_dir: str = DEFAULT_CACHE_DIR, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
-    lock_path: Optional[str] = DEFAULT_LOCK,
+    lock_path: Optional[str] = DEFAULT_LOCK, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    busy_report_s: float = BUSY_REPORT_S, nonce: str = "",
 ) -> int:
-    """Serve requests from stdin until bye or EOF; returns the exit code."""
+    """Serve requests from stdin until bye, EOF or the host going away; returns the exit code."""
     out = _claim_stdout()
+    out.write(protocol.ready_line(nonce))  # first of all: the host skips whatever a shell rc printed before
+    out.flush()
+    reader = _LineReader(0, out.fileno())
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # errors only, and onnxruntime logs to stderr
-    agent = Agent(cache_dir, max_model_bytes, lock_path)
+
+    def idle(seconds: float) -> None:
+        if reader.host_gone(seconds):
+            raise HostGone("the host went away (its SSH channel closed)")
+
+    def report(rid: int, text: str) -> None:
+        try:
+            _send(out, protocol.progress(rid, text))
+        except OSError:
+            raise HostGone("the host went away (cannot write to it)") from None
+
+    agent = Agent(cache_dir, max_model_bytes, lock_path, lock_timeout_s, busy_report_s, idle, report)
     atexit.register(agent.cleanup)
     _exit_on_signals()
     log.info("edge_agent %s serving (protocol %d), models in %s, limit %d bytes",
-             __version__, protocol.PROTOCOL_VERSION, agent.models_dir, agent.max_model_bytes)
-    stdin = sys.stdin.buffer
+             __version__, protocol.PROTOCOL_VERSION, agent.upload_dir, agent.max_model_bytes)
     try:
         while True:
-            line, too_long = _read_line(stdin)
+            line, too_long = reader.readline()
             if line is None:
                 log.info("stdin closed; exiting")
                 return 0
@@ -313,8 +502,10 @@ def serve(
             if stop:
                 log.info("bye; exiting")
                 return 0
-    except BrokenPipeError:
-        log.warning("host closed the pipe; exiting")
+    except (HostGone, BrokenPipeError, ConnectionResetError) as e:
+        log.warning("%s; exiting", e if isinstance(e, HostGone) else "the host closed the pipe")
+        with suppress(OSError):  # closed now, so that no flush at exit complains about the gone reader
+            out.close()
         return 1
     except KeyboardInterrupt:
         return 130
@@ -331,17 +522,82 @@ def _send(out: IO[bytes], reply: Dict[str, Any]) -> None:
     out.flush()
 
 
-def _read_line(stdin: IO[bytes]) -> Tuple[Optional[bytes], bool]:
-    """(line, too_long); (None, False) at EOF. Over-long lines are consumed and discarded."""
-    line = stdin.readline(protocol.MAX_LINE_BYTES + 1)
-    if not line:
-        return None, False
-    if len(line) <= protocol.MAX_LINE_BYTES or line.endswith(b"\n"):
-        return line, False
-    while True:
-        rest = stdin.readline(protocol.MAX_LINE_BYTES)
-        if not rest or rest.endswith(b"\n"):
-            return b"", True
+class _LineReader:
+    """stdin as lines, read with os.read so that a waiting agent can also notice that its host left.
+
+    Lines longer than MAX_LINE_BYTES are discarded and reported as too long; at most MAX_BUFFERED bytes
+    are read ahead while a request is running.
+    """
+
+    MAX_BUFFERED = 4 * protocol.MAX_LINE_BYTES
+
+    def __init__(self, fd: int, out_fd: Optional[int] = None) -> None:
+        self.fd, self.out_fd = fd, out_fd
+        self.buf = bytearray()
+        self.eof = False
+        self._discarding = False  # inside a line that is too long
+        self._scan = 0  # bytes of buf known to hold no newline
+
+    def readline(self) -> Tuple[Optional[bytes], bool]:
+        """(line, too_long); (None, False) at EOF."""
+        while True:
+            i = self.buf.find(b"\n", self._scan)
+            if i >= 0:
+                line = bytes(self.buf[: i + 1])
+                del self.buf[: i + 1]
+                self._scan = 0
+                if self._discarding or len(line) > protocol.MAX_LINE_BYTES + 1:
+                    self._discarding = False
+                    return b"", True
+                return line, False
+            self._scan = len(self.buf)
+            if len(self.buf) > protocol.MAX_LINE_BYTES:
+                self._discarding = True
+                del self.buf[:]
+                self._scan = 0
+            if self.eof:
+                if self._discarding:
+                    self._discarding = False
+                    return b"", True
+                if self.buf:
+                    line = bytes(self.buf)
+                    del self.buf[:]
+                    return line, False
+                return None, False
+            self._read()
+
+    def host_gone(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for input (buffering it); True once stdin is at EOF or stdout is broken."""
+        if self.eof:
+            return True
+        if not hasattr(select, "poll"):
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if ready:
+                self._read()
+            return self.eof
+        poller = select.poll()
+        if len(self.buf) < self.MAX_BUFFERED:
+            poller.register(self.fd, select.POLLIN)
+        if self.out_fd is not None:
+            poller.register(self.out_fd, 0)  # POLLERR / POLLHUP: nobody reads our replies any more
+        for fd, events in poller.poll(timeout * 1000):
+            if fd == self.out_fd and events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                return True
+            if fd == self.fd:
+                self._read()
+        return self.eof
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
 
 
 def _claim_stdout() -> IO[bytes]:

@@ -47,7 +47,8 @@ def keygen(path: Path, comment: str) -> Path:
 class SSHServer:
     """One sshd. `start`, `stop`, `restart` keep host key and port; `with_new_host_key` makes an impostor."""
 
-    def __init__(self, root: Path, port: int | None = None, user_key: Path | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, user_key: Path | None = None,
+                 shell_rc: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.user = getpass.getuser()
@@ -61,6 +62,13 @@ class SSHServer:
         self.config = self.root / "sshd_config"
         self.log = self.root / "sshd.log"
         self.proc: subprocess.Popen | None = None
+        # A session HOME of its own whose ~/.bashrc is shell_rc: bash sources it for every exec channel
+        # (Debian builds bash with SSH_SOURCE_BASHRC), as a device's rc files are. The real HOME stays untouched.
+        self.home: Path | None = None
+        if shell_rc is not None:
+            self.home = self.root / "home"
+            self.home.mkdir(exist_ok=True)
+            (self.home / ".bashrc").write_text(shell_rc)
 
     # -- facts for the client side --------------------------------------------------------------------
 
@@ -200,6 +208,7 @@ class SSHServer:
             "MaxSessions 20",
             "LogLevel INFO",
             "Subsystem sftp internal-sftp",
+            *([f"SetEnv HOME={self.home}"] if self.home is not None else []),
             "",
         ])
 

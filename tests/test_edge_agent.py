@@ -67,37 +67,70 @@ def sha(data: bytes) -> str:
 
 
 class Agent:
-    """`python -m edge_agent serve` in a subprocess; every stdout line must be a protocol line."""
+    """`python -m edge_agent serve` in a subprocess; every stdout line must be a protocol line.
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.cache = tmp / "cache"
+    The measurement lock is <tmp>/lock/measure.lock unless `lock` says otherwise (None: the agent's default).
+    """
+
+    def __init__(self, tmp: Path, *extra: str, lock: Path | str | None = "", cache: Path | None = None,
+                 env: dict | None = None) -> None:
+        self.cache = cache or tmp / "cache"
         self.models = self.cache / "models"
         self.models.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         self.err_path = tmp / "agent.stderr"
         self._err = open(self.err_path, "wb")  # noqa: SIM115 (lives as long as the agent)
+        self.lock = tmp / "lock" / "measure.lock" if lock == "" else lock
+        self.nonce = f"test-{os.getpid()}-{id(self):x}"
+        args = ["--cache-dir", str(self.cache), "--nonce", self.nonce]
+        if self.lock is not None:
+            args += ["--lock", str(self.lock)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "serve", "--cache-dir", str(self.cache), *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, cwd=REPO, bufsize=0,
+            [sys.executable, "-m", "edge_agent", "serve", *args, *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, cwd=REPO, bufsize=0, env=env,
         )
         self._id = 0
+        self.progress: list[dict] = []
+        first = self.read_line()
+        assert first == protocol.ready_line(self.nonce), first[:200]  # the framing marker comes first
+        self.hello: dict | None = None
 
     def send_raw(self, line: bytes) -> dict:
         self.proc.stdin.write(line)
         self.proc.stdin.flush()
         return self.read()
 
-    def read(self) -> dict:
+    def read_line(self) -> bytes:
         ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT)
         assert ready, f"agent did not answer within {TIMEOUT}s; stderr:\n{self.stderr()}"
         line = self.proc.stdout.readline()
         assert line.endswith(b"\n"), f"agent closed stdout; stderr:\n{self.stderr()}"
-        return protocol.decode(line)  # raises if stdout carried anything but a protocol line
+        return line
+
+    def read(self) -> dict:
+        """The next reply; progress messages on the way are kept in self.progress."""
+        while True:
+            msg = protocol.decode_reply(self.read_line())  # raises if stdout carried anything but protocol
+            if "progress" not in msg:
+                return msg
+            self.progress.append(msg)
 
     def call(self, op: str, **fields) -> dict:
         self._id += 1
         reply = self.send_raw(protocol.encode(protocol.request(op, self._id, **fields)))
         assert reply["id"] == self._id
+        if reply["ok"]:
+            protocol.check_reply(reply, op)
+            if op == "hello":
+                self.hello = reply
         return reply
+
+    @property
+    def upload_dir(self) -> Path:
+        """This agent's own folder for model files (as the host uploads them)."""
+        if self.hello is None:
+            self.call("hello")
+        return self.models / self.hello["upload_dir"]
 
     def put(self, name: str, data: bytes) -> Path:
         path = self.models / name
@@ -124,7 +157,7 @@ class Agent:
         return self.err_path.read_text(errors="replace")
 
     def model_files(self) -> list[str]:
-        return sorted(p.name for p in self.models.iterdir())
+        return sorted(p.name for p in self.models.iterdir() if p.is_file())
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -152,7 +185,7 @@ def assert_error(reply: dict, code: str) -> None:
 def test_hello(agent: Agent) -> None:
     reply = agent.call("hello")
     assert reply["ok"] and reply["v"] == protocol.PROTOCOL_VERSION
-    assert reply["protocol"] == 1
+    assert reply["protocol"] == protocol.PROTOCOL_VERSION
     assert reply["agent_version"] == edge_agent.__version__
     assert isinstance(reply["agent_version"], str)
     assert set(reply["fingerprint"]) >= FP_KEYS
@@ -204,8 +237,8 @@ def test_load_measure_unload(agent: Agent, model_bytes: bytes) -> None:
 
 def test_two_agents_on_one_device_never_time_at_once(tmp_path: Path, model_bytes: bytes) -> None:
     # Two searches sharing a device: without the lock each would slow the other and both latencies be wrong.
-    lock = tmp_path / "measure.lock"
-    agents = [Agent(tmp_path / name, "--lock", str(lock)) for name in ("a", "b")]
+    lock = tmp_path / "lock" / "measure.lock"
+    agents = [Agent(tmp_path / name, lock=lock) for name in ("a", "b")]
     try:
         ids = [a.load("m.onnx", model_bytes) for a in agents]
         for n, (a, model_id) in enumerate(zip(agents, ids, strict=True)):
@@ -287,7 +320,7 @@ def test_malformed_requests(agent: Agent) -> None:
         (b'{"v": 1, "id": 7}\n', "bad_request", 7),
         (b'{"v": 1, "id": 8, "op": "format_disk"}\n', "unknown_op", 8),
         (b'{"v": 1, "id": 9, "op": 5}\n', "bad_request", 9),
-        (b'{"v": 2, "id": 10, "op": "hello"}\n', "version", 10),
+        (b'{"v": 99, "id": 10, "op": "hello"}\n', "version", 10),
         (b'{"v": "1", "id": 11, "op": "hello"}\n', "version", 11),
         (b'{"id": 12, "op": "hello"}\n', "version", 12),
         (b'{"v": 1, "op": "hello"}\n', "bad_request", None),
@@ -305,7 +338,7 @@ def test_malformed_requests(agent: Agent) -> None:
         (b"x" * (protocol.MAX_LINE_BYTES + 10) + b"\n", "bad_request", None),
     ]
     for line, code, rid in cases:
-        reply = agent.send_raw(line)
+        reply = agent.send_raw(line.replace(b'"v": 1,', b'"v": %d,' % protocol.PROTOCOL_VERSION))
         assert_error(reply, code)
         assert reply["id"] == rid, (line[:80], reply)
     assert agent.proc.poll() is None
@@ -398,11 +431,12 @@ def test_parse_throttled() -> None:
 def test_protocol_helpers() -> None:
     line = protocol.encode(protocol.ok(3, value=float("nan"), nested={"x": [1.5, float("inf")]}))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert protocol.decode(line) == {"v": 1, "id": 3, "ok": True, "value": None, "nested": {"x": [1.5, None]}}
+    v = protocol.PROTOCOL_VERSION
+    assert protocol.decode(line) == {"v": v, "id": 3, "ok": True, "value": None, "nested": {"x": [1.5, None]}}
     req = protocol.parse_request(protocol.encode(protocol.request("measure", 4, model_id="m", shape=[1, 3, 8, 8])))
     assert req["min_runs"] >= 1 and req["providers"] == ["CPUExecutionProvider"] and req["threads"] is None
     err = protocol.error(None, "bad_request", "x")
-    assert err == {"v": 1, "id": None, "ok": False, "error": {"code": "bad_request", "message": "x"}}
+    assert err == {"v": v, "id": None, "ok": False, "error": {"code": "bad_request", "message": "x"}}
     with pytest.raises(protocol.ProtocolError) as info:
         protocol.decode(b"{}")
     assert info.value.code == "version"

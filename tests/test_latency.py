@@ -6,6 +6,7 @@ Budget: < 60 s in total, about 30 s on 2 idle cores (tiny model, warmup 1, min_r
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -266,7 +267,7 @@ def test_ssh_measurement_is_labelled_device(shared_ssh_device, sshd_server, tiny
     # Deployed once per agent version, with its content marker; models deleted after unload.
     deployed = list(agent_root.glob("*/edge_agent/.autoseg-deployed"))
     assert len(deployed) == 1
-    assert not list(agent_root.glob("*/work/models/*.onnx"))
+    assert not list(agent_root.glob("*/work/models/**/*.onnx"))
 
 
 @pytest.mark.ssh
@@ -329,7 +330,10 @@ def test_missing_packages_and_python_are_explained(sshd_server, ssh_device_confi
 
 
 class AgentKiller(threading.Thread):
-    """Kills this device's agent `times` times, each time shortly after a fresh model upload."""
+    """Kills this device's agent `times` times, each time shortly after a fresh model upload.
+
+    model_file: a glob for the uploaded model (each agent has its own upload folder).
+    """
 
     def __init__(self, server, before: set[int], model_file: Path, times: int) -> None:
         super().__init__(daemon=True)
@@ -337,12 +341,16 @@ class AgentKiller(threading.Thread):
         self.killed: list[int] = []
 
     def run(self) -> None:
-        seen: set[int] = set()
+        seen: set[tuple] = set()
         deadline = time.monotonic() + 30
         while len(self.killed) < self.times and time.monotonic() < deadline:
             try:
-                inode = self.model_file.stat().st_ino  # a new upload is a new inode (temp file + rename)
-            except FileNotFoundError:
+                # A new upload is a new file (temp file + rename), in a new folder after a restart; inode
+                # numbers alone are reused once the next agent removes the killed one's folder.
+                path = glob.glob(str(self.model_file))[0]
+                st = os.stat(path)
+                inode = (path, st.st_ino, st.st_ctime_ns)
+            except (FileNotFoundError, IndexError):
                 inode = None
             if inode is None or inode in seen:
                 time.sleep(0.01)
@@ -361,7 +369,7 @@ def test_agent_killed_mid_measurement_is_measured_again(sshd_server, ssh_device_
     cfg = ssh_device_config(sshd_server, reconnect_attempts=2)
     long = replace(FAST, min_seconds=1.0)
     with make_ssh_device(cfg, agent_root) as dev:
-        model_file = Path(dev._dirs["models"]) / f"{hashlib.sha256(tiny_onnx).hexdigest()}.onnx"
+        model_file = Path(dev._dirs["models"]) / "*" / f"{hashlib.sha256(tiny_onnx).hexdigest()}.onnx"
         killer = AgentKiller(sshd_server, before, model_file, times=1)
         killer.start()
         t0 = time.perf_counter()
@@ -438,10 +446,10 @@ def test_agent_refuses_wrong_hash(shared_ssh_device, tiny_onnx, agent_root):
     if dev._chan is None:
         dev._connect()
     sha = hashlib.sha256(tiny_onnx).hexdigest()
-    dev._upload(tiny_onnx, sha)
-    model_file = Path(dev._dirs["models"]) / f"{sha}.onnx"
+    path = dev._upload(tiny_onnx, sha)
+    model_file = Path(dev._dirs["models"]) / path
     assert model_file.read_bytes() == tiny_onnx
-    r = dev._request("load", path=f"{sha}.onnx", sha256="0" * 64, timeout=30)
+    r = dev._request("load", path=path, sha256="0" * 64, timeout=30)
     assert r["ok"] is False and r["error"]["code"] == "hash_mismatch"
     assert not model_file.exists()  # the agent deletes what it refuses
     # Through the measuring path a refusal is a Measurement, not an exception.
@@ -457,10 +465,10 @@ def test_oversized_model_is_refused(sshd_server, ssh_device_config, agent_root, 
         m = dev.measure(tiny_onnx, SHAPE, FAST)  # refused on the host, before uploading
         assert m.error == MeasureError.REFUSED and "too_large" in m.message
         sha = hashlib.sha256(tiny_onnx).hexdigest()
-        dev._upload(tiny_onnx, sha)  # and the agent enforces its own limit
-        r = dev._request("load", path=f"{sha}.onnx", sha256=sha, timeout=30)
+        path = dev._upload(tiny_onnx, sha)  # and the agent enforces its own limit
+        r = dev._request("load", path=path, sha256=sha, timeout=30)
         assert r["ok"] is False and r["error"]["code"] == "too_large"
-        assert not (Path(dev._dirs["models"]) / f"{sha}.onnx").exists()
+        assert not (Path(dev._dirs["models"]) / path).exists()
 
 
 @pytest.mark.ssh
