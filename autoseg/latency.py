@@ -18,6 +18,7 @@ import base64
 import contextlib
 import getpass
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -264,13 +265,25 @@ def parse_target(target: str, ssh_config: Path | None = None, _hop: bool = False
         raise InputError(f"{where}: {target!r} is not a target; use user@host, user@host:port or an ssh Host")
     user, _, rest = text.rpartition("@")
     port: int | None = None
+    malformed = InputError(f"{where}: {target!r} is not a target; use user@host, user@host:port, "
+                           "user@[ipv6]:port or an ssh Host")
     if rest.startswith("["):  # [ipv6]:port
-        host, _, tail = rest[1:].partition("]")
-        if tail.startswith(":"):
+        host, closed, tail = rest[1:].partition("]")
+        if not closed or "[" in host or (tail and not tail.startswith(":")):
+            raise malformed
+        if tail:
             port = _parse_port(tail[1:], target)
+    elif "[" in rest or "]" in rest:
+        raise malformed
     elif rest.count(":") == 1:
         host, _, p = rest.partition(":")
         port = _parse_port(p, target)
+    elif ":" in rest:  # several colons: a bare IPv6 address, or a mistake like host:22:33
+        host = rest
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise malformed from None
     else:
         host = rest
     if not host or (user == "" and "@" in text):
@@ -331,10 +344,14 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
                 f"({key.get_name()} key {_key_fp(key)}); check that fingerprint on the device "
                 f"(ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) and pass --trust-new-host to record it"
             )
-        self.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
-        with open(self.known_hosts, "a", encoding="utf-8") as f:
-            f.write(line)
+        try:
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(self.known_hosts, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as e:
+            raise InputError(f"device.known_hosts: cannot record the host key in {self.known_hosts} "
+                             f"({e.strerror}); give a writable known_hosts file") from None
         client.get_host_keys().add(hostname, key.get_name(), key)
         log.warning("trusting new host key %s %s for %s; recorded in %s",
                     key.get_name(), _key_fp(key), hostname, self.known_hosts)
@@ -369,10 +386,10 @@ class SSHDevice:
     def __init__(self, cfg: DeviceConfig, *, _agent_root: str | None = None) -> None:
         self._cfg = cfg
         self.target = parse_target(cfg.target, cfg.ssh_config)
-        if cfg.identity_file is not None and not Path(cfg.identity_file).expanduser().is_file():
-            raise InputError(f"device.identity_file: {cfg.identity_file} does not exist; give the path "
-                             "of your private key or leave it unset to use ssh-agent / ~/.ssh keys")
+        if cfg.identity_file is not None:
+            _check_identity_file(Path(cfg.identity_file).expanduser())
         self._known_hosts = Path(cfg.known_hosts or "~/.ssh/known_hosts").expanduser()
+        _check_known_hosts(self._known_hosts)
         self._agent_root = _agent_root or os.environ.get(AGENT_ROOT_ENV) or DEFAULT_AGENT_ROOT
         self._timeout = float(cfg.connect_timeout_s)
         # Bounds that are not worth a config field; private so tests can shorten them.
@@ -699,7 +716,7 @@ class SSHDevice:
             try:
                 self._connect()
                 return
-            except DeviceRefused:
+            except (DeviceRefused, InputError):
                 self._teardown()
                 raise
             except (DeviceUnreachable, _Dropped) as e:
@@ -756,8 +773,8 @@ class SSHDevice:
             if self._known_hosts.is_file():
                 try:
                     client.load_system_host_keys(str(self._known_hosts))
-                except (OSError, paramiko.SSHException) as e:
-                    raise DeviceRefused(
+                except (OSError, paramiko.SSHException, ValueError) as e:
+                    raise InputError(
                         f"device.known_hosts: {self._known_hosts} cannot be read ({e}); fix or remove it"
                     ) from None
             client.set_missing_host_key_policy(
@@ -948,6 +965,31 @@ for name in ("numpy", "onnxruntime"):
         missing.append(name)
 print("\\nAUTOSEG-CHECK " + json.dumps({"python": list(sys.version_info[:3]), "missing": missing}))
 """
+
+
+def _check_identity_file(path: Path) -> None:
+    """A key file that is missing, not a file or not a private key: one line naming it (exit 2)."""
+    fix = "give the path of your private key (e.g. ~/.ssh/id_ed25519, not the .pub file) or leave it unset"
+    if not path.exists():
+        raise InputError(f"device.identity_file: {path} does not exist; {fix}")
+    if not path.is_file():
+        raise InputError(f"device.identity_file: {path} is not a file; {fix}")
+    try:
+        paramiko.PKey.from_path(str(path))
+    except OSError as e:
+        raise InputError(f"device.identity_file: {path} cannot be read ({e.strerror}); {fix}") from None
+    except (TypeError, paramiko.PasswordRequiredException):
+        pass  # an encrypted key: usable through ssh-agent
+    except Exception as e:  # paramiko and cryptography raise ValueError, SSHException, UnknownKeyType, ...
+        raise InputError(f"device.identity_file: {path} is not a private key ({_one_line(str(e))[:120]}); "
+                         f"{fix}") from None
+
+
+def _check_known_hosts(path: Path) -> None:
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise InputError(f"device.known_hosts: {path} is {kind}; give the known_hosts file itself "
+                         "(default ~/.ssh/known_hosts)")
 
 
 def _expand_home(path: str, home: str) -> str:

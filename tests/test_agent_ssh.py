@@ -23,6 +23,7 @@ from sshd_server import SSHServer, unavailable_reason
 from test_agent_hardening import HeldLock
 from test_latency import FAST, SHAPE, make_ssh_device
 
+from autoseg.errors import InputError
 from autoseg.latency import DeviceBusy, DeviceRefused, MeasureError, SSHDevice
 from edge_agent import protocol
 
@@ -178,3 +179,25 @@ def test_two_hosts_on_one_device_keep_their_model_files(sshd_server, ssh_device_
         a.close()
         b.close()
 
+
+# -- section 5: SSH inputs -----------------------------------------------------------------------------------
+
+
+def test_an_identity_file_that_is_not_a_private_key_is_input_error(sshd_server, ssh_device_config, agent_root,
+                                                                   tmp_path):
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(300))
+    for path in (Path(f"{sshd_server.user_key}.pub"), noise, tmp_path):
+        with pytest.raises(InputError, match=r"device\.identity_file") as err:
+            make_ssh_device(ssh_device_config(sshd_server, identity_file=path), agent_root)
+        text = str(err.value)
+        assert str(path) in text and "check the device is on" not in text and "\n" not in text
+        assert err.value.exit_code == 2
+
+
+def test_known_hosts_that_is_a_directory_is_input_error(sshd_server, ssh_device_config, agent_root, tmp_path):
+    for trust in (False, True):
+        with pytest.raises(InputError, match=r"device\.known_hosts") as err:
+            make_ssh_device(ssh_device_config(sshd_server, known_hosts=tmp_path, trust_new_host=trust), agent_root)
+        assert str(tmp_path) in str(err.value) and "directory" in str(err.value)
+        assert err.value.exit_code == 2

@@ -113,9 +113,14 @@ def test_parse_target_forms(tmp_path):
     assert t.host == "jetson" and t.user  # the local user name, as ssh does
     t = parse_target("pi@[::1]:2200", empty)
     assert (t.host, t.port) == ("::1", 2200)
-    for bad in ("", "pi@", "pi@host:99999", "pi@host:x", "pi@ho st"):
-        with pytest.raises(InputError, match=r"device\.target"):
+    t = parse_target("pi@fe80::1", empty)  # a bare IPv6 address, no port
+    assert (t.host, t.port) == ("fe80::1", 22)
+    bad_targets = ("", "pi@", "pi@host:99999", "pi@host:x", "pi@ho st", "u@h:22:33", "pi@[::1", "pi@[::1]x",
+                   "pi@[]:22", "pi@[::1]:", "pi@h]:22", "pi@h[1]", "pi@:22", "@host")
+    for bad in bad_targets:
+        with pytest.raises(InputError, match=r"device\.target") as err:
             parse_target(bad, empty)
+        assert err.value.exit_code == 2 and "\n" not in str(err.value)
 
 
 def test_parse_target_reads_ssh_config_alias(tmp_path):

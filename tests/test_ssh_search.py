@@ -104,3 +104,13 @@ def test_diagnosis_of_unreliable_latency():
     assert any("performance" in n for n in notes)
     assert any("80" in n for n in notes)
     assert diagnose({"throttled": False, "governor": "performance"}, 40.0, 45.0) == []
+
+
+def test_an_identity_file_that_is_not_a_key_is_one_line_exit_2(sshd_server, device_flags, env):
+    # Checked before any connection: it used to say "check the device is on" (exit 3).
+    flags = [*device_flags[:-1], f"{sshd_server.user_key}.pub"]  # the public half, a common mix-up
+    proc = autoseg("device", "check", *flags, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{sshd_server.user_key}.pub is not a private key" in lines[0] and "device.identity_file" in lines[0]
