@@ -45,6 +45,7 @@ def test_search_measures_every_trial_on_the_device(sshd_server, device_flags, en
     out = tmp_path / "run"
     proc = autoseg("search", "--config", cfg, "--images", images, "--masks", masks, "--out", out, "--trials", "2",
                    "--tile", "32", "--num-reps", "12", "--folds", "2", "--epochs", "1", "--final-epochs", "1",
+                   "--final-tiles", "64",
                    "--workers", workers, *device_flags, env=env)
     assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}")
