@@ -16,7 +16,7 @@ from autoseg import __version__
 from autoseg.config import FINAL_TILE_PASSES, FOLD_TILE_PASSES, Config, load_config
 from autoseg.errors import AutosegError, InputError
 from autoseg.logs import progress_enabled, setup_logging
-from autoseg.rundir import os_reason
+from autoseg.rundir import os_hint, os_reason
 
 log = logging.getLogger("autoseg")
 
@@ -315,12 +315,15 @@ def cmd_reps(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from autoseg.export import check_loads
     from autoseg.pipeline import evaluate_model, prepare_data
     from autoseg.rundir import RunDir
     from autoseg.unet import Arch
 
     run = RunDir(args.run)
     card = _read_card(run)
+    # Run folders are shared: a damaged model, or one whose external data lies outside its folder, is one line.
+    check_loads(run.best / "model.onnx", f"run `autoseg export {args.run}` to write it again")
     extra = {}
     if args.test_images or args.test_masks:
         extra = {"data.test_images": args.test_images, "data.test_masks": args.test_masks}
@@ -348,6 +351,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autoseg.unet import Arch, build_unet
 
     run = RunDir(args.run)
+    if args.to is not None and args.to.is_dir():
+        raise InputError(f"--to {args.to}: is a directory; give a file path, such as {args.to / 'model.onnx'}")
     cfg = _run_config(args.run, args)
     ckpt_path = run.best / "model.pt"
     ckpt = checkpoint_with_keys(ckpt_path, "arch", "in_channels", "num_classes", "state_dict", "tile", "classes",
@@ -434,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # Disk full or permissions while writing: say where, without a traceback.
         if e.errno is not None and e.filename is not None:
-            print(f"autoseg: error: {e.filename}: {os_reason(e)}; free space or choose another --out", file=sys.stderr)
+            print(f"autoseg: error: {e.filename}: {os_reason(e)}; {os_hint(e)}", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ import torch
 
 import autoseg
 from autoseg.errors import AutosegError, InputError
+from autoseg.rundir import for_target
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +225,14 @@ def export_final(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        _write(tmp, data, path)
         diff = _parity(m, tmp, in_channels, tile)
         if not diff <= atol:  # also catches NaN
             raise AutosegError(
                 f"{path}: ONNX parity failed: max |onnxruntime - torch| = {diff:.3g} > atol {atol:g}; "
                 "export without simplification or raise export.parity_atol"
             )
-        os.replace(tmp, path)
+        _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     log.debug("wrote %s (%d bytes, parity %.2g)", path, len(data), diff)
@@ -244,6 +245,33 @@ def export_final(
         nodes_after=sum(after.values()),
         simplified=simplified,
     )
+
+
+def _write(tmp: Path, data: bytes, path: Path) -> None:
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:  # a full disk is the output's problem: name it, not the temp file beside it
+        raise for_target(e, path) from e
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as e:  # a directory in the way, say
+        raise for_target(e, path) from e
+
+
+def check_loads(path: Path, fix: str) -> None:
+    """InputError (one line, ending in `fix`) when onnxruntime refuses the ONNX file at `path`: damaged, or
+    with external data outside its folder (which onnxruntime will not read), rather than its traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: not found; {fix}")
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types (Fail, InvalidGraph, InvalidProtobuf, ...)
+        reason = " ".join(str(e).split())[:240] or type(e).__name__
+        raise InputError(f"{path}: onnxruntime cannot load it ({reason}); {fix}") from None
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -452,9 +480,9 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
         for k, v in sorted(meta.items()):
             proto.metadata_props.add(key=k, value=v)
         data = proto.SerializeToString()
-        tmp.write_bytes(data)
+        _write(tmp, data, path)
         agree = _argmax_agreement(fp32_path, tmp, calib, batch)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     log.debug("wrote %s (%d bytes, argmax agreement with fp32 %.4f)", path, len(data), agree)

@@ -72,14 +72,32 @@ class RunDir:
         return self
 
 
+_REASONS = {
+    errno.ENOSPC: ("disk full", "free space or choose another place"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another place"),
+    errno.EACCES: ("permission denied", "choose a place you can write to"),
+    errno.EPERM: ("permission denied", "choose a place you can write to"),
+    errno.EROFS: ("read-only file system", "choose a place you can write to"),
+    errno.EISDIR: ("is a directory", "give a file path, not a directory"),
+    errno.ENOTDIR: ("a part of the path is not a directory", "choose another place"),
+    errno.EEXIST: ("exists and is not a directory", "choose another place"),
+    errno.ENAMETOOLONG: ("file name too long", "choose a shorter path"),
+}
+
+
 def os_reason(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "disk full"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno == errno.EROFS:
-        return "read-only file system"
-    return e.strerror or str(e)
+    return _REASONS[e.errno][0] if e.errno in _REASONS else e.strerror or str(e)
+
+
+def os_hint(e: OSError) -> str:
+    """What to do about a failed write, by its cause (not "free space" for a directory in the way)."""
+    return _REASONS[e.errno][1] if e.errno in _REASONS else "choose another place"
+
+
+def for_target(e: OSError, path: Path) -> OSError:
+    """`e` as it applies to `path`, the file being written: not to the temp file beside it that failed (the
+    user never named that one). OSError(errno, ...) is the matching subclass (IsADirectoryError, ...)."""
+    return OSError(e.errno, e.strerror, str(path)) if e.errno is not None else e
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -97,6 +115,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise for_target(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -391,3 +391,85 @@ def test_quiet_and_verbose_go_before_or_after_the_command(demo):
     assert verbose.returncode == 0 and " DEBUG " in verbose.stderr, verbose.stderr
     both = autoseg("-q", "tiles", *data, "-v")
     assert both.returncode == 2 and "-q/--quiet and -v/--verbose" in both.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def exportable_run(tmp_path_factory) -> Path:
+    """A run directory as a finished search leaves it for `autoseg export`: its config and best/model.pt."""
+    import torch
+
+    from autoseg.checkpoint import save_checkpoint
+    from autoseg.unet import Arch, build_unet
+
+    run = tmp_path_factory.mktemp("exportable") / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "config.yml").write_text("seed: 0\n")
+    arch = Arch((3, 3), (4, 8))
+    torch.manual_seed(0)
+    save_checkpoint({"arch": arch.to_dict(), "in_channels": 3, "num_classes": 2, "tile": 32, "mean": [0.5] * 3,
+                     "std": [0.25] * 3, "classes": ["bg", "fg"], "state_dict": build_unet(arch, 3, 2).state_dict()},
+                    run / "best" / "model.pt")
+    return run
+
+
+def _copy_run(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst)
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["empty", "corrupt", "keyless"])
+def test_export_of_a_damaged_checkpoint_is_one_line_exit_2(exportable_run, tmp_path, kind):
+    import torch
+
+    run = _copy_run(exportable_run, tmp_path / "run")
+    pt = run / "best" / "model.pt"
+    if kind == "empty":
+        pt.write_bytes(b"")
+    elif kind == "corrupt":
+        pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])  # torn, as a full disk leaves it
+    else:
+        torch.save({"state_dict": {}}, pt)
+    proc = autoseg("export", run)
+    assert_one_line_error(proc, 2, str(pt), "rerun `autoseg search`")
+    assert not (run / "best" / "model.onnx").exists()
+
+
+def test_export_to_a_directory_or_an_unwritable_place_is_one_line_exit_2(exportable_run, tmp_path):
+    run = _copy_run(exportable_run, tmp_path / "run")
+    target = tmp_path / "E07dir"
+    target.mkdir()
+    proc = autoseg("export", run, "--to", target)
+    assert_one_line_error(proc, 2, f"{target}: is a directory", "--to")
+    assert ".tmp" not in proc.stderr and "free space" not in proc.stderr
+    assert list(target.iterdir()) == [] and not list(tmp_path.glob(".*.tmp"))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = autoseg("export", run, "--to", blocker / "model.onnx")
+    assert_one_line_error(proc, 2, str(blocker), "not a directory")
+    assert "free space" not in proc.stderr
+    proc = autoseg("export", run, "--to", tmp_path / "ok.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ok.onnx").stat().st_size > 0
+
+
+def test_eval_of_a_model_whose_external_data_lies_outside_its_folder_is_one_line_exit_2(demo, tmp_path):
+    from onnx import external_data_helper, numpy_helper
+
+    from autoseg.unet import Arch
+
+    images, masks = demo
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "config.yml").write_text(f"data:\n  images: {images}\n  masks: {masks}\n")
+    (run / "best" / "model_card.json").write_text(json.dumps({"arch_dict": Arch((3,), (8,)).to_dict(), "tile": 32}))
+    model = onnx.load_from_string(conv_relu_onnx())
+    w = model.graph.initializer[0]
+    (run / "w.bin").write_bytes(numpy_helper.to_array(w).tobytes())  # beside best/, not in it
+    external_data_helper.set_external_data(w, location="../w.bin")
+    w.ClearField("raw_data")
+    w.ClearField("float_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    (run / "best" / "model.onnx").write_bytes(model.SerializeToString())
+    proc = autoseg("eval", run)
+    assert_one_line_error(proc, 2, str(run / "best" / "model.onnx"), "onnxruntime cannot load it",
+                          "escapes model directory", f"autoseg export {run}")

@@ -311,3 +311,17 @@ def test_quantize_int8_refuses_bad_calibration_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="calibration"):
         quantize_int8(fp32, tmp_path / "model.int8.onnx", np.zeros((0, 3, 32, 32), np.float32))
     assert not (tmp_path / "model.int8.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_target_that_cannot_be_written_is_named_not_the_temp_file_beside_it(tmp_path):
+    from autoseg.rundir import write_bytes_atomic
+
+    target = tmp_path / "E07dir"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        export_final(_tiny(), target, 3, 16, META)
+    assert e.value.filename == str(target)
+    with pytest.raises(IsADirectoryError) as e:
+        write_bytes_atomic(target, b"data")
+    assert e.value.filename == str(target)
+    assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["E07dir"]  # no temp left
