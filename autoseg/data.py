@@ -431,35 +431,71 @@ def _luma(a: np.ndarray) -> np.ndarray:
     return np.rint(a @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)[..., None]
 
 
+class ImageRows:
+    """An image as Pillow decoded it, handed out as (rows, W, C) uint8 bands: `rows[y0:y1]`, `rows[:]`.
+
+    For an image too big to hold twice: an RGB image costs Pillow 4 bytes a pixel, and a full numpy copy
+    3 more. `shape` and `ndim` are those of the array read_image would return. Close it (or use `with`).
+    """
+
+    def __init__(self, path: Path, channels: int | None = None):
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1, 3 or None, got {channels}")
+        self._im = _open(path, "image")
+        self._channels = channels
+        self._scale = np.float32(1.0)
+        try:
+            if self._im.mode == "F":  # values in 0..1 are scaled to 0..255: look at every band first
+                top = _by_bands(self._im, lambda b: np.nan_to_num(np.asarray(b, np.float32)).max(axis=1)).max()
+                self._scale = np.float32(255.0 if top <= 1.0 else 1.0)
+            first = self._band(self._im.crop((0, 0, self._im.width, 1)))
+        except BaseException:
+            self._im.close()
+            raise
+        self.shape: tuple[int, int, int] = (self._im.height, self._im.width, first.shape[2])
+        self.ndim = 3
+
+    def _band(self, b: Image.Image) -> np.ndarray:
+        mode, channels = self._im.mode, self._channels
+        if mode == "RGB":
+            a = np.asarray(b)
+        elif mode == "L":
+            a = np.asarray(b)[..., None]
+        elif mode in ("1", "LA", "La"):
+            a = np.asarray(b.convert("L"))[..., None]
+        elif mode.startswith("I"):
+            a = _scale16(np.asarray(b).astype(np.int64))[..., None]
+        elif mode == "F":
+            f = np.nan_to_num(np.asarray(b, dtype=np.float32)) * self._scale
+            a = np.clip(np.rint(f), 0, 255).astype(np.uint8)[..., None]
+        else:  # RGBA, P, PA, CMYK, YCbCr, ...
+            a = np.asarray(b.convert("RGB"))
+        if channels == 3 and a.shape[2] == 1:
+            return np.repeat(a, 3, axis=2)
+        return _luma(a) if channels == 1 and a.shape[2] == 3 else a
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"ImageRows takes a slice of rows, got {rows!r}")
+        y0, y1, _ = rows.indices(self.shape[0])
+        if (y0, y1) == (0, self.shape[0]):
+            return _by_bands(self._im, self._band)
+        return np.ascontiguousarray(self._band(self._im.crop((0, y0, self.shape[1], max(y0, y1)))))
+
+    def close(self) -> None:
+        self._im.close()
+
+    def __enter__(self) -> ImageRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_image(path: Path, channels: int | None = None) -> np.ndarray:
     """(H, W, C) uint8: gray -> C=1, RGB/RGBA/P -> C=3 (alpha dropped). `channels` forces 1 or 3."""
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be 1, 3 or None, got {channels}")
-    with _open(path, "image") as im:
-        mode = im.mode
-        if mode == "F":  # values in 0..1 are scaled to 0..255: look at every band first
-            top = _by_bands(im, lambda b: np.nan_to_num(np.asarray(b, np.float32)).max(axis=1)).max()
-            scale = np.float32(255.0 if top <= 1.0 else 1.0)
-
-        def band(b: Image.Image) -> np.ndarray:
-            if mode == "RGB":
-                a = np.asarray(b)
-            elif mode == "L":
-                a = np.asarray(b)[..., None]
-            elif mode in ("1", "LA", "La"):
-                a = np.asarray(b.convert("L"))[..., None]
-            elif mode.startswith("I"):
-                a = _scale16(np.asarray(b).astype(np.int64))[..., None]
-            elif mode == "F":
-                f = np.nan_to_num(np.asarray(b, dtype=np.float32)) * scale
-                a = np.clip(np.rint(f), 0, 255).astype(np.uint8)[..., None]
-            else:  # RGBA, P, PA, CMYK, YCbCr, ...
-                a = np.asarray(b.convert("RGB"))
-            if channels == 3 and a.shape[2] == 1:
-                return np.repeat(a, 3, axis=2)
-            return _luma(a) if channels == 1 and a.shape[2] == 3 else a
-
-        return _by_bands(im, band)
+    with ImageRows(path, channels) as rows:
+        return rows[:]
 
 
 def read_raw_mask(path: Path) -> np.ndarray:

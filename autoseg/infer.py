@@ -24,7 +24,7 @@ from autoseg.tiles import stride_for, window_starts
 if TYPE_CHECKING:
     import torch
 
-    from autoseg.data import Dataset
+    from autoseg.data import Dataset, ImageRows
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def ort_runner(model: Path | bytes, threads: int | None = None) -> RunFn:
 # ---------------------------------------------------------------- prediction
 
 
-def _check_channels(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> None:
+def _check_channels(image: np.ndarray | ImageRows, mean: Sequence[float], std: Sequence[float]) -> None:
     channels = 1 if image.ndim == 2 else image.shape[2] if image.ndim == 3 else -1
     if channels != len(mean) or len(std) != len(mean):
         raise InputError(
@@ -283,7 +283,7 @@ def label_dtype(num_classes: int) -> type[np.unsignedinteger]:
 
 def predict_bands(
     run: RunFn,
-    image: np.ndarray,
+    image: np.ndarray | ImageRows,
     mean: Sequence[float],
     std: Sequence[float],
     mode: str,
@@ -295,6 +295,7 @@ def predict_bands(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(y0, KxRxW logits) bands of rows of an HWC (or HW) uint8 image, normalised a band at a time.
 
+    `image` is an array, or anything with its `shape`, `ndim` and row slices (autoseg.data.ImageRows).
     "whole" yields one band (all rows, one pass); "window" yields a band per window row, holding
     K x tile x W floats at a time; "auto" is "whole" up to `whole_max_pixels` (see whole_pixel_limit;
     default WHOLE_MAX_PIXELS). Bad mode or channels raise here, before any band is computed.
@@ -302,13 +303,13 @@ def predict_bands(
     _check_channels(image, mean, std)
     h, w = image.shape[:2]
     if _whole_mode(mode, h * w, whole_max_pixels):
-        return iter([(0, predict_whole(run, normalize(image, mean, std), multiple))])
+        return iter([(0, predict_whole(run, normalize(image[:], mean, std), multiple))])
     return window_bands(run, lambda y0, y1: normalize(image[y0:y1], mean, std), h, w, tile, overlap, batch)
 
 
 def predict_labels(
     run: RunFn,
-    image: np.ndarray,
+    image: np.ndarray | ImageRows,
     mean: Sequence[float],
     std: Sequence[float],
     mode: str,

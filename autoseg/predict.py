@@ -26,7 +26,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from autoseg.data import ClassMap, list_images, read_image
+from autoseg.data import ClassMap, ImageRows, list_images
 from autoseg.errors import InputError
 from autoseg.infer import MODES, ort_runner, predict_labels, whole_pixel_limit
 from autoseg.rundir import write_bytes_atomic
@@ -298,26 +298,26 @@ def predict_folder(
     pal = palette(k, info.class_map.colors if info.class_map else None)
     counts = np.zeros(k, np.int64)
     for path in tqdm(files, desc="predict", disable=not progress):
-        image = read_image(path, channels)
-        h, w = image.shape[:2]
-        shown = Image.new("RGB", (w, h)) if write_overlay else None  # filled band by band
-        with _atomic_file(out / f"{path.stem}.png") as f:
-            png = PngRows(f, w, h, *fmt)
-            bands = predict_labels(run, image, info.mean, info.std, mode, info.tile, overlap, batch, info.multiple,
-                                   limit)
-            for y0, ids in bands:
-                if ids.max(initial=0) >= k:
-                    raise InputError(f"{model}: the net outputs more classes than its metadata 'classes' names "
-                                     f"({k}); export the model again")
-                counts += np.bincount(ids.ravel(), minlength=k)
-                png.write(encode_mask(ids, info.class_map, fmt[1]))
-                if shown is not None:
-                    shown.paste(Image.fromarray(overlay(image[y0 : y0 + ids.shape[0]], ids, pal)), (0, y0))
-            png.close()
-        del image  # before the next one is read
+        # Pillow's decoded image is the only full-size copy: bands of rows are converted as they are needed.
+        with ImageRows(path, channels) as image:
+            h, w = image.shape[:2]
+            shown = Image.new("RGB", (w, h)) if write_overlay else None  # filled band by band
+            with _atomic_file(out / f"{path.stem}.png") as f:
+                png = PngRows(f, w, h, *fmt)
+                bands = predict_labels(run, image, info.mean, info.std, mode, info.tile, overlap, batch,
+                                       info.multiple, limit)
+                for y0, ids in bands:
+                    if ids.max(initial=0) >= k:
+                        raise InputError(f"{model}: the net outputs more classes than its metadata 'classes' names "
+                                         f"({k}); export the model again")
+                    counts += np.bincount(ids.ravel(), minlength=k)
+                    png.write(encode_mask(ids, info.class_map, fmt[1]))
+                    if shown is not None:
+                        shown.paste(Image.fromarray(overlay(image[y0 : y0 + ids.shape[0]], ids, pal)), (0, y0))
+                png.close()
         if shown is not None:
             _save_atomic(shown, out / f"{path.stem}_overlay.jpg")
-            del shown
+            del shown  # before the next image is read
     share = counts / max(1, counts.sum())
     summary = {
         "model": str(model),

@@ -15,8 +15,8 @@ baseline  the same command on the code before banded inference (BASELINE_REF, ex
 ours      this checkout.
 
 Targets: peak RSS <= 1 GB at every size, for a 24-class net; flat: from the smallest to the largest image, the
-peak grows by at most 8 bytes per added pixel (the decoded image is held: 3 bytes a pixel, plus Pillow's
-own 4 while it decodes). Exit code 1 if a target is missed. Results go to benchmarks/results/memory.md.
+peak grows by at most 8 bytes per added pixel (the decoded image is held: Pillow keeps 4 bytes a pixel for
+RGB). Exit code 1 if a target is missed. Results go to benchmarks/results/memory.md.
 """
 
 from __future__ import annotations
@@ -279,9 +279,10 @@ def report(args, info: str, rows: list[dict], floors: dict[str, float], targets)
         "",
         *(f"- {'PASS' if ok else 'FAIL'}: {name}: {val}" for name, ok, val in targets),
         "",
-        "What still grows with the image: the decoded image (3 bytes a pixel, and Pillow's own 4 bytes a pixel "
-        "while it decodes), nothing else: logits live in a ring of tile rows (K x tile x W float32), the mask "
-        "is encoded and compressed a band of rows at a time.",
+        "What still grows with the image: Pillow's decoded image (4 bytes a pixel for RGB; predict converts and "
+        "normalises it a band of rows at a time), and the window sums of one row of windows (K x tile x W "
+        "float32, 12 MB per 1000 px of width here); the mask is encoded and compressed a band of rows at a time. "
+        "The baseline held K x H x W float32 sums, a float32 copy of the image and the whole encoded mask.",
     ]
     return lines
 

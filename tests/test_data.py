@@ -14,6 +14,7 @@ from autoseg.data import (
     IGNORE,
     MAX_PIXELS_ENV,
     ClassMap,
+    ImageRows,
     find_pairs,
     load_pair,
     mask_dtype,
@@ -206,6 +207,13 @@ def test_big_images_are_read_a_band_at_a_time_to_the_same_pixels(tmp_path, monke
         assert np.array_equal(read_image(tmp_path / n, c), img), (n, c)
     for n, raw in masks.items():
         assert np.array_equal(read_raw_mask(tmp_path / n), raw), n
+    for (n, c), img in images.items():  # or handed out a band of rows at a time, Pillow's image kept
+        with ImageRows(tmp_path / n, c) as rows:
+            assert rows.shape == img.shape and rows.ndim == 3
+            assert np.array_equal(np.concatenate([rows[y : y + 5] for y in range(0, 37, 5)]), img), (n, c)
+            assert np.array_equal(rows[30:99], img[30:]) and rows[5:5].shape == (0, 23, img.shape[2])
+            with pytest.raises(TypeError, match="slice of rows"):
+                rows[3]
     assert np.array_equal(images["rgb.png", None], cases["rgb.png"])
     assert np.array_equal(images["rgba.png", None], cases["rgba.png"][..., :3])
     assert images["f.tif", None].max() > 200 and np.array_equal(masks["ids.tif"], cases["ids.tif"])
