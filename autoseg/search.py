@@ -209,7 +209,9 @@ class TrialSeededNSGAIISampler(_SeededPerTrial, optuna.samplers.NSGAIISampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         # A redone trial's params are fixed, so NSGA-II never gives it a generation, and it would be left out of
         # the population its original was in: it takes the original's.
-        key, original = self._get_generation_key(), original_trial(study, trial)
+        # Optuna < 4 keeps the key as a module constant, "nsga2:generation".
+        key = self._get_generation_key() if hasattr(self, "_get_generation_key") else "nsga2:generation"
+        original = original_trial(study, trial)
         if original is not trial and key in original.system_attrs and key not in trial.system_attrs:
             study._storage.set_trial_system_attr(trial._trial_id, key, original.system_attrs[key])
         super().before_trial(study, trial)
