@@ -961,6 +961,10 @@ def write_report(run_dir: Path) -> dict:
     objective = study["objective"] if study else "penalty"
 
     rows = [_trial_row(t) for t in trials]
+    redone = {t.user_attrs["redo_of"]: t.number for t in trials if "redo_of" in t.user_attrs}
+    for r in rows:  # killed (or its device lost) and run again with the same net by a resumed search
+        if r["state"] == "FAIL" and r["number"] in redone:
+            r["pruned_reason"] = f"interrupted; run again as #{redone[r['number']]}"
     latency = _latency_provenance(rows, trials, study, card)
     names = _class_names(data_raw if isinstance(data_raw, dict) else None, card)
     chosen = _pick_chosen(rows, objective, card)

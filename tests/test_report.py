@@ -254,6 +254,18 @@ def test_a_study_where_every_trial_was_pruned_says_how_to_go_on(tmp_path):
     assert rep["status"][0] in (tmp_path / "report.md").read_text()
 
 
+def test_a_trial_a_resumed_search_ran_again_says_so(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="autoseg",
+                                direction="maximize")
+    killed = study.ask()
+    killed.set_user_attr("arch", NETS[0][0])
+    study.tell(killed, state=optuna.trial.TrialState.FAIL)  # as open_study marks a trial a kill left RUNNING
+    study.add_trial(optuna.trial.create_trial(value=NETS[0][-1], user_attrs={**_attrs(*NETS[0]), "redo_of": 0}))
+    rep = write_report(tmp_path)
+    assert rep["trials"][0]["pruned_reason"] == "interrupted; run again as #1"
+    assert "interrupted; run again as #1" in (tmp_path / "report.md").read_text()
+
+
 def test_report_on_empty_and_missing_run_dir(tmp_path):
     rep = write_report(tmp_path)
     assert rep["trials"] == [] and rep["study"] is None and rep["chosen"] is None
