@@ -529,3 +529,13 @@ def test_a_search_killed_in_trial_1_resumes_as_the_same_search(tmp_path, sampler
     assert resumed.trials[1].state == TrialState.FAIL
     assert resumed.trials[2].user_attrs["redo_of"] == 1 and resumed.trials[2].params == resumed.trials[1].params
     assert proposals(resumed) == expected  # and no new trial repeats trial 0's net
+
+
+def test_the_shipped_nets_training_settings_do_not_change_what_a_trial_means():
+    from autoseg.search import config_fingerprint
+
+    base = config_fingerprint(load_config(None, TINY))
+    final = {"train.final_data": "reps", "train.final_tiles": 10, "train.final_minutes": 5.0, "train.patience": 0,
+             "train.val_fraction": 0.0, "train.teacher": "reference", "train.cache_mb": 1.0}
+    assert config_fingerprint(load_config(None, {**TINY, **final})) == base  # a rerun may change them and resume
+    assert config_fingerprint(load_config(None, {**TINY, "train.augment": False})) != base  # the folds use it
