@@ -35,6 +35,7 @@ MODES = ("auto", "whole", "window")
 WHOLE_MAX_PIXELS = 2048 * 2048
 WHOLE_MAX_BYTES = 512 * 2**20
 WIDTH_GUESS = 64  # first-level channels assumed when the net's are not known (the default space's widest)
+BAND_BYTES = 8 * 2**20  # logits handed out (and reduced by argmax) at a time; the ring of window sums is apart
 
 
 # ---------------------------------------------------------------- runners
@@ -91,8 +92,12 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     img = image[..., None] if image.ndim == 2 else image
     m = np.asarray(mean, np.float32)[:, None, None]
     s = np.asarray(std, np.float32)[:, None, None]
-    x = img.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
-    return np.ascontiguousarray((x - m) / s)
+    x = np.empty((img.shape[2], *img.shape[:2]), np.float32)
+    x[...] = img.transpose(2, 0, 1)
+    x /= np.float32(255.0)  # in place: one float32 copy of the pixels, not four
+    x -= m
+    x /= s
+    return x
 
 
 def _pad_mode(h: int, w: int, hp: int, wp: int) -> str:
@@ -140,6 +145,11 @@ def window_grid(h: int, w: int, tile: int, overlap: float) -> list[tuple[int, in
 
 
 Rows = Callable[[int, int], np.ndarray]  # (y0, y1) -> CHW float32: rows y0..y1 of the normalised image
+
+
+def _rows_within(row_bytes: int) -> int:
+    """Rows of `row_bytes` each that fit BAND_BYTES (at least one)."""
+    return max(1, BAND_BYTES // max(1, row_bytes))
 
 
 def _ring(start: int, stop: int, size: int) -> list[tuple[slice, slice]]:
@@ -196,11 +206,13 @@ def window_bands(
 
     def emit(stop: int) -> Iterator[tuple[int, np.ndarray]]:
         assert acc is not None
-        if min(stop, h) > done:
-            out = np.empty((acc.shape[0], min(stop, h) - done, w), np.float32)
-            for buf, dst in _ring(done, min(stop, h), tile):
+        step = _rows_within(acc.shape[0] * w * 4)  # what is handed out stays small beside the ring
+        for y0 in range(done, min(stop, h), step):
+            y1 = min(y0 + step, stop, h)
+            out = np.empty((acc.shape[0], y1 - y0, w), np.float32)
+            for buf, dst in _ring(y0, y1, tile):
                 np.divide(acc[:, buf, :w], wsum[buf, :w], out=out[:, dst])
-            yield done, out
+            yield y0, out
         for buf, _ in _ring(done, stop, tile):
             acc[:, buf] = 0
             wsum[buf] = 0
@@ -321,7 +333,18 @@ def predict_labels(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(y0, RxW class ids) bands of rows, the argmax of `predict_bands` (uint8 up to 256 classes)."""
     bands = predict_bands(run, image, mean, std, mode, tile, overlap, batch, multiple, whole_max_pixels)
-    return ((y0, logits.argmax(axis=0).astype(label_dtype(logits.shape[0]))) for y0, logits in bands)
+    return ((y0, argmax_classes(logits)) for y0, logits in bands)
+
+
+def argmax_classes(logits: np.ndarray) -> np.ndarray:
+    """KxRxW logits -> RxW class ids (label_dtype), a few rows at a time: numpy's argmax over the first
+    axis copies the whole array first."""
+    k, r, w = logits.shape
+    out = np.empty((r, w), label_dtype(k))
+    step = _rows_within(k * w * logits.itemsize)
+    for y0 in range(0, r, step):
+        out[y0 : y0 + step] = logits[:, y0 : y0 + step].argmax(axis=0)
+    return out
 
 
 # ---------------------------------------------------------------- evaluation
