@@ -544,6 +544,52 @@ def plot_per_class_iou(items: list[tuple[str, float | None]], miou: float | None
     return _png(fig)
 
 
+def plot_training_curve(curve: list[dict], cv: float | None, best_step: int | None) -> bytes:
+    """Validation mIoU (left axis) and train loss (right axis) over the crops the shipped net has seen."""
+    fig = _figure(7.8, 3.6)
+    ax = fig.add_subplot()
+    x = [p["tile_passes"] for p in curve]
+    val = [(p["tile_passes"], p["val_miou"]) for p in curve if p.get("val_miou") is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", color="#1f77b4", ms=3, label="validation mIoU (whole images)")
+    best = [p for p in curve if p["step"] == best_step and p.get("val_miou") is not None]
+    if best:
+        ax.plot(best[0]["tile_passes"], best[0]["val_miou"], "*", color="#d4a017", ms=14, mec="#333333",
+                label="kept weights")
+    if cv is not None:
+        ax.axhline(cv, ls=":", color="#555555", lw=1, label=f"search CV score {cv:.3f} (representatives)")
+    ax.set_xlabel("crops seen")
+    ax.set_ylabel("mIoU")
+    ax.grid(alpha=0.3)
+    loss = ax.twinx()
+    loss.plot(x, [p["train_loss"] for p in curve], "--", color="#d62728", lw=1, label="train loss")
+    loss.set_ylabel("train loss", color="#d62728")
+    handles = ax.get_legend_handles_labels()
+    more = loss.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="lower right")
+    ax.set_title("Training of the shipped net", fontsize=10)
+    fig.subplots_adjust(left=0.09, right=0.9, bottom=0.15, top=0.9)
+    return _png(fig)
+
+
+def _training_rows(t: dict) -> list[list[str]]:
+    """The shipped net's training, as (field, value) rows for both reports."""
+    if t.get("data") == "reps":
+        return [["trained on", f"{t.get('tiles')} representative tiles, {t.get('epochs')} epochs"]]
+    val = t.get("val_images") or []
+    rows = [
+        ["trained on", f"crops of {t.get('crop')} px from {t.get('images')} training images"],
+        ["crops seen (budget)", f"{t.get('tile_passes'):,} ({t.get('budget_tiles'):,})"],
+        ["stopped", str(t.get("stopped", "")).replace("_", " ")],
+        ["validation", f"{len(val)} image(s); best mIoU {_f(t.get('best_val_miou'))} at step {t.get('best_step')}"
+         if val else "none (train.val_fraction 0): the last weights ship"],
+        ["wall time", f"{(t.get('seconds') or 0) / 60:.1f} min"],
+    ]
+    if t.get("teacher"):
+        rows.append(["distilled from", str(t["teacher"])])
+    return rows
+
+
 # ---------------------------------------------------------------- formatting
 
 
@@ -720,6 +766,13 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
     L += [f"Test examples: {', '.join('eval/examples/' + e for e in ex)} (embedded in report.html)."
           if ex else f"Test examples: {NA}.", ""]
 
+    L += ["## Training of the shipped net", ""]
+    if rep.get("training"):
+        L += _md_table(["field", "value"], _training_rows(rep["training"]))
+        L += [rep["plots"]["training"]["source"], ""]
+    else:
+        L += [f"Training: {NA}.", ""]
+
     L += ["## Export", ""]
     e = rep["export"]
     if e:
@@ -869,6 +922,15 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
     else:
         B.append(_na("Test examples"))
 
+    B.append("<h2>Training of the shipped net</h2>")
+    if rep.get("training"):
+        B.append(_html_table(["field", "value"], _training_rows(rep["training"])))
+        if "training" in pngs:
+            B += [_img(pngs["training"], "Training curve"),
+                  f'<p class="source">{_h(rep["plots"]["training"]["source"])}</p>']
+    else:
+        B.append(_na("Training of the shipped net"))
+
     B.append("<h2>Export</h2>")
     if rep["export"]:
         B += [_html_table(["field", "value"], [[k, str(v)] for k, v in rep["export"].items()]),
@@ -1013,6 +1075,18 @@ def write_report(run_dir: Path) -> dict:
         f"IoU per class on the held-out test images, whole images, from {per_class['source']}; "
         "dashed = mean IoU." if per_class else NA)}
 
+    training = (card or {}).get("training")
+    training = training if isinstance(training, dict) else None
+    curve = _read_json(run_dir / "best" / "training.json", missing) if training else None
+    curve = curve.get("curve") if isinstance(curve, dict) else None
+    if training and isinstance(curve, list) and curve:
+        pngs["training"] = plot_training_curve(curve, _num((card or {}).get("cv_score")), training.get("best_step"))
+    plots["training"] = {"available": "training" in pngs, "source": (
+        "best/training.json: train loss (mean over the crops since the last point) and validation mIoU of whole "
+        "held-out training images, after each validation; the star marks the weights that ship. Dotted: the "
+        "chosen net's CV score in the search, on the representative tiles (another measure, for scale)."
+        if "training" in pngs else NA)}
+
     examples = _examples(run_dir / "eval" / "examples")
     if not examples:
         missing.append(f"eval/examples/*.png: {NA}")
@@ -1070,6 +1144,7 @@ def write_report(run_dir: Path) -> dict:
         "examples": list(examples),
         "export": export,
         "model_card": card,
+        "training": None if training is None else {**training, "curve": curve},
         "eval": {k: v for k, v in metrics.items() if k != "per_image"} if metrics else None,
         "plots": plots,
     })

@@ -127,8 +127,15 @@ def make_run(root: Path, objective: str = "penalty", final: bool = True, mixed: 
                 "onnx": {"path": "best/model.onnx", "size_bytes": 734_512, "opset": 17,
                          "parity_max_abs_diff": 3.2e-6, "nodes_before": 80, "nodes_after": 52, "simplified": True},
                 "autoseg_version": "0.1.0"}
+        curve = [{"step": s, "tile_passes": 32 * s, "train_loss": 1.5 - 0.1 * i, "val_miou": v, "seconds": s / 10}
+                 for i, (s, v) in enumerate([(100, 0.41), (200, 0.55), (300, 0.58), (400, 0.57)])]
+        training = {"data": "all", "images": 7, "val_images": ["img3"], "crop": 64, "batch_size": 32,
+                    "tile_passes": 12_800, "budget_tiles": 200_000, "best_step": 300, "best_val_miou": 0.58,
+                    "stopped": "early_stop", "seconds": 95.0, "teacher": None}
+        card["training"] = training
         (root / "best").mkdir()
         (root / "best" / "model_card.json").write_text(json.dumps(card))
+        (root / "best" / "training.json").write_text(json.dumps({**training, "curve": curve}))
         (root / "eval" / "examples").mkdir(parents=True)
         per_class = [0.91, 0.6, None]
         metrics = {"per_image": [{"stem": "img8", "miou": 0.6}, {"stem": "img9", "miou": 0.62}],
@@ -311,8 +318,8 @@ def test_full_report(tmp_path, runs, objective):
 
     md = (run / "report.md").read_text()
     page = (run / "report.html").read_text()
-    for heading in ("Pareto front", "Trials", "Latency vs MACs", "Final net on the test images", "Export",
-                    "Device and latency source", "Data", "Run config"):
+    for heading in ("Pareto front", "Trials", "Latency vs MACs", "Final net on the test images",
+                    "Training of the shipped net", "Export", "Device and latency source", "Data", "Run config"):
         assert f"## {heading}" in md and f"<h2>{heading}" in page, heading
     assert "<details><summary>config.yml</summary>" in page and "latency_budget_ms" in page
     assert "Cortex-A76" in page and "Cortex-A76" in md
@@ -320,7 +327,10 @@ def test_full_report(tmp_path, runs, objective):
     assert "1 of them repeats of a net already tried" in md and "repeat of #0" in md
     assert "src=\"http" not in page and "<link" not in page and "<script" not in page  # self-contained
     images = _embedded_pngs(page)
-    assert len(images) == 5  # Pareto, MACs, per-class IoU, two examples
+    assert len(images) == 6  # Pareto, MACs, per-class IoU, training curve, two examples
+    assert "crops of 64 px from 7 training images" in md and "12,800 (200,000)" in page and "early stop" in md
+    assert "best mIoU 0.580 at step 300" in page
+    assert rep["training"]["curve"][2]["val_miou"] == 0.58 and rep["plots"]["training"]["available"]
     assert all(img.width > 20 and img.height > 20 for img in images)
     assert json.loads((run / "report.json").read_text())["pareto_front"] == rep["pareto_front"]
 
