@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 
@@ -18,14 +19,16 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Third-party chatter stays out of plain logs unless asked for.
-    for name in ("paramiko", "matplotlib", "PIL", "optuna"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Third-party chatter stays out of the logs, --verbose included (PIL alone logs ~4 lines per PNG read):
+    # --verbose is for autoseg's own steps. AUTOSEG_LOG_ALL=1 lets every library's debug lines through.
+    everything = verbose and os.environ.get("AUTOSEG_LOG_ALL") == "1"
+    for name in ("paramiko", "matplotlib", "PIL", "optuna", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.DEBUG if everything else logging.WARNING)
     # Optuna prints through its own handler; our per-trial line says the same thing more plainly.
     import optuna
 
     optuna.logging.disable_default_handler()
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if verbose else optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if everything else optuna.logging.WARNING)
     optuna.logging.enable_propagation()
 
 
