@@ -62,6 +62,10 @@ _FLAG_KEYS = {
 }
 
 
+EVAL_MODE_HELP = ("full-size inference: auto (whole image while one pass fits about 512 MiB, at most 2048x2048 px; "
+                  "windows beyond), whole, or window (Gaussian-blended windows; memory bounded by a row of them)")
+
+
 def _add_common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", type=Path, help="YAML config file; flags override it")
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "int8"],
                    help="what the net runs at on the device (default fp32); int8 times every candidate quantized, "
                    "and exports the int8 model too")
-    p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
+    p.add_argument("--eval-mode", choices=["auto", "whole", "window"], help=EVAL_MODE_HELP)
     p.add_argument("--int8", action="store_true", default=None,
                    help="also export an int8 model calibrated on the representative tiles")
     _add_opset(p)
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--test-images", help="folder of test images (default: the run's held-out images)")
     p.add_argument("--test-masks", help="folder of their masks")
-    p.add_argument("--eval-mode", choices=["auto", "whole", "window"])
+    p.add_argument("--eval-mode", choices=["auto", "whole", "window"], help=EVAL_MODE_HELP)
 
     p = sub.add_parser("export", help="re-export a run's best net to a verified ONNX file")
     _add_common(p)
@@ -190,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="folder of images to label")
     p.add_argument("--out", type=Path, required=True, help="folder for the masks (<stem>.png)")
     p.add_argument("--int8", action="store_true", help="use the run's int8 model")
-    p.add_argument("--eval-mode", choices=["auto", "whole", "window"], default="auto",
-                   help="whole image at once, or moving windows (auto: whole up to 2048x2048 px)")
+    p.add_argument("--eval-mode", choices=["auto", "whole", "window"], default="auto", help=EVAL_MODE_HELP)
     p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (window mode)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg, the classes over the image")
 

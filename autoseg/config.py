@@ -214,7 +214,8 @@ class DeviceConfig:
 
 @dataclass
 class EvalConfig:
-    # auto: whole image up to 2048x2048 pixels, moving window beyond (bounded memory on big images).
+    # auto: whole image while one pass fits about 512 MiB (at most 2048x2048 px), moving window beyond;
+    # windows are blended a band of rows at a time, so memory is bounded by a row of windows, not the image.
     mode: Literal["auto", "whole", "window"] = "auto"
     window_overlap: float = field(default=0.5, metadata=_range(0.0, 1.0, closed_hi=False))
     batch: int = field(default=8, metadata=_min(1))

@@ -386,10 +386,11 @@ def train_final(
     tr = s.train
     steps = s.steps
     if validate is None and len(val_ids):
-        multiple = getattr(model, "multiple", 1)
+        arch = getattr(model, "arch", None)
+        multiple, width = (arch.multiple, arch.channels[0]) if arch is not None else (1, None)
 
         def validate(m: nn.Module) -> float:
-            metrics = evaluate(torch_runner(m), ds, val_ids, "auto", s.crop, 0.5, 8, multiple)
+            metrics = evaluate(torch_runner(m), ds, val_ids, "auto", s.crop, 0.5, 8, multiple, width=width)
             return float(metrics["mean"]["miou"])
 
     weights = None if tr.class_weights is None else torch.tensor(tr.class_weights, dtype=torch.float32, device=dev)

@@ -65,7 +65,13 @@ def ort_runner(model: Path | bytes, threads: int | None = None) -> RunFn:
     if threads is not None:
         opts.intra_op_num_threads = threads
     src = model if isinstance(model, bytes) else str(model)
-    sess = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # a file of the user's (damaged, external data outside its folder, ...): one line
+        if isinstance(model, bytes):
+            raise
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"{model}: onnxruntime cannot load it ({reason}); export the model again") from None
     name = sess.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:

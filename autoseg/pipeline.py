@@ -528,7 +528,7 @@ def evaluate_model(
             write_example(ds, i, image, mask, pred, folder)
 
     metrics = evaluate(ort_runner(onnx_path), ds, ids, e.mode, tile, e.window_overlap, e.batch, arch.multiple,
-                       progress=progress, on_prediction=draw)
+                       progress=progress, on_prediction=draw, width=arch.channels[0])
     metrics["mode"] = e.mode
     metrics["model"] = str(onnx_path)
     write_json_atomic(run.eval / name, metrics)

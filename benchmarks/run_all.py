@@ -26,6 +26,10 @@ SUITE = [
     ("benchmarks.bench_search", ["--quick"], "search.md", "a small real search; latency-first pruning vs train-first"),
     ("benchmarks.bench_fidelity", ["--quick"], "fidelity.md", "CV epochs per fold vs the final ranking of nets"),
     ("benchmarks.bench_workers", ["--quick"], "workers.md", "search workers: nets per minute, 2 processes vs 1"),
+    ("benchmarks.bench_memory", [], "memory.md",
+     "predict: peak RSS by image size (2000², 6000x4000, 10000²), vs the whole-image accumulator"),
+    ("benchmarks.bench_quality", ["--quick"], "quality.md",
+     "the shipped net: trained on the representatives vs on all training images; peak RSS vs dataset size"),
 ]
 
 
