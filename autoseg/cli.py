@@ -80,7 +80,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-index", type=int, help="mask value left out of loss and metrics (default 255)")
     p.add_argument("--tile", type=int, help="tile size in pixels")
     p.add_argument("--overlap", type=float, help="tile overlap in [0, 1)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of every random choice: split, representatives, sampler, "
+                   "training (default 0); the same seed gives the same run")
 
 
 def _add_reps(p: argparse.ArgumentParser) -> None:
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the best so far")
     p.add_argument("--workers", type=int, help="processes running trials at once, each with an equal share of the "
                    "cores (default 1); small nets use many cores poorly")
-    p.add_argument("--folds", type=int)
+    p.add_argument("--folds", type=int, help="cross-validation folds per candidate on the representatives "
+                   "(default 3)")
     p.add_argument("--epochs", type=int, help="epochs per cross-validation fold (default: enough for "
                    f"each fold to train on about {FOLD_TILE_PASSES} tiles, at least 3)")
     p.add_argument("--final-data", choices=["all", "reps"], help="what the shipped net trains on: crops of all "
@@ -137,9 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {FINAL_TILE_PASSES:,})")
     p.add_argument("--final-minutes", type=float, help="wall-clock cap on the shipped net's training")
     p.add_argument("--final-epochs", type=int, help="epochs of the final retrain with --final-data reps (default 100)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--objective", choices=["penalty", "pareto"])
-    p.add_argument("--sampler", choices=["tpe", "nsga2"])
+    p.add_argument("--batch-size", type=int, help="training batch (default: from free memory and the net's "
+                   "size, at most 64 in the search and 32 for the shipped net)")
+    p.add_argument("--objective", choices=["penalty", "pareto"], help="penalty (default): one score, CV mIoU "
+                   "minus alpha x log10 latency; pareto: score and latency, the front is reported")
+    p.add_argument("--sampler", choices=["tpe", "nsga2"], help="Optuna sampler: tpe (default) or nsga2 "
+                   "(multi-objective, for --objective pareto)")
     p.add_argument("--latency-budget-ms", type=float, help="drop candidates slower than this before any training")
     p.add_argument("--alpha", type=float, help="penalty objective's weight on log10(latency) (default 0.05; 0 with "
                    "a hard budget: the best score within it)")
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate the built-in demo data and run the whole pipeline on it")
     _add_common(p)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--trials", type=int)
+    p.add_argument("--trials", type=int, help="distinct nets the demo tries (default 8)")
     p.add_argument("--device", help="measure on this device instead of locally")
     p.add_argument("--device-python")
     p.add_argument("--trust-new-host", action="store_true", default=None)

@@ -250,6 +250,8 @@ def finalize(
         write_json_atomic(run.best / "training.json", training)
         (run.best / RETRAIN_STATE).unlink(missing_ok=True)
     info = export_checkpoint(checkpoint, model.eval(), run.best / "model.onnx", cfg)
+    log.info("exported %s: %.1f kB, opset %d, %d -> %d nodes, parity max |diff| %.2e", info.path,
+             info.size_bytes / 1e3, info.opset, info.nodes_before, info.nodes_after, info.parity_max_abs_diff)
 
     metrics = evaluate_model(cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, tile, progress)
     lat = best.user_attrs.get("latency", {})
@@ -483,15 +485,6 @@ def export_checkpoint(checkpoint: dict[str, Any], model: torch.nn.Module, path: 
         opset=cfg.export.opset,
         simplify=cfg.export.simplify,
         atol=cfg.export.parity_atol,
-    )
-    log.info(
-        "exported %s: %.1f kB, opset %d, %d -> %d nodes, parity max |diff| %.2e",
-        path,
-        info.size_bytes / 1e3,
-        info.opset,
-        info.nodes_before,
-        info.nodes_after,
-        info.parity_max_abs_diff,
     )
     return info
 

@@ -181,9 +181,11 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in (out / "eval" / "examples").iterdir()] == ["other.png"]
     exported = tmp_path / "again.onnx"
-    proc = autoseg("export", out, "--to", exported, "-q")
+    proc = autoseg("export", out, "--to", exported)
     assert proc.returncode == 0, proc.stderr
     assert exported.stat().st_size > 0
+    said = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in said if str(exported) in line] == said[-1:]  # its result, said once
     (out / "report.html").unlink()
     assert autoseg("report", out).returncode == 0
     assert (out / "report.html").exists()
