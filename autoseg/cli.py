@@ -207,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("run", type=Path, help="run directory")
 
+    p = sub.add_parser("config", help="show the resolved config of a search, or check a config file")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    c = csub.add_parser("show", help="print the validated config, defaults included, that `autoseg search` with "
+                        "the same --config and flags would run with", add_help=False)
+    c.add_argument("flags", nargs=argparse.REMAINDER, help="--config FILE and any `autoseg search` flags")
+    c = csub.add_parser("check", help="validate a config file: one line naming the first bad key, exit 2")
+    _add_common(c, config=False)
+    c.add_argument("file", type=Path, help="YAML config file")
+
     p = sub.add_parser("device", help="device utilities")
     dsub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     c = dsub.add_parser("check", help="connect, deploy the agent, print fingerprint and a reference latency")
@@ -416,7 +425,23 @@ def _read_card(run: Any) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from autoseg.config import config_to_dict
+
+    if args.config_command == "check":
+        load_config(args.file)
+        print(f"{args.file}: ok")
+        return 0
+    # `show` takes the search's own flags: parsed by the search's parser, so the two can never disagree.
+    search = build_parser().parse_args(["search", *args.flags])
+    print(yaml.safe_dump(config_to_dict(_config(search)), sort_keys=False), end="")
+    return 0
+
+
 COMMANDS = {
+    "config": cmd_config,
     "search": cmd_search,
     "demo": cmd_demo,
     "tiles": cmd_tiles,
@@ -432,7 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdout.errors == "strict":  # a name that is not UTF-8, printed after the work is done, must not fail
         sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["config", "show"]:  # argparse's REMAINDER does not take flags right after a subcommand
+        args = argparse.Namespace(command="config", config_command="show", flags=argv[2:], top_quiet=False,
+                                  top_verbose=False)
+    else:
+        args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False) or args.top_quiet
     verbose = getattr(args, "verbose", False) or args.top_verbose
     if quiet and verbose:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import yaml
 from conftest import conv_relu_onnx
 from PIL import Image
 
@@ -477,3 +478,19 @@ def test_eval_of_a_model_whose_external_data_lies_outside_its_folder_is_one_line
     proc = autoseg("eval", run)
     assert_one_line_error(proc, 2, str(run / "best" / "model.onnx"), "onnxruntime cannot load it",
                           "escapes model directory", f"autoseg export {run}")
+
+
+def test_config_show_prints_what_a_search_would_run_with_and_check_validates_a_file(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("tiles: {size: 96}\ntrain: {final_tiles: 5000}\n")
+    shown = autoseg("config", "show", "--config", cfg, "--trials", "7", "--tile", "128")
+    assert shown.returncode == 0, shown.stderr
+    resolved = yaml.safe_load(shown.stdout)
+    assert resolved["tiles"]["size"] == 128  # the flag wins over the file
+    assert resolved["train"]["final_tiles"] == 5000 and resolved["search"]["trials"] == 7
+    assert resolved["train"]["final_data"] == "all" and resolved["train"]["folds"] == 3  # defaults included
+    assert autoseg("config", "check", cfg).stdout.strip() == f"{cfg}: ok"
+    cfg.write_text("tiles: {size: 1}\n")
+    for proc in (autoseg("config", "check", cfg), autoseg("config", "show", "--config", cfg)):
+        assert_one_line_error(proc, 2, "tiles.size: must be >= 8, got 1")
+    assert autoseg("config", "show", "--no-such-flag").returncode == 2
