@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -333,30 +334,36 @@ def cmd_reps(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from autoseg.export import check_loads
-    from autoseg.pipeline import evaluate_model, prepare_data
-    from autoseg.rundir import RunDir
+    from autoseg.pipeline import evaluate_model, other_eval_folder, prepare_data
+    from autoseg.rundir import RunDir, write_json_atomic
     from autoseg.unet import Arch
 
     run = RunDir(args.run)
     card = _read_card(run)
     # Run folders are shared: a damaged model, or one whose external data lies outside its folder, is one line.
     check_loads(run.best / "model.onnx", f"run `autoseg export {args.run}` to write it again")
-    extra = {}
+    extra, out = {}, None
     if args.test_images or args.test_masks:
         extra = {"data.test_images": args.test_images, "data.test_masks": args.test_masks}
     cfg = _run_config(args.run, args, extra)
+    if args.test_images and args.test_masks:  # other images: their own folder, the run's results stay
+        out = other_eval_folder(run, Path(args.test_images), Path(args.test_masks))
     # Same config and seed give the same split, so this is the run's own held-out set unless folders are given.
     stage = prepare_data(cfg, progress_enabled())
     arch = Arch.from_dict(card["arch_dict"])
     metrics = evaluate_model(
-        cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, card["tile"], progress_enabled()
+        cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, card["tile"], progress_enabled(),
+        out=out,
     )
     if metrics is None:
         raise InputError(f"{args.run}: no test images to evaluate on; pass --test-images and --test-masks")
+    if out is not None:
+        write_json_atomic(out / "source.json", {"test_images": os.fsdecode(Path(args.test_images).resolve()),
+                                                "test_masks": os.fsdecode(Path(args.test_masks).resolve())})
     m = metrics["mean"]
     print(
         f"{len(stage.test_ids)} image(s): mIoU {m['miou']:.3f}, macro Dice {m['macro_dice']:.3f}, "
-        f"pixel acc {m['pixel_acc']:.3f} -> {run.eval / 'metrics.json'}"
+        f"pixel acc {m['pixel_acc']:.3f} -> {(out or run.eval) / 'metrics.json'}"
     )
     return 0
 

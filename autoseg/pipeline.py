@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -499,18 +501,21 @@ def evaluate_model(
     tile: int,
     progress: bool = False,
     name: str = "metrics.json",
+    out: Path | None = None,
 ) -> dict[str, Any] | None:
     """Metrics of the exported ONNX model on full-size test images, per image, per class and overall.
 
-    Writes eval/`name`; example images only for the main model (name metrics.json)."""
+    Writes `out`/`name` (out: RUN/eval, the run's own held-out results); example images only for the main
+    model (name metrics.json), in `out`/examples."""
     if len(ids) == 0:
         log.warning("no test images: pass --test-images/--test-masks or raise data.test_fraction")
         return None
     e = cfg.eval
+    out = out or run.eval
     main = name == "metrics.json"  # only the main model's evaluation draws examples
     examples = {int(i) for i in ids[: e.num_examples]} if main else set()
-    folder = run.eval / "examples"
-    if main and folder.is_dir():  # strips of an earlier evaluation, maybe of other images
+    folder = out / "examples"
+    if main and folder.is_dir():  # strips of an earlier evaluation of this set, maybe of changed images
         keep = {f"{ds.pairs[i].stem}.png" for i in examples}
         for old in folder.glob("*.png"):
             if old.name not in keep:
@@ -524,8 +529,17 @@ def evaluate_model(
                        progress=progress, on_prediction=draw, width=arch.channels[0])
     metrics["mode"] = e.mode
     metrics["model"] = str(onnx_path)
-    write_json_atomic(run.eval / name, metrics)
+    write_json_atomic(out / name, metrics)
     return metrics
+
+
+def other_eval_folder(run: RunDir, images: Path, masks: Path) -> Path:
+    """Where an evaluation on images other than the run's held-out ones goes: RUN/eval/other/<name>-<digest>,
+    so it never overwrites the run's own test results (and the same folders land in the same place)."""
+    key = "\0".join(os.fsdecode(Path(p).resolve()) for p in (images, masks))
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(images).resolve().name)[:40] or "images"
+    return run.eval / "other" / f"{name}-{digest}"
 
 
 def json_list(values: Any) -> str:

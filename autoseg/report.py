@@ -766,6 +766,10 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
     L += [f"Test examples: {', '.join('eval/examples/' + e for e in ex)} (embedded in report.html)."
           if ex else f"Test examples: {NA}.", ""]
 
+    if rep.get("other_evals"):
+        L += ["## Evaluations on other images", "", OTHER_SOURCE, ""]
+        L += _md_table(OTHER_HEADERS, _other_rows(rep["other_evals"]))
+
     L += ["## Training of the shipped net", ""]
     if rep.get("training"):
         L += _md_table(["field", "value"], _training_rows(rep["training"]))
@@ -922,6 +926,10 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
     else:
         B.append(_na("Test examples"))
 
+    if rep.get("other_evals"):
+        B += ["<h2>Evaluations on other images</h2>", _html_table(OTHER_HEADERS, _other_rows(rep["other_evals"])),
+              f'<p class="source">{_h(OTHER_SOURCE.replace("`", ""))}</p>']
+
     B.append("<h2>Training of the shipped net</h2>")
     if rep.get("training"):
         B.append(_html_table(["field", "value"], _training_rows(rep["training"])))
@@ -981,6 +989,32 @@ def _clean(o: Any) -> Any:
     if isinstance(o, float | np.floating):
         return float(o) if math.isfinite(o) else None
     return str(o)
+
+
+def _other_evals(folder: Path) -> list[dict]:
+    """`autoseg eval RUN --test-images X --test-masks Y` results, each in its own folder under eval/other/."""
+    out = []
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        notes: list[str] = []
+        m, src = _read_json(sub / "metrics.json", notes), _read_json(sub / "source.json", notes)
+        if not isinstance(m, dict) or not isinstance(m.get("mean"), dict):
+            continue
+        src = src if isinstance(src, dict) else {}
+        out.append({"folder": f"eval/other/{sub.name}", "images": src.get("test_images"),
+                    "masks": src.get("test_masks"), "n_images": len(m.get("per_image") or []),
+                    "miou": _num(m["mean"].get("miou")), "macro_dice": _num(m["mean"].get("macro_dice")),
+                    "pixel_acc": _num(m["mean"].get("pixel_acc"))})
+    return out
+
+
+def _other_rows(others: list[dict]) -> list[list[str]]:
+    return [[str(o["images"]), str(o["n_images"]), _f(o["miou"]), _f(o["macro_dice"]), _f(o["pixel_acc"]),
+             o["folder"]] for o in others]
+
+
+OTHER_HEADERS = ["images", "n", "mIoU", "macro Dice", "pixel acc", "results in"]
+OTHER_SOURCE = ("`autoseg eval RUN --test-images X --test-masks Y`: the shipped net on other images, kept apart "
+                "from the run's own held-out results above.")
 
 
 def _examples(folder: Path) -> dict[str, bytes]:
@@ -1075,6 +1109,7 @@ def write_report(run_dir: Path) -> dict:
         f"IoU per class on the held-out test images, whole images, from {per_class['source']}; "
         "dashed = mean IoU." if per_class else NA)}
 
+    others = _other_evals(run_dir / "eval" / "other")
     training = (card or {}).get("training")
     training = training if isinstance(training, dict) else None
     curve = _read_json(run_dir / "best" / "training.json", missing) if training else None
@@ -1145,6 +1180,7 @@ def write_report(run_dir: Path) -> dict:
         "export": export,
         "model_card": card,
         "training": None if training is None else {**training, "curve": curve},
+        "other_evals": others,
         "eval": {k: v for k, v in metrics.items() if k != "per_image"} if metrics else None,
         "plots": plots,
     })

@@ -178,9 +178,21 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     for src, sub in ((first_image, "other_img"), (masks / first_image.name, "other_msk")):
         (tmp_path / sub).mkdir()
         shutil.copy(src, tmp_path / sub / f"other{src.suffix}")
+    own = {p.name: p.read_bytes() for p in (out / "eval").rglob("*") if p.is_file()}
     proc = autoseg("eval", out, "--test-images", tmp_path / "other_img", "--test-masks", tmp_path / "other_msk", "-q")
     assert proc.returncode == 0, proc.stderr
-    assert [p.name for p in (out / "eval" / "examples").iterdir()] == ["other.png"]
+    # Other images go to a folder of their own: the run's held-out results and examples stay as they were.
+    assert {p.name: p.read_bytes() for p in (out / "eval").glob("*") if p.is_file()} == {
+        k: v for k, v in own.items() if (out / "eval" / k).is_file()}
+    assert "other.png" not in {p.name for p in (out / "eval" / "examples").iterdir()}
+    (other,) = (out / "eval" / "other").iterdir()
+    assert other.name.startswith("other_img-") and str(other / "metrics.json") in proc.stdout
+    assert [p.name for p in (other / "examples").iterdir()] == ["other.png"]
+    assert autoseg("report", out).returncode == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["other_evals"][0]["n_images"] == 1 and rep["other_evals"][0]["folder"] == f"eval/other/{other.name}"
+    assert "## Evaluations on other images" in (out / "report.md").read_text()
+    assert rep["eval"]["mean"] == json.loads((out / "eval" / "metrics.json").read_text())["mean"]
     exported = tmp_path / "again.onnx"
     proc = autoseg("export", out, "--to", exported)
     assert proc.returncode == 0, proc.stderr
