@@ -98,6 +98,10 @@ class Measurement:
     cached: bool = False
     # Cores other processes kept busy while this was timed (None where the device cannot tell).
     cpu_others: float | None = None
+    # The device ran under user-mode emulation (qemu-user): the figure proves function, not timing.
+    emulated: bool = False
+    # The execution providers the session really ran on (None where not measured).
+    providers_used: tuple[str, ...] | None = None
 
     @property
     def median_ms(self) -> float | None:
@@ -128,6 +132,8 @@ class Measurement:
             throttled=d.get("throttled"),
             cached=bool(d.get("cached", False)),
             cpu_others=d.get("cpu_others"),
+            emulated=bool(d.get("emulated", False)),
+            providers_used=tuple(d["providers_used"]) if d.get("providers_used") else None,
         )
 
 
@@ -206,11 +212,14 @@ class LocalDevice:
                 error=error, message=message, stats=stats, source="local", device=self.name,
                 fingerprint=fp, fingerprint_id=_fp.fingerprint_id(fp),
                 temp_before_c=extra.get("tb"), temp_after_c=extra.get("ta"), throttled=extra.get("thr"),
-                cpu_others=extra.get("busy"),
+                cpu_others=extra.get("busy"), emulated=bool(fp.get("emulated")),
+                providers_used=tuple(extra["used"]) if extra.get("used") else None,
             )
 
         try:
             sess = _bench.make_session(bytes(model), settings.threads, list(settings.providers))
+        except _bench.ProviderUnavailable as e:
+            raise InputError(f"device.providers: {e}") from None
         except Exception as e:  # onnxruntime raises many types for a bad graph
             return result(MeasureError.LOAD_FAILED, _one_line(f"load failed: {e}"))
         try:
@@ -223,7 +232,7 @@ class LocalDevice:
         used = r.get("providers_used") or []
         return result(MeasureError.OK, f"providers: {', '.join(used)}" if used else "", r["stats"],
                       tb=r.get("temp_before_c"), ta=r.get("temp_after_c"), thr=r.get("throttled"),
-                      busy=r.get("cpu_others"))
+                      busy=r.get("cpu_others"), used=used)
 
     def close(self) -> None:
         pass
@@ -491,6 +500,32 @@ class SSHDevice:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- for autoseg deploy: this connection, the agent's folder and the device python -----------------------
+
+    @property
+    def agent_dir(self) -> str:
+        """The device folder holding this host's agent version (run `python -m edge_agent` from there)."""
+        return self._dirs["version"]
+
+    @property
+    def python(self) -> str:
+        return self._python
+
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            raise DeviceUnreachable(f"device {self.target.name}: not connected")
+        return self._sftp
+
+    def run_command(self, cmd: str, timeout: float) -> tuple[int, str]:
+        """(exit status, stdout and stderr combined) of a shell command on the device."""
+        with self._lock:
+            if not self._clients:
+                raise DeviceUnreachable(f"device {self.target.name}: not connected")
+            try:
+                return self._exec_finish(self._exec_start(self._clients[-1], cmd), timeout)
+            except _Dropped as e:
+                raise DeviceUnreachable(f"device {self.target.name}: {e}") from None
+
     # -- one measurement ------------------------------------------------------------------------------
 
     def _measure_once(self, model: bytes, sha: str, shape: Sequence[int], s: MeasureSettings) -> Measurement:
@@ -528,7 +563,7 @@ class SSHDevice:
         return self._result(
             MeasureError.OK, f"providers: {', '.join(used)}" if used else "", r["stats"],
             tb=r.get("temp_before_c"), ta=r.get("temp_after_c"), thr=r.get("throttled"),
-            busy=r.get("cpu_others"),
+            busy=r.get("cpu_others"), used=used,
         )
 
     def _result(self, error: MeasureError, message: str, stats: dict | None = None, **x: Any) -> Measurement:
@@ -537,7 +572,8 @@ class SSHDevice:
             error=error, message=_one_line(message), stats=stats, source="device", device=self.target.name,
             fingerprint=fp, fingerprint_id=_fp.fingerprint_id(fp) if fp else "",
             temp_before_c=x.get("tb"), temp_after_c=x.get("ta"), throttled=x.get("thr"),
-            cpu_others=x.get("busy"),
+            cpu_others=x.get("busy"), emulated=bool(fp.get("emulated")),
+            providers_used=tuple(x["used"]) if x.get("used") else None,
         )
 
     def _from_error(self, reply: dict, op: str) -> Measurement:
@@ -554,6 +590,8 @@ class SSHDevice:
                              "and run again")
         if code == "lock_failed":
             raise DeviceRefused(f"device {self.target.name}: {text}")
+        if code == "provider_unavailable":  # the config asks for what this device lacks
+            raise InputError(f"device.providers: device {self.target.name}: {text}")
         # bad_request / version / unknown_op: host and agent disagree about the protocol, a bug.
         raise AutosegError(f"device {self.target.name}: agent rejected {op} ({code}: {text})")
 
@@ -633,8 +671,16 @@ class SSHDevice:
         """Skip what the device printed before the agent's first line (shell start-up files), and say so."""
         marker = _proto.ready_line(self._nonce)
         limit = _proto.MAX_LINE_BYTES
-        self._receive_until(lambda buf: marker in buf or len(buf) > limit + len(marker), timeout)
+        try:
+            self._receive_until(lambda buf: marker in buf or len(buf) > limit + len(marker)
+                                or _other_protocol(buf) is not None, timeout)
+        except _Dropped as e:
+            if e.agent_exit and b"unrecognized arguments: --" in self._stderr_tail:  # a pre-ready-line agent
+                raise self._older_agent("1 (or older)") from None
+            raise
         junk, found, rest = self._buf.partition(marker)
+        if not found and _other_protocol(self._buf) is not None:
+            raise self._older_agent(str(_other_protocol(self._buf)))
         if not found:
             self._teardown()
             raise DeviceRefused(f"device {self.target.name}: more than {limit} bytes were printed before the agent "
@@ -873,8 +919,7 @@ class SSHDevice:
                                 f"the agent needs >= 3.8; {fix}")
         if info["missing"]:
             names = " and ".join(info["missing"])
-            raise DeviceRefused(f"{where}: {names} missing for {py}; run "
-                                f"`{py} -m pip install onnxruntime numpy` on the device or {fix}")
+            raise DeviceRefused(f"{where}: {names} missing for {py}; {_install_hint(py, info)}, or {fix}")
 
     def _deploy(self, sftp: paramiko.SFTPClient, version_dir: str) -> None:
         """Upload edge_agent once per version and content (a marker holds the content hash)."""
@@ -946,6 +991,14 @@ class SSHDevice:
         log.info("device %s: agent %s ready (%s, %s cores, onnxruntime %s)", self.target.name,
                  hello.get("agent_version"), fp.get("cpu_model"), fp.get("cores"), fp.get("onnxruntime"))
 
+    def _older_agent(self, version: str) -> DeviceRefused:
+        self._teardown()
+        return DeviceRefused(
+            f"device {self.target.name}: the agent that started there speaks protocol {version}, this host needs "
+            f"{_proto.PROTOCOL_VERSION} (edge_agent {edge_agent.__version__}): {self._python} imports an older "
+            f"edge_agent than the one autoseg deployed to {self._dirs.get('version')}; upgrade or remove it there "
+            f"(`{self._python} -m pip uninstall autoseg-edge-agent`) and retry")
+
     def _teardown(self) -> None:
         """Close channel, SFTP and clients (innermost first); safe to call at any time."""
         for obj in (self._chan, self._sftp, *reversed(self._clients)):
@@ -956,15 +1009,49 @@ class SSHDevice:
 
 
 _CHECK_SCRIPT = """\
-import json, sys
+import json, os, sys, sysconfig
+from importlib.util import find_spec
 missing = []
 for name in ("numpy", "onnxruntime"):
     try:
         __import__(name)
     except Exception:
         missing.append(name)
-print("\\nAUTOSEG-CHECK " + json.dumps({"python": list(sys.version_info[:3]), "missing": missing}))
+venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix)
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+print("\\nAUTOSEG-CHECK " + json.dumps({"python": list(sys.version_info[:3]), "missing": missing,
+      "venv": venv, "managed": managed and not venv, "pip": find_spec("pip") is not None,
+      "ensurepip": find_spec("ensurepip") is not None, "jetson": os.path.exists("/etc/nv_tegra_release")}))
 """
+
+
+def _install_hint(py: str, info: dict) -> str:
+    """The command that installs numpy and onnxruntime for `py` on this device, from what the check saw."""
+    pkgs = "onnxruntime numpy"
+    if info.get("jetson") and "onnxruntime" in info.get("missing", ()):
+        # PyPI's aarch64 onnxruntime has no CUDA: Jetsons use NVIDIA's onnxruntime-gpu wheel for their JetPack.
+        pkgs = "numpy and NVIDIA's onnxruntime-gpu wheel for your JetPack (https://elinux.org/Jetson_Zoo)"
+        return f"install {pkgs} with `{py} -m pip install ...`"
+    if info.get("managed"):  # Debian 12 / Raspberry Pi OS bookworm refuse pip in the system python (PEP 668)
+        venv = "python3 -m venv ~/autoseg-venv" if info.get("ensurepip", True) else \
+            "sudo apt install python3-venv && python3 -m venv ~/autoseg-venv"
+        return (f"this python is managed by the system, so create a venv there: `{venv} && "
+                f"~/autoseg-venv/bin/pip install {pkgs}`, then pass --device-python ~/autoseg-venv/bin/python")
+    if not info.get("pip", True):
+        return (f"pip is missing: `{py} -m ensurepip --upgrade` (or `sudo apt install python3-pip`), then "
+                f"`{py} -m pip install {pkgs}`")
+    return f"run `{py} -m pip install {pkgs}` on the device"
+
+
+_READY = re.compile(rb'\{"v":(\d+),"ready":"edge_agent"')
+
+
+def _other_protocol(buf: bytes) -> int | None:
+    """The protocol of an agent whose ready line is not ours (an older agent started), or None."""
+    for m in _READY.finditer(buf):
+        if int(m.group(1)) != _proto.PROTOCOL_VERSION:
+            return int(m.group(1))
+    return None
 
 
 def _check_identity_file(path: Path) -> None:

@@ -7,4 +7,4 @@ over JSON lines (see ``edge_agent.protocol``). Nothing here may import torch or 
 # Bump rule: increment whenever the protocol (edge_agent/protocol.py) or the measurement
 # method (edge_agent/bench.py) changes in any way. The host uploads the agent into a
 # directory named after this string, so a bump forces a fresh upload on every device.
-__version__ = "3"
+__version__ = "4"

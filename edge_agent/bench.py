@@ -48,9 +48,24 @@ def summarize(times_s: Sequence[float]) -> Dict[str, Any]:
     }
 
 
+class ProviderUnavailable(ValueError):
+    """A provider was asked for that this onnxruntime build lacks, and CPU was not allowed in its place."""
+
+
 def select_providers(requested: Sequence[str]) -> List[str]:
-    """Requested providers that this onnxruntime build has, in order, with CPU always the last fallback."""
-    available = set(ort.get_available_providers())
+    """Requested providers that this onnxruntime build has, in order, with CPU always last (for the nodes
+    the others do not run).
+
+    A provider this build lacks (CUDA or TensorRT on a board without them) raises ProviderUnavailable,
+    unless the request lists CPUExecutionProvider too: that allows running on CPU in its place.
+    """
+    available = list(ort.get_available_providers())
+    missing = [p for p in requested if p not in available and p != CPU]
+    if missing and CPU not in requested:
+        raise ProviderUnavailable(
+            f"{', '.join(missing)} not available on this device (onnxruntime {ort.__version__} has "
+            f"{', '.join(available)}); install an onnxruntime build with it (e.g. onnxruntime-gpu on a Jetson), "
+            f"or list {CPU} after it to allow running on CPU instead")
     chosen: List[str] = []
     for p in requested:
         if p in available and p != CPU and p not in chosen:

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 # Keys that identify the device + runtime; volatile state (temperature, frequency) is excluded.
@@ -20,6 +21,14 @@ STABLE_KEYS = ("machine", "arch", "cpu_model", "cores", "ram_mb", "os", "onnxrun
 # MemTotal moves by a few MB between kernels; round so the same board keeps the same id.
 RAM_ROUND_MB = 256
 VCGENCMD_TIMEOUT_S = 2.0
+# What each kernel architecture runs natively: its own binaries and its 32-bit compat ones.
+_NATIVE = {
+    "x86_64": ("x86_64", "amd64", "i386", "i486", "i586", "i686"),
+    "aarch64": ("aarch64", "arm64", "armv8l", "armv7l", "armv6l", "arm"),
+    "ppc64le": ("ppc64le", "ppc64", "ppc"),
+    "s390x": ("s390x", "s390"),
+    "riscv64": ("riscv64", "riscv32"),
+}
 
 
 def fingerprint() -> Dict[str, Any]:
@@ -40,12 +49,15 @@ def fingerprint() -> Dict[str, Any]:
         "temperature_c": temperature_c(),
         "throttled": throttled_now,
         "throttled_raw": throttled_raw,
+        **emulation(_safe(platform.machine)),
     }
 
 
 def fingerprint_id(fp: Dict[str, Any]) -> str:
     """16 hex chars identifying the device + runtime (stable keys only)."""
     stable = {k: fp.get(k) for k in STABLE_KEYS}
+    if fp.get("emulated"):  # only then, so that the ids of real devices stay what they were
+        stable["emulated"] = True
     ram = stable.get("ram_mb")
     if isinstance(ram, (int, float)) and not isinstance(ram, bool):
         stable["ram_mb"] = round(ram / RAM_ROUND_MB) * RAM_ROUND_MB
@@ -54,6 +66,45 @@ def fingerprint_id(fp: Dict[str, Any]) -> str:
         stable["providers"] = sorted(str(p) for p in providers)
     blob = json.dumps(stable, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def emulation(arch: Optional[str]) -> Dict[str, Any]:
+    """Whether this process runs under user-mode emulation (qemu-user through binfmt_misc, say: aarch64
+    python on an x86_64 kernel), where latencies are hundreds of times those of the real device.
+
+    {"emulated": True/False (None: no /proc to tell), "emulator": what runs us, "kernel_arch": the kernel's}.
+    Signals, any of which suffices: the executable the kernel runs is not the one we see (qemu answers
+    /proc/self/exe with the guest binary, but not /proc/self/task/<tid>/exe), the kernel's architecture
+    (/proc/sys/kernel/arch) cannot run ours natively, or /proc/cpuinfo describes another architecture's CPU.
+    """
+    kernel = _read("/proc/sys/kernel/arch")
+    emulator = None
+    seen = real = None
+    try:
+        seen = os.readlink("/proc/self/exe")
+        tid = threading.get_native_id() if hasattr(threading, "get_native_id") else os.getpid()
+        real = os.readlink(f"/proc/self/task/{tid}/exe")
+    except (OSError, AttributeError):
+        pass
+    if seen and real and os.path.basename(seen) != os.path.basename(real):
+        emulator = "qemu-user" if "qemu" in real else os.path.basename(real)
+        emulator = f"{emulator} ({real})"
+    mismatch = None
+    own = (arch or "").lower()
+    if kernel and own:
+        mismatch = own not in _NATIVE.get(kernel, (kernel,))
+    info = _cpuinfo()
+    if own and info:
+        x86_cpu = "vendor_id" in info or "flags" in info
+        arm_cpu = "CPU implementer" in info or "Features" in info
+        if (own in _NATIVE["aarch64"] and x86_cpu) or (own in _NATIVE["x86_64"] and arm_cpu and not x86_cpu):
+            mismatch = True
+        elif mismatch is None:
+            mismatch = False
+    if emulator is None and mismatch and kernel:
+        emulator = f"user-mode emulation on a {kernel} kernel"
+    emulated = True if emulator or mismatch else (None if seen is None and mismatch is None else False)
+    return {"emulated": emulated, "emulator": emulator, "kernel_arch": kernel}
 
 
 def temperature_c() -> Optional[float]:

@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any, Callable, Dict, Optional, Union
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 OPS = ("hello", "load", "measure", "unload", "bye")
 ERROR_CODES = (
     "bad_request",
@@ -29,6 +29,7 @@ ERROR_CODES = (
     "run_failed",
     "busy",  # another measurement held the device's measurement lock for longer than the timeout
     "lock_failed",  # the measurement lock cannot be used (not a regular file, a shared directory, ...)
+    "provider_unavailable",  # an execution provider asked for is missing and CPU was not allowed instead
 )
 # A line longer than this is refused without being parsed (messages are small).
 MAX_LINE_BYTES = 1 << 20

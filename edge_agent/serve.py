@@ -171,7 +171,7 @@ class Agent:
         return {"model_id": model_id, "inputs": input_info(sess), "size_bytes": len(data)}
 
     def measure(self, req: Dict[str, Any]) -> Dict[str, Any]:
-        from edge_agent.bench import make_session, measure_report
+        from edge_agent.bench import ProviderUnavailable, make_session, measure_report
 
         model = self._model(req["model_id"])
         key = (req["threads"], tuple(req["providers"]))
@@ -180,6 +180,8 @@ class Agent:
             model.session_key, model.session = None, None
             try:
                 model.session = make_session(model.data, req["threads"], req["providers"])
+            except ProviderUnavailable as e:
+                raise ProtocolError("provider_unavailable", str(e)) from None
             except Exception as e:
                 raise ProtocolError("load_failed", f"{model.model_id}: cannot create session: {e}") from None
             model.session_key = key

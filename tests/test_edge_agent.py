@@ -215,9 +215,14 @@ def test_load_measure_unload(agent: Agent, model_bytes: bytes) -> None:
     for key in ("temp_before_c", "temp_after_c", "throttled"):
         assert key in reply
 
-    # Other settings rebuild the session; unknown providers fall back to CPU; optional fields default.
+    # A provider the device lacks is refused, naming it, unless CPU is listed too (issue #23 section 3).
+    refused = agent.call("measure", model_id=model_id, shape=[2, 3, 8, 8], providers=["NoSuchExecutionProvider"])
+    assert_error(refused, "provider_unavailable")
+    assert "NoSuchExecutionProvider not available" in refused["error"]["message"]
+    # Other settings rebuild the session; unknown providers fall back to the CPU listed; optional fields default.
     reply = agent.call("measure", model_id=model_id, shape=[2, 3, 8, 8], threads=None,
-                       providers=["NoSuchExecutionProvider"], warmup=0, min_runs=5, min_seconds=0.0)
+                       providers=["NoSuchExecutionProvider", "CPUExecutionProvider"], warmup=0, min_runs=5,
+                       min_seconds=0.0)
     assert reply["ok"], reply
     assert reply["providers_used"] == ["CPUExecutionProvider"]
     assert reply["stats"]["count"] >= 5
