@@ -259,9 +259,11 @@ def read_junit(path: Path) -> dict[str, tuple[str, float, str]]:
 def run_pytest(nodes: list[str], junit: Path, log: Path) -> tuple[int, float]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", "-rfEs",
            f"--junitxml={junit}", *nodes]
+    # Children that run elsewhere (cwd a temp folder) import this checkout too, not the editable install's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     return code, time.perf_counter() - t0
 
 
