@@ -1,4 +1,4 @@
-"""Command line: `python3 -m edge_agent {serve,bench,fingerprint}` (console script `edge-agent`)."""
+"""Command line: `python3 -m edge_agent {serve,bench,fingerprint,predict}` (console script `edge-agent`)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fp["fingerprint_id"] = fingerprint_id(fp)
         print(json.dumps(fp, indent=2))
         return 0
+    if args.cmd == "predict":
+        return _predict(args)
     return _bench(args)
 
 
@@ -70,7 +72,48 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     sub.add_parser("fingerprint", help="print a JSON description of this device")
+
+    d = sub.add_parser("predict", help="label a folder of images with a model exported by autoseg",
+                       description="Writes OUT/<stem>.png masks (class ids, or the training masks' values with "
+                       "--values training); the preprocessing is read from the model's metadata.")
+    d.add_argument("model", help="model.onnx (or model.int8.onnx) exported by autoseg")
+    d.add_argument("images", help="folder of images (PNG, PGM/PPM; JPEG, TIFF, BMP with Pillow)")
+    d.add_argument("out", help="folder for the masks")
+    d.add_argument("--mode", choices=["auto", "whole", "window"], default="auto",
+                   help="whole image at once, or Gaussian-blended moving windows (auto: whole while it fits "
+                   "512 MiB of activations)")
+    d.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)")
+    d.add_argument("--batch", type=int, default=8, help="windows per inference call (default 8)")
+    d.add_argument("--values", choices=["ids", "training"], default="ids",
+                   help="mask values: class ids (default) or the training masks' gray levels / colours")
+    d.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+    d.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
+    d.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
+                   help="execution providers in order of preference; list CPUExecutionProvider too to allow "
+                   "running on CPU when the others are missing")
+    d.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     return p
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from edge_agent.predict import PredictError, predict_folder
+
+    log = logging.getLogger("edge_agent.predict")
+    try:
+        summary = predict_folder(args.model, args.images, args.out, mode=args.mode, overlap=args.overlap,
+                                 batch=args.batch, values=args.values, overlay=args.overlay, threads=args.threads,
+                                 providers=args.providers, log=log.info)
+    except PredictError as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, separators=(",", ":")))
+    else:
+        share = sorted(summary["class_share"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"{summary['images']} mask(s) in {args.out}: {summary['images_per_s']:.3g} images/s, "
+              f"{summary['ms_per_megapixel']:.1f} ms per megapixel ({', '.join(summary['providers_used'])}); "
+              f"pixels: {', '.join(f'{c} {100 * s:.1f} %' for c, s in share)}")
+    return 0
 
 
 def _shape(text: str) -> List[int]:
