@@ -37,6 +37,8 @@ _FLAG_KEYS = {
     "trials": "search.trials",
     "objective": "search.objective",
     "sampler": "search.sampler",
+    "pruner": "search.pruner",
+    "startup": "search.startup",
     "latency_budget_ms": "search.latency_budget_ms",
     "max_minutes": "search.max_minutes",
     "workers": "search.workers",
@@ -126,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", help="folder of full-size test images")
     p.add_argument("--test-masks", help="folder of their masks")
     p.add_argument("--trials", type=int, help="distinct nets to try (default 20); repeated proposals do not count")
-    p.add_argument("--max-minutes", type=float, help="start no new trial after this many minutes, then retrain "
-                   "the best so far")
+    p.add_argument("--max-minutes", type=float, help="end the trials this many minutes after the start, a running "
+                   "one at its next epoch, then train the best so far (its own budget: --final-tiles, --final-minutes)")
     p.add_argument("--workers", type=int, help="processes running trials at once, each with an equal share of the "
                    "cores (default 1); small nets use many cores poorly")
     p.add_argument("--folds", type=int, help="cross-validation folds per candidate on the representatives "
@@ -146,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "minus alpha x log10 latency; pareto: score and latency, the front is reported")
     p.add_argument("--sampler", choices=["tpe", "nsga2"], help="Optuna sampler: tpe (default) or nsga2 "
                    "(multi-objective, for --objective pareto)")
+    p.add_argument("--pruner", choices=["halving", "hyperband", "median", "none"],
+                   help="how trials stop early (default halving: judged a third into the first fold and after it; "
+                   "the whole CV for the best third)")
+    p.add_argument("--startup", choices=["cost", "random"],
+                   help="TPE's first trials: nets spread over the space's cost, cheapest first (default), or random")
     p.add_argument("--latency-budget-ms", type=float, help="drop candidates slower than this before any training")
     p.add_argument("--alpha", type=float, help="penalty objective's weight on log10(latency) (default 0.05; 0 with "
                    "a hard budget: the best score within it)")
@@ -187,11 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", help="folder of test images (default: the run's held-out images)")
     p.add_argument("--test-masks", help="folder of their masks")
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"], help=EVAL_MODE_HELP)
+    p.add_argument("--trial", type=int, help="test trial N's net, trained like the chosen one first if it is not "
+                   "yet (into RUN/trials/N/)")
 
     p = sub.add_parser("export", help="re-export a run's best net to a verified ONNX file")
     _add_common(p)
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--to", type=Path, help="output path (default RUN/best/model.onnx)")
+    p.add_argument("--trial", type=int, help="ship trial N's net instead of the chosen one: trained like it, "
+                   "exported, verified and tested into RUN/trials/N/ (see the report's Pareto table)")
     _add_opset(p)
 
     p = sub.add_parser("predict", help="label a folder of new images with a run's model (no masks needed)")
@@ -339,6 +350,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from autoseg.unet import Arch
 
     run = RunDir(args.run)
+    if args.trial is not None:
+        if args.test_images or args.test_masks:
+            raise InputError("--trial tests on the run's held-out images; give --test-images/--test-masks without "
+                             "--trial, after `autoseg export RUN --trial N`")
+        card = _ship(_run_config(args.run, args), run, args.trial)
+        print(f"trial {args.trial}: test mIoU {card['test_miou']:.3f} on {card['test_images']} image(s) -> "
+              f"{run.trial(args.trial) / 'eval' / 'metrics.json'}")
+        return 0
     card = _read_card(run)
     # Run folders are shared: a damaged model, or one whose external data lies outside its folder, is one line.
     check_loads(run.best / "model.onnx", f"run `autoseg export {args.run}` to write it again")
@@ -368,6 +387,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ship(cfg: Config, run: Any, number: int) -> dict[str, Any]:
+    from autoseg.pipeline import ship_trial, summary_lines
+
+    card = ship_trial(cfg, run, number, progress_enabled())
+    for line in summary_lines(card):
+        log.info(line)
+    return card
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from autoseg.checkpoint import checkpoint_with_keys
     from autoseg.pipeline import export_checkpoint
@@ -378,12 +406,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to is not None and args.to.is_dir():
         raise InputError(f"--to {args.to}: is a directory; give a file path, such as {args.to / 'model.onnx'}")
     cfg = _run_config(args.run, args)
-    ckpt_path = run.best / "model.pt"
+    folder = run.best
+    if args.trial is not None:
+        _ship(cfg, run, args.trial)
+        folder = run.trial(args.trial)
+        if args.to is None:
+            print(f"{folder / 'model.onnx'}")
+            return 0
+    ckpt_path = folder / "model.pt"
     ckpt = checkpoint_with_keys(ckpt_path, "arch", "in_channels", "num_classes", "state_dict", "tile", "classes",
                                 "mean", "std")
     model = build_unet(Arch.from_dict(ckpt["arch"]), ckpt["in_channels"], ckpt["num_classes"])
     model.load_state_dict(ckpt["state_dict"])
-    info = export_checkpoint(ckpt, model.eval(), args.to or run.best / "model.onnx", cfg)
+    info = export_checkpoint(ckpt, model.eval(), args.to or folder / "model.onnx", cfg)
     print(
         f"{info.path}: {info.size_bytes / 1e3:.1f} kB, opset {info.opset}, "
         f"parity max |diff| {info.parity_max_abs_diff:.2e}"

@@ -55,6 +55,7 @@ from autoseg.search import (
     choose_best,
     open_study,
     pareto_summary,
+    plan_search,
     run_trials,
     tile_choices,
     timed_size,
@@ -143,6 +144,23 @@ def data_summary(stage: DataStage, reps_by_tile: dict[int, RepSet]) -> dict[str,
 # ------------------------------------------------------------------ search
 
 
+def data_stage(cfg: Config, run: RunDir, progress: bool = False) -> tuple[DataStage, dict[int, RepSet], SearchTask]:
+    """Images split, representatives chosen (cached under RUN/index) and their arrays: what the trials train on."""
+    stage = prepare_data(cfg, progress)
+    if len(stage.train_ids) == 0:
+        raise InputError(
+            f"{cfg.data.images}: no training images left after the test split; lower data.test_fraction"
+        )
+    reps_by_tile = {t: select_reps(cfg, stage, t, run, progress) for t in tile_choices(cfg)}
+    task = SearchTask(
+        data={t: TileData(*rep_arrays(stage.ds, r)) for t, r in reps_by_tile.items()},
+        in_channels=stage.ds.channels,
+        num_classes=stage.ds.class_map.num_classes,
+        class_weights=class_weights(cfg, stage.ds),
+    )
+    return stage, reps_by_tile, task
+
+
 @contextmanager
 def run_lock(run: RunDir) -> Iterator[None]:
     """One search per run directory; the OS drops the lock if the process is killed."""
@@ -156,18 +174,14 @@ def run_lock(run: RunDir) -> Iterator[None]:
 
 
 def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False) -> dict[str, Any]:
+    started = time.time()  # search.max_minutes counts from here
     run = RunDir(cfg.out).prepare()
     with run_lock(run):
         write_text_atomic(run.config, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         tiles = tile_choices(cfg)
         check_space(cfg.search.space, tiles)
 
-        stage = prepare_data(cfg, progress)
-        if len(stage.train_ids) == 0:
-            raise InputError(
-                f"{cfg.data.images}: no training images left after the test split; lower data.test_fraction"
-            )
-        reps_by_tile = {t: select_reps(cfg, stage, t, run, progress) for t in tiles}
+        stage, reps_by_tile, task = data_stage(cfg, run, progress)
         summary = data_summary(stage, reps_by_tile)
         summary["cv_epochs"] = {str(t): cv_epochs(cfg.train, len(r.rows)) for t, r in reps_by_tile.items()}
         write_json_atomic(run.data, summary)
@@ -175,28 +189,20 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             log.info("cross-validation%s: %d folds x %d epochs on %d representatives%s", f" at tile {t}"
                      if len(tiles) > 1 else "", cfg.train.folds, epochs, summary["reps"][t],
                      "" if cfg.train.epochs else f" (about {FOLD_TILE_PASSES} tiles per fold; --epochs sets it)")
-        task = SearchTask(
-            data={t: TileData(*rep_arrays(stage.ds, r)) for t, r in reps_by_tile.items()},
-            in_channels=stage.ds.channels,
-            num_classes=stage.ds.class_map.num_classes,
-            class_weights=class_weights(cfg, stage.ds),
-        )
 
         settings = settings_from_config(cfg.device, cfg.seed)
         with closing(open_device(cfg.device, run.latency_cache)) as device:
             log.info("measuring %slatency on %s (%s)", "int8 " if cfg.device.precision == "int8" else "",
                      device.name, device.source)
-            if cfg.search.latency_budget_ms is None:
-                # The largest nets of the default space take many minutes each to cross-validate on a small CPU.
-                log.info("no latency budget: every candidate is trained, the slowest too; "
-                         "--latency-budget-ms drops slow nets before any training")
             study = open_study(run, cfg, resume_anyway)
+            # Budgets, the latency range (or a check of the budget), a calibration and the ETA; bad ones exit 2.
+            clock = plan_search(cfg, task, device, settings, study, started)
             if cfg.search.workers > 1:
                 objective = Objective(cfg, task, device, settings, run, gate=Gate(run.root))
-                run_parallel(cfg, run, task, objective, study, progress)
+                run_parallel(cfg, run, task, objective, study, progress, clock)
             else:
                 objective = Objective(cfg, task, device, settings, run)
-                run_trials(study, objective, cfg.search.trials, progress, cfg.search.max_minutes)
+                run_trials(study, objective, cfg.search.trials, progress, deadline=clock.deadline, clock=clock)
             best = choose_best(study, cfg.search)
             card = finalize(cfg, run, stage, task, best, progress)
             card["pareto_front"] = pareto_summary(study)
@@ -209,27 +215,56 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
     return card
 
 
+def ship_trial(cfg: Config, run: RunDir, number: int, progress: bool = False) -> dict[str, Any]:
+    """Any trial's net, trained, exported, verified and tested like the chosen one, into RUN/trials/N/.
+
+    For picking another net off the Pareto front: a rerun keeps what is done, like the search's own."""
+    from autoseg.rundir import check_study_file
+    from autoseg.search import load_study
+
+    if not run.study_db.exists():
+        raise InputError(f"{run.study_db}: not found; is {run.root} a run directory written by `autoseg search`?")
+    check_study_file(run.study_db)
+    trials = {t.number: t for t in load_study(run, cfg, 0).trials}
+    if number not in trials:
+        raise InputError(f"--trial {number}: no such trial in {run.study_db} (trials 0-{max(trials, default=-1)})")
+    trial = trials[number]
+    trial = trials.get(trial.user_attrs.get("same_as_trial"), trial)  # a repeat: its twin holds the attributes
+    if "arch_dict" not in trial.user_attrs or "tile" not in trial.user_attrs:
+        raise InputError(f"--trial {number}: the trial never got as far as a net ({trial.state.name}); "
+                         "pick a trial of the report's table")
+    with run_lock(run):
+        stage, _, task = data_stage(cfg, run, progress)
+        card = finalize(cfg, run, stage, task, trial, progress, folder=run.trial(number))
+        if number != trial.number:
+            card["same_as_trial"] = trial.number
+        write_json_atomic(run.trial(number) / "model_card.json", card)
+    return card
+
+
 # ------------------------------------------------------------------ the chosen net
 
 
 def finalize(
-    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, best: Any, progress: bool = False
+    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, best: Any, progress: bool = False,
+    folder: Path | None = None,
 ) -> dict[str, Any]:
     """Train the chosen net to ship (on crops of all training images, or on the representatives), export it
-    verified, and test it on full images.
+    verified, and test it on full images, into `folder` (RUN/best; RUN/trials/N to ship another trial's net).
 
     A rerun keeps a training that finished (a later step failed) and goes on with one that was interrupted.
     """
+    where = folder or run.best
     arch = Arch.from_dict(best.user_attrs["arch_dict"])
     tile = int(best.user_attrs["tile"])
     ds = stage.ds
     if cfg.train.final_data == "all":
-        key, train = _on_all_data(cfg, run, stage, task, arch, tile, best.number, progress)
+        key, train = _on_all_data(cfg, run, stage, task, arch, tile, best.number, progress, where)
     else:
-        key, train = _on_reps(cfg, run, task, arch, tile, best.number, progress)
-    checkpoint = load_if_key(run.best / "model.pt", key)
+        key, train = _on_reps(cfg, task, arch, tile, best.number, progress, where)
+    checkpoint = load_if_key(where / "model.pt", key)
     if checkpoint is not None:
-        log.info("trial %d (%s) was retrained already: %s kept", best.number, arch.key(), run.best / "model.pt")
+        log.info("trial %d (%s) was retrained already: %s kept", best.number, arch.key(), where / "model.pt")
         model = build_unet(arch, task.in_channels, task.num_classes)
         model.load_state_dict(checkpoint["state_dict"])
     else:
@@ -248,14 +283,15 @@ def finalize(
             "training": training,
             "retrain_key": key,
         }
-        save_checkpoint(checkpoint, run.best / "model.pt")
-        write_json_atomic(run.best / "training.json", training)
-        (run.best / RETRAIN_STATE).unlink(missing_ok=True)
-    info = export_checkpoint(checkpoint, model.eval(), run.best / "model.onnx", cfg)
+        save_checkpoint(checkpoint, where / "model.pt")
+        write_json_atomic(where / "training.json", training)
+        (where / RETRAIN_STATE).unlink(missing_ok=True)
+    info = export_checkpoint(checkpoint, model.eval(), where / "model.onnx", cfg)
     log.info("exported %s: %.1f kB, opset %d, %d -> %d nodes, parity max |diff| %.2e", info.path,
              info.size_bytes / 1e3, info.opset, info.nodes_before, info.nodes_after, info.parity_max_abs_diff)
 
-    metrics = evaluate_model(cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, tile, progress)
+    metrics = evaluate_model(cfg, run, where / "model.onnx", stage.test_ds, stage.test_ids, arch, tile, progress,
+                             out=None if folder is None else folder / "eval")
     lat = best.user_attrs.get("latency", {})
     return {
         "trial": best.number,
@@ -300,7 +336,7 @@ def retrain_key(trial: int, arch: Arch, tile: int, settings: TrainSettings, data
 
 
 def _on_reps(
-    cfg: Config, run: RunDir, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool
+    cfg: Config, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool, where: Path
 ) -> tuple[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]]:
     """train.final_data: reps. Train on the representative tiles for final_epochs, as the search's folds do."""
     data = task.data[tile]
@@ -309,7 +345,7 @@ def _on_reps(
 
     def train() -> tuple[torch.nn.Module, dict[str, Any]]:
         t0 = time.monotonic()
-        model = _retrain(run, key, arch, task, data, settings, trial, progress)
+        model = _retrain(where / RETRAIN_STATE, key, arch, task, data, settings, trial, progress)
         return model, {"data": "reps", "images": None, "tiles": len(data.x), "epochs": settings.epochs,
                        "tile_passes": settings.epochs * len(data.x), "seconds": time.monotonic() - t0,
                        "stopped": "budget", "curve": []}
@@ -318,7 +354,8 @@ def _on_reps(
 
 
 def _on_all_data(
-    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool
+    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool,
+    where: Path,
 ) -> tuple[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]]:
     """train.final_data: all. Crops of every training image; a validation split by image picks the weights."""
     t = cfg.train
@@ -373,7 +410,7 @@ def _on_all_data(
                     save_checkpoint({"arch": teacher.arch.to_dict(), "state_dict": soft.state_dict(),
                                      "retrain_key": t_key, "training": info}, path)
                     (run.best / "teacher_state.pt").unlink(missing_ok=True)
-        return fit(arch, fs, key, run.best / RETRAIN_STATE, f"trial {trial}", soft)
+        return fit(arch, fs, key, where / RETRAIN_STATE, f"trial {trial}", soft)
 
     return key, train
 
@@ -384,11 +421,10 @@ def _training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _retrain(
-    run: RunDir, key: str, arch: Arch, task: SearchTask, data: TileData, settings: TrainSettings, trial: int,
+    state_path: Path, key: str, arch: Arch, task: SearchTask, data: TileData, settings: TrainSettings, trial: int,
     progress: bool,
 ) -> torch.nn.Module:
     """Train the chosen net from scratch, or on from the state an interrupted run of it saved."""
-    state_path = run.best / RETRAIN_STATE
     resume = load_if_key(state_path, key)
     log.info("retraining trial %d (%s) for %d epochs%s", trial, arch.key(), settings.epochs,
              f", going on after epoch {resume['epochs_done']}" if resume else "")

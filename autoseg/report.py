@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import shlex
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
@@ -726,10 +727,12 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
     if rep["pareto_front"]:
         front = {r["number"]: r for r in rep["trials"]}
         L += [p["source"], ""]
-        L += _md_table(["#", "arch", "tile", "params", "MACs", "latency ms", "CV ± std"],
+        L += _md_table(["#", "arch", "tile", "params", "MACs", "latency ms", "CV ± std", "ship it"],
                        [[str(n), str(front[n]["arch"]), str(front[n]["tile"]), _si(front[n]["params"]),
                          _si(front[n]["macs"]), _ms(front[n]["latency_ms"]),
-                         f"{_f(front[n]['cv_mean'])} ± {_f(front[n]['cv_std'])}"] for n in rep["pareto_front"]])
+                         f"{_f(front[n]['cv_mean'])} ± {_f(front[n]['cv_std'])}",
+                         f"`{_ship_command(rep, n)}`"] for n in rep["pareto_front"]])
+        L += [SHIP_NOTE, ""]
     else:
         L += [f"Pareto front: {NA} (no completed trial with both a CV score and a latency).", ""]
 
@@ -891,6 +894,12 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
     B.append("<h2>Pareto front: CV score vs latency</h2>")
     if "pareto" in pngs:
         B += [_img(pngs["pareto"], "Pareto front"), f'<p class="source">{_h(rep["plots"]["pareto"]["source"])}</p>']
+    if rep["pareto_front"]:
+        front = {r["number"]: r for r in rep["trials"]}
+        B += [_html_table(["#", "arch", "latency ms", "CV", "ship it"], [
+            [str(n), str(front[n]["arch"]), _ms(front[n]["latency_ms"]), _f(front[n]["cv_mean"]),
+             _ship_command(rep, n)] for n in rep["pareto_front"]]),
+            f'<p class="source">{_h(SHIP_NOTE.replace("`", ""))}</p>']
     else:
         B.append(_na("Pareto front (no completed trial with both a CV score and a latency)"))
 
@@ -989,6 +998,14 @@ def _clean(o: Any) -> Any:
     if isinstance(o, float | np.floating):
         return float(o) if math.isfinite(o) else None
     return str(o)
+
+
+SHIP_NOTE = ("`autoseg export RUN --trial N` trains that net like the chosen one (the same final training), "
+             "then exports, verifies and tests it into RUN/trials/N/.")
+
+
+def _ship_command(rep: dict, number: int) -> str:
+    return f"autoseg export {shlex.quote(rep['run_dir'])} --trial {number}"
 
 
 def _other_evals(folder: Path) -> list[dict]:

@@ -199,6 +199,21 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     assert exported.stat().st_size > 0
     said = (proc.stdout + proc.stderr).splitlines()
     assert [line for line in said if str(exported) in line] == said[-1:]  # its result, said once
+
+    # Any trial's net can be shipped: the other of the two, trained like the chosen one, into trials/N/.
+    other = 1 - card["trial"]
+    proc = autoseg("export", out, "--trial", other, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out / "trials" / str(other) / "model.onnx")
+    shipped = json.loads((out / "trials" / str(other) / "model_card.json").read_text())
+    assert shipped["trial"] == other and shipped["training"]["data"] == "all" and shipped["test_miou"] is not None
+    assert (out / "trials" / str(other) / "eval" / "metrics.json").exists()
+    again = autoseg("eval", out, "--trial", other, "-v")  # done already: kept, only said
+    assert again.returncode == 0 and "was retrained already" in again.stderr, again.stderr
+    assert f"trial {other}: test mIoU {shipped['test_miou']:.3f}" in again.stdout
+    assert_one_line_error(autoseg("export", out, "--trial", 99), 2, "--trial 99: no such trial")
+    assert autoseg("report", out).returncode == 0
+    assert f"autoseg export {out} --trial " in (out / "report.md").read_text()  # the front's nets, ready to ship
     (out / "report.html").unlink()
     assert autoseg("report", out).returncode == 0
     assert (out / "report.html").exists()
