@@ -234,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(c)
     _add_device(c)
     _add_opset(c)
+
+    # Own dests for the predict flags: --images, --out, --int8 ... would otherwise set search config keys.
+    p = sub.add_parser("deploy", help="copy a run's model to the device (sha256-verified); with --images, "
+                       "label them there and bring the masks back")
+    _add_common(p)
+    _add_device(p)
+    p.add_argument("run", type=Path, help="run directory (its best model) or an .onnx file exported by autoseg")
+    p.add_argument("--int8", dest="deploy_int8", action="store_true", help="deploy the run's int8 model")
+    p.add_argument("--images", dest="deploy_images", type=Path, metavar="DIR", help="label this folder on the device")
+    p.add_argument("--out", dest="deploy_out", type=Path, metavar="DIR",
+                   help="folder for its masks (default RUN/deploy/masks)")
+    p.add_argument("--remote-dir", metavar="DIR", help="folder on the device (default ~/autoseg-models/<run name>)")
+    p.add_argument("--eval-mode", dest="deploy_mode", choices=["auto", "whole", "window"], default="auto")
+    p.add_argument("--overlap", dest="deploy_overlap", type=float, default=0.5, metavar="F",
+                   help="window overlap in [0, 1)")
+    p.add_argument("--overlay", action="store_true", help="also bring back <stem>_overlay.png")
     return parser
 
 
@@ -493,6 +509,20 @@ COMMANDS = {
     "predict": cmd_predict,
     "report": cmd_report,
 }
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from autoseg.deploy import deploy, summary_lines
+
+    result = deploy(args.run, _config(args).device, int8=args.deploy_int8, images=args.deploy_images,
+                    out=args.deploy_out, remote_dir=args.remote_dir, mode=args.deploy_mode,
+                    overlap=args.deploy_overlap, overlay=args.overlay)
+    for line in summary_lines(result):
+        print(line)
+    return 0
+
+
+COMMANDS["deploy"] = cmd_deploy
 
 
 def main(argv: list[str] | None = None) -> int:
