@@ -26,6 +26,7 @@ import posixpath
 import re
 import secrets
 import shlex
+import socket
 import sqlite3
 import stat
 import threading
@@ -255,6 +256,7 @@ class SSHTarget:
     alias: str  # what the user typed (Host alias or host)
     identity_files: tuple[str, ...] = ()
     proxy_jump: tuple[SSHTarget, ...] = ()
+    config_source: str = ""  # how the ssh config was read, for messages: "ssh -G (~/.ssh/config)", ...
 
     @property
     def name(self) -> str:
@@ -308,7 +310,7 @@ def parse_target(target: str, ssh_config: Path | None = None, _hop: bool = False
     if pj and pj.lower() != "none" and not _hop:
         jumps = tuple(parse_target(h, ssh_config, _hop=True) for h in pj.split(","))
     return SSHTarget(user=user, host=hostname, port=port, alias=host, identity_files=identity,
-                     proxy_jump=jumps)
+                     proxy_jump=jumps, config_source=conf.get("_source", "no ssh config"))
 
 
 def _parse_port(p: str, target: str) -> int:
@@ -317,19 +319,62 @@ def _parse_port(p: str, target: str) -> int:
     return int(p)
 
 
+SSH_G_TIMEOUT_S = 10.0
+_DEFAULT_KEY_NAMES = {"id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk", "id_xmss", "id_dsa"}
+
+
 def _ssh_config_lookup(host: str, path: Path | None) -> dict:
+    """What OpenSSH would use for `host`: `ssh -G` where an OpenSSH client is installed (Include, Match,
+    wildcards and ProxyJump exactly as ssh reads them), else paramiko's parser of the file (no Include)."""
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
             raise InputError(f"device.ssh_config: {path} does not exist; fix the path or leave it unset")
     else:
         path = Path("~/.ssh/config").expanduser()
-        if not path.is_file():
-            return {}
+    got = _ssh_g(host, path)
+    if got is not None:
+        return got
+    if not path.is_file():
+        return {}
     try:
-        return dict(paramiko.SSHConfig.from_path(str(path)).lookup(host))
+        conf = dict(paramiko.SSHConfig.from_path(str(path)).lookup(host))
     except Exception as e:  # paramiko raises ConfigParseError and others
         raise InputError(f"device.ssh_config: {path} cannot be parsed ({e}); fix the file") from None
+    return {**conf, "_source": f"{path} (paramiko's parser: Include is not followed)"}
+
+
+def _ssh_g(host: str, path: Path) -> dict | None:
+    """`ssh -G [-F path] host` as a dict (identityfile: the files that exist), or None without an ssh client."""
+    import shutil
+    import subprocess
+
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        return None
+    cmd = [ssh, "-G", *(["-F", str(path)] if path.is_file() else []), "--", host]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=SSH_G_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0:  # e.g. a ProxyJump ssh itself calls a loop: paramiko's reading, as before ssh -G
+        log.warning("`ssh -G %s` refused the ssh config (%s); reading %s with paramiko instead", host,
+                    _one_line(r.stderr) or f"exit {r.returncode}", path)
+        return None
+    conf: dict[str, Any] = {"identityfile": []}
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "identityfile":
+            conf["identityfile"].append(value)
+        elif key in ("hostname", "user", "port", "proxyjump"):
+            conf[key] = value
+    # Without an IdentityFile, ssh -G lists its default key names: then paramiko's own key search stands in.
+    if {os.path.basename(p) for p in conf["identityfile"]} <= _DEFAULT_KEY_NAMES:
+        conf["identityfile"] = []
+    if conf.get("proxyjump", "none").lower() == "none":
+        conf.pop("proxyjump", None)
+    conf["_source"] = f"ssh -G ({path if path.is_file() else 'no config file'}, Include and Match followed)"
+    return conf
 
 
 # ------------------------------------------------------------------------------------------- host keys
@@ -846,6 +891,11 @@ class SSHDevice:
                 ) from None
             except paramiko.AuthenticationException as e:
                 raise self._login_refused(hop, keys, str(e)) from None
+            except socket.gaierror as e:  # no such name: waiting will not make one, so no retries
+                unmatched = (f"; no Host entry matched '{hop.alias}' in the ssh config read by {hop.config_source}"
+                             if hop.host == hop.alias else f" (Host '{hop.alias}' in {hop.config_source})")
+                raise DeviceRefused(f"device {hop.alias}: cannot resolve host name '{hop.host}' ({e.strerror})"
+                                    f"{unmatched}; check the name or add a Host entry") from None
             except (OSError, EOFError, paramiko.SSHException) as e:
                 if "No authentication methods available" in str(e):  # no key file, no agent
                     raise self._login_refused(hop, keys, "no key or ssh-agent available") from None

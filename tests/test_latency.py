@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import sys
 import threading
@@ -565,3 +566,35 @@ def test_graph_hash_is_independent_of_internal_names(tiny_onnx):
         node.output[:] = [n if n == "logits" else f"renamed_{n}" for n in node.output]
         node.input[:] = [n if n in ("input", "w", "b") else f"renamed_{n}" for n in node.input]
     assert _graph_hash(proto.SerializeToString()) == _graph_hash(tiny_onnx)
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs an OpenSSH client for ssh -G")
+def test_a_host_alias_from_an_included_file_is_found_as_openssh_finds_it(tmp_path):
+    # paramiko's SSHConfig ignores Include; ssh -G follows it (and Match, wildcards) exactly as ssh does.
+    (tmp_path / "config.d").mkdir()
+    (tmp_path / "config.d" / "pis").write_text("Host incpi\n  HostName 192.0.2.44\n  Port 2201\n  User pi\n"
+                                               "  IdentityFile ~/.ssh/incpi_key\n")
+    conf = tmp_path / "config"
+    conf.write_text(f"Include {tmp_path}/config.d/*\n")
+    t = parse_target("incpi", conf)
+    assert (t.user, t.host, t.port, t.alias) == ("pi", "192.0.2.44", 2201, "incpi")
+    assert t.identity_files == (os.path.expanduser("~/.ssh/incpi_key"),)
+    assert t.config_source.startswith("ssh -G") and str(conf) in t.config_source
+    bare = parse_target("other", conf)  # no entry: ssh's defaults, and no default key names forced on it
+    assert bare.host == "other" and bare.port == 22 and bare.identity_files == ()
+
+
+@pytest.mark.ssh
+def test_a_name_that_does_not_resolve_is_one_try_naming_the_config_read(ssh_device_config, sshd_server, agent_root,
+                                                                        tmp_path):
+    conf = tmp_path / "config"
+    conf.write_text("Host somepi\n  HostName somepi.invalid\n")
+    for target, said in (("nopi.invalid", "no Host entry matched 'nopi.invalid'"),
+                         ("somepi", "Host 'somepi' in ")):
+        cfg = ssh_device_config(sshd_server, target=target, ssh_config=conf, reconnect_attempts=3)
+        start = time.monotonic()
+        with pytest.raises(DeviceRefused) as e:
+            make_ssh_device(cfg, agent_root)._connect_with_retry()
+        assert time.monotonic() - start < 5  # not retried: waiting does not make a name resolve
+        assert "cannot resolve host name" in str(e.value) and said in str(e.value), str(e.value)
+        assert e.value.exit_code == 3
