@@ -63,7 +63,7 @@ CASES: list[Case] = [
     Case(SECURITY, "1", "... and under a rerun of `autoseg search … --out RUN` (a resume state that fails to "
          "load as data is ignored with a warning)",
          _t("test_checkpoint", "test_a_pickle_with_code_is_refused_and_its_payload_never_runs",
-            "test_round_trip_of_a_training_state")),
+            "test_round_trip_of_a_training_state", "test_a_search_rerun_over_a_malicious_resume_state_runs_no_code")),
     Case(SECURITY, "1", "a file that fails to load as plain data is reported in one line (exit 2)",
          _t("test_checkpoint", "test_damaged_or_foreign_files_give_one_line")),
     # -- 5. bad inputs (and section 2's pixel limit)

@@ -82,3 +82,27 @@ def test_export_of_a_malicious_run_folder_runs_no_code(tmp_path: Path) -> None:
     assert "model.pt" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_a_search_rerun_over_a_malicious_resume_state_runs_no_code(tmp_path: Path) -> None:
+    """The rerun of `autoseg search --out RUN` reads best/retrain_state.pt to go on: a planted pickle is ignored."""
+    from autoseg.demo_data import generate_demo
+
+    images, masks = generate_demo(tmp_path / "demo", n_images=6, size=48, seed=2)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("search:\n  space:\n    levels: [1]\n    kernels: [3]\n    channels: [4]\n"
+                   "device:\n  warmup: 0\n  min_runs: 2\n  min_seconds: 0.0\n  max_busy_cores: null\n"
+                   "eval:\n  num_examples: 0\n")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "autoseg", "search", "--config", str(cfg), "--images", str(images), "--masks",
+            str(masks), "--out", str(out), "--trials", "1", "--tile", "16", "--num-reps", "8", "--folds", "2",
+            "--epochs", "1", "--final-tiles", "64"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    marker = tmp_path / "pwned"
+    (out / "best" / "model.pt").unlink()  # so the rerun trains again, and looks for a state to go on from
+    _malicious(out / "best" / "retrain_state.pt", marker)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "retrain_state.pt: cannot be read as a plain checkpoint" in again.stderr  # the warning, then work
+    assert not marker.exists() and (out / "best" / "model.pt").exists()
