@@ -362,7 +362,8 @@ def _read_pillow(path: str, pil: Any) -> np.ndarray:
 
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 4, 8), (0, 2, 4, 4), (2, 0, 2, 4), (0, 1, 2, 2), (1, 0, 1, 2))
+# Adam7 passes as (first row, first column, row step, column step)
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 
 
 def read_png(f: IO[bytes]) -> np.ndarray:

@@ -62,6 +62,17 @@ def test_png_read_without_pillow_equals_autoseg_read_image(tmp_path: Path, mode:
         np.testing.assert_array_equal(got, read_image(path, channels))
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_as_autoseg_applies_it(tmp_path: Path, orientation: int) -> None:
+    picture = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.png"
+    picture.save(path, exif=exif)
+    with open(path, "rb") as f:
+        np.testing.assert_array_equal(agent.read_png(f), read_image(path, 3))
+
+
 def test_masks_equal_those_of_autoseg_predict(tmp_path: Path) -> None:
     model = tmp_path / "model.onnx"
     model.write_bytes(seg_model(classes=3, tile=16))
