@@ -101,7 +101,15 @@ class SearchConfig:
     trials: int = field(default=20, metadata=_min(1))  # distinct nets; a repeated proposal does not count
     objective: Literal["penalty", "pareto"] = "penalty"
     sampler: Literal["tpe", "nsga2"] = "tpe"
-    pruner: Literal["median", "none"] = "median"
+    # How TPE's first trials are chosen. cost: nets spread over the space's cost (MACs quantiles), the
+    # cheapest first, so a search starts with answers in minutes; random: TPE's own random draws.
+    # NSGA-II always draws its first generation at random.
+    startup: Literal["cost", "random"] = "cost"
+    # halving: Optuna's SuccessiveHalvingPruner, which judges a trial a third of the way into its first fold,
+    # again after that fold, and gives the whole CV only to the best third; hyperband: Optuna's
+    # HyperbandPruner over the same steps; median: stop a trial whose running CV is below the median
+    # after a fold; none. Trials are judged on the objective (CV mIoU with its latency penalty).
+    pruner: Literal["halving", "hyperband", "median", "none"] = "halving"
     latency_budget_ms: float | None = field(default=None, metadata=_min(0.0, strict=True))
     # penalty objective: score - alpha*log10(latency/latency_ref_ms) - beta*log10(macs/macs_ref),
     # latency and MACs both at the measured input size (device.measure_size, else the tile)
@@ -114,8 +122,9 @@ class SearchConfig:
     # Stop after this many candidates in a row the device could not measure: the device, not the nets,
     # is the problem (an onnxruntime too old for export.opset, say).
     max_measure_failures: int = field(default=3, metadata=_min(1))
-    # Wall-clock limit for the trials of one invocation: no new trial starts after it (the running one
-    # finishes), and the run goes on to retrain the best so far. null: no limit.
+    # Wall-clock limit of one run of the search, from its start to its last trial: a trial running when it
+    # is up stops at its next epoch (kept if a fold finished, else left to a rerun), and the run goes on to
+    # train the best so far, within its own budget (train.final_tiles, train.final_minutes). null: no limit.
     max_minutes: float | None = field(default=None, metadata=_min(0.0, strict=True))
     # Processes that run trials at once on this machine, each with an equal share of the cores (or
     # train.threads). Small nets use many cores poorly, so on a big machine several look at more nets.

@@ -3,7 +3,11 @@
 One study per run directory, in SQLite, so a rerun of the same command resumes it.
 Per trial: sample an architecture, export it, measure it on the device, drop it if it
 misses the latency budget (before any training), else train it with k-fold CV on the
-representative tiles and report each fold to the pruner.
+representative tiles and report to the pruner as it goes.
+
+The clock: TPE's first trials are nets spread over the space's cost, cheapest first; the pruner judges a
+trial early (a third into its first fold, then after it); search.max_minutes stops a running trial at its
+next epoch; and before the first trial a short calibration gives the ETA (plan_search).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +36,14 @@ from autoseg.gate import Gate
 from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
 from autoseg.pareto import pareto_front
 from autoseg.rundir import RunDir, StudyFileError, check_study_file, write_bytes_atomic
-from autoseg.train import TrainSettings, cross_validate, cv_epochs, training_settings
+from autoseg.train import (
+    TrainSettings,
+    auto_batch_size,
+    cross_validate,
+    cv_epochs,
+    train_model,
+    training_settings,
+)
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,14 @@ STUDY_NAME = "autoseg"
 # or x2.7 (24 -> 64) per level.
 CHANNEL_STEPS = (0, 1, 2, 3)
 INT8_CALIB_TILES = 8  # timing needs the int8 graph, not good scales: a few tiles calibrate it
+# Trials report at steps: a fold is FOLD_STEPS steps, and the probe reads fold 0 at PROBE_STEP, a third of the
+# way in. Successive halving (min resource 1, reduction 3) thus judges at the probe, after fold 0 and after fold 2.
+FOLD_STEPS = 3
+PROBE_STEP = 1
+PRUNERS = ("median", "halving", "hyperband")  # a trial's pruned_reason when one of them stopped it
+START_POOL = 256  # random nets of the space that search.startup "cost" picks the first trials from
+START_TOP_QUANTILE = 0.75  # the dearest of them sits at this MACs quantile: never the space's costly corner
+START_NOMINAL_CLASSES = 8  # MACs that order the start must not depend on the data, only on the config
 
 # Config keys that do not change what a trial means: a rerun may change them and still resume.
 _RESUMABLE_KEYS = {
@@ -51,6 +70,9 @@ _RESUMABLE_KEYS = {
     "search.max_measure_failures",
     "search.max_minutes",
     "search.workers",
+    # Later trials are chosen or stopped otherwise; what a finished trial scored stays what it means.
+    "search.pruner",
+    "search.startup",
     "train.final_epochs",
     "train.final_data",
     "train.final_tiles",
@@ -170,6 +192,10 @@ def config_fingerprint(cfg: Config) -> dict[str, Any]:
     flat = _flatten(config_to_dict(cfg))
     # Part of the space though not a config key: a study sampled with other steps cannot take more trials.
     flat["search.space.channel_steps"] = list(CHANNEL_STEPS)
+    return _meaningful(flat)
+
+
+def _meaningful(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in _RESUMABLE_KEYS and k.split(".")[0] not in _RESUMABLE_KEYS}
 
 
@@ -197,18 +223,28 @@ class _SeededPerTrial:
     repeated trial 0's net), and every later proposal moved off the uninterrupted run's. A trial redone
     after a kill takes its original's place, and the original (failed) takes none, so the nets proposed
     after a resume are those an uninterrupted search proposes.
+
+    The first trials may follow a plan (`start`, the params of each place): the trial at place p is handed
+    start[p] as enqueue_trial hands over params, so a resumed search and every worker follow it alike.
     """
 
     _rng: Any
     _random_sampler: Any
 
-    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, seed: int, start: Sequence[dict[str, Any]] = (), **kwargs: Any) -> None:
         super().__init__(*args, seed=seed, **kwargs)
         self._base_seed = seed
+        self._start = list(start)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        original = original_trial(study, trial)
-        seeds = np.random.SeedSequence([self._base_seed, trial_place(study, original)]).generate_state(2)
+        whole = getattr(study, "_study", study)  # with HyperbandPruner the sampler sees one bracket's study
+        original = original_trial(whole, trial)
+        place = trial_place(whole, original)
+        if place < len(self._start) and "fixed_params" not in trial.system_attrs:
+            # Trial reads its fixed params from this frozen trial once the sampler has seen it.
+            whole._storage.set_trial_system_attr(trial._trial_id, "fixed_params", self._start[place])
+            trial.system_attrs["fixed_params"] = self._start[place]
+        seeds = np.random.SeedSequence([self._base_seed, place]).generate_state(2)
         # Reseeded in place: NSGA-II's child generation holds the same random state object.
         self._rng.rng.seed(int(seeds[0]))
         self._random_sampler._rng.rng.seed(int(seeds[1]))
@@ -254,9 +290,70 @@ def make_sampler(cfg: Config, worker: int = 0) -> optuna.samplers.BaseSampler:
         if cfg.search.sampler == "nsga2":
             pop = max(4, min(50, cfg.search.trials // 4))
             return TrialSeededNSGAIISampler(seed=seed, population_size=pop)
-        startup = max(3, min(10, cfg.search.trials // 3))
-        return TrialSeededTPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
-                                     constant_liar=cfg.search.workers > 1)
+        return TrialSeededTPESampler(seed=seed, start=startup_plan(cfg), multivariate=True, group=True,
+                                     n_startup_trials=startup_trials(cfg), constant_liar=cfg.search.workers > 1)
+
+
+def startup_trials(cfg: Config) -> int:
+    """TPE's start: trials before it models the results."""
+    return max(3, min(10, cfg.search.trials // 3))
+
+
+def space_pool(cfg: Config, n: int = START_POOL) -> list[tuple[Candidate, dict[str, Any]]]:
+    """Distinct valid nets drawn at random from the space (seeded by cfg.seed), each with the params that
+    give it; the draws are uniform over each parameter's choices, as a random start's are."""
+    space, tiles = cfg.search.space, tile_choices(cfg)
+    choices: dict[str, list[Any]] = {"levels": sorted(set(space.levels))}
+    if len(tiles) > 1:
+        choices["tile"] = list(tiles)
+    choices["c0"] = sorted(set(space.channels))
+    for i in range(max(space.levels)):
+        if i:
+            choices[f"cstep{i}"] = list(CHANNEL_STEPS)
+        choices[f"k{i}"] = sorted(set(space.kernels))
+    choices["conv"] = list(dict.fromkeys(space.conv))
+    choices["upsample"] = list(dict.fromkeys(space.upsample))
+    rng = np.random.default_rng([cfg.seed, 0xC057])
+    seen: set[tuple[str, int]] = set()
+    pool = []
+    for _ in range(n):
+        trial = optuna.trial.FixedTrial({k: v[int(rng.integers(len(v)))] for k, v in choices.items()})
+        cand = sample_candidate(trial, space, tiles)
+        if (cand.arch.key(), cand.tile) in seen:
+            continue
+        try:
+            validate_arch(cand.arch, cand.tile)
+        except ValueError:
+            continue
+        seen.add((cand.arch.key(), cand.tile))
+        pool.append((cand, dict(trial.params)))
+    return pool
+
+
+def tile_macs(cand: Candidate, in_channels: int = 3, num_classes: int = START_NOMINAL_CLASSES) -> int:
+    """MACs of one forward pass on one training tile: what a training step costs, per tile."""
+    return count_macs(cand.arch, in_channels, num_classes, cand.tile, cand.tile)
+
+
+def startup_plan(cfg: Config) -> list[dict[str, Any]]:
+    """With search.startup "cost" (and TPE): the params of TPE's first trials, nets at evenly spaced MACs
+    quantiles of the space from its cheapest up to START_TOP_QUANTILE, cheapest first.
+
+    A random first draw can be the space's dearest corner (1.9 GMACs a 64 px tile, 40 minutes a fold on
+    2 cores); this way the first answers come in minutes and TPE still sees the space's range of cost.
+    It depends on the config alone, so a resumed search and parallel workers follow the same plan."""
+    if cfg.search.startup != "cost" or cfg.search.sampler != "tpe":
+        return []
+    pool = sorted(space_pool(cfg), key=lambda cp: (tile_macs(cp[0]), cp[0].arch.key(), cp[0].tile))
+    k = min(startup_trials(cfg), len(pool))
+    picks: list[int] = []
+    for i in range(k):
+        j = round(START_TOP_QUANTILE * i / max(k - 1, 1) * (len(pool) - 1))
+        while j in picks and j + 1 < len(pool):
+            j += 1
+        if j not in picks:
+            picks.append(j)
+    return [pool[j][1] for j in picks]
 
 
 def study_storage(run: RunDir) -> optuna.storages.RDBStorage:
@@ -291,11 +388,23 @@ def load_study(run: RunDir, cfg: Config, worker: int) -> optuna.Study:
                              pruner=make_pruner(cfg))
 
 
+def pruner_kind(cfg: Config) -> str:
+    """search.pruner, or none for the pareto objective (Optuna prunes only single-objective studies)."""
+    return "none" if cfg.search.objective == "pareto" else cfg.search.pruner
+
+
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
-    if cfg.search.pruner == "none" or cfg.search.objective == "pareto":
+    kind = pruner_kind(cfg)
+    if kind == "none":
         return optuna.pruners.NopPruner()
-    # The first fold of a few trials must finish before anything is pruned on its score.
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if kind == "median":
+        # The first fold of a few trials must finish before anything is pruned on its score.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=PROBE_STEP, reduction_factor=3,
+                                                      min_early_stopping_rate=0)
+    return optuna.pruners.HyperbandPruner(min_resource=PROBE_STEP, max_resource=FOLD_STEPS * cfg.train.folds,
+                                          reduction_factor=3)
 
 
 def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.Study:
@@ -316,6 +425,8 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
     )
     mine = config_fingerprint(cfg)
     theirs = study.user_attrs.get("config")
+    if theirs is not None:  # keys that became resumable since the study was made
+        theirs = _meaningful(theirs)
     if existed and theirs is not None and theirs != mine:
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         space = [k for k in changed if k.startswith("search.space.")]
@@ -346,13 +457,14 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
 
 
 def _requeue_interrupted(study: optuna.Study) -> None:
-    """A trial left RUNNING by a kill, or failed by a lost device, is run again with the same params."""
+    """A trial left RUNNING by a kill, failed by a lost device, or stopped by the deadline before a fold
+    finished, is run again with the same params."""
     done = set(study.user_attrs.get("requeued", []))
     requeued = []
     for t in study.get_trials(deepcopy=False):
         stale = t.state == TrialState.RUNNING
         lost = t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
-        if not (stale or lost) or t.number in done:
+        if not (stale or lost or cut_by_deadline(t)) or t.number in done:
             continue
         if stale:
             # Only one search runs per run directory (see pipeline's lock), so RUNNING here means killed.
@@ -370,7 +482,7 @@ def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def find_twin(study: optuna.Study, cand: Candidate, number: int, budget_ms: float | None) -> FrozenTrial | None:
     """The earlier trial whose outcome this candidate shares: same architecture and tile, and trained,
-    median-pruned or over the latency budget. A failed measurement is no outcome, and neither is one that
+    pruned by the pruner or over the latency budget. A failed measurement is no outcome, and neither is one that
     a budget changed since (--resume-anyway) would decide differently: those nets are measured again."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         a = t.user_attrs
@@ -378,8 +490,8 @@ def find_twin(study: optuna.Study, cand: Candidate, number: int, budget_ms: floa
             continue
         over = budget_ms is not None and a.get("latency_ms", 0.0) > budget_ms
         reason = a.get("pruned_reason")
-        # Median-pruned stays pruned whatever the budget; the other two follow the budget.
-        if reason == "median" or (t.state == TrialState.COMPLETE and not over) or (reason == "latency_budget" and over):
+        # Pruner-pruned stays pruned whatever the budget; the other two follow the budget.
+        if reason in PRUNERS or (t.state == TrialState.COMPLETE and not over) or (reason == "latency_budget" and over):
             return t
     return None
 
@@ -403,9 +515,14 @@ def unmeasured(t: FrozenTrial) -> bool:
     return t.user_attrs.get("pruned_reason") == "measure_failed"
 
 
+def cut_by_deadline(t: FrozenTrial) -> bool:
+    """search.max_minutes stopped the trial before a fold finished: no outcome (a rerun trains it again)."""
+    return t.state == TrialState.PRUNED and t.user_attrs.get("pruned_reason") == "deadline"
+
+
 def distinct_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Finished trials that looked at a net for the first time: what --trials counts."""
-    return [t for t in finished_trials(study) if not is_repeat(t) and not unmeasured(t)]
+    return [t for t in finished_trials(study) if not is_repeat(t) and not unmeasured(t) and not cut_by_deadline(t)]
 
 
 def budget_prune_streak(study: optuna.Study) -> int:
@@ -472,8 +589,13 @@ def trained_like_batchnorm(model: torch.nn.Module) -> None:
                 m.bias.normal_(0.0, 0.1)
 
 
+class DeadlineReached(Exception):
+    """Raised inside a trial's training when search.max_minutes is up."""
+
+
 class Objective:
-    """The callable handed to study.optimize."""
+    """The callable handed to study.optimize. `deadline` (time.time(), set by run_trials) stops a trial
+    at its next epoch."""
 
     def __init__(
         self,
@@ -500,9 +622,17 @@ class Objective:
         self.failures = 0  # measurement failures in a row: one is a net's, several are the device's
         self.stop_message: str | None = None
         self.int8 = cfg.device.precision == "int8"
+        self.deadline: float | None = None
+        self.epochs_done = 0  # the running trial's, over all its folds
+        self.folds_done = 0
+
+    def late(self) -> bool:
+        """The deadline has passed."""
+        return self.deadline is not None and time.time() >= self.deadline
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         scfg = self.cfg.search
+        self.epochs_done = self.folds_done = 0
         cand = sample_candidate(trial, scfg.space, self.tiles)
         trial.set_user_attr("arch", cand.arch.key())
         trial.set_user_attr("arch_dict", cand.arch.to_dict())
@@ -567,33 +697,74 @@ class Objective:
             raise optuna.TrialPruned("latency over budget")
         self.streak = 0
         pareto = scfg.objective == "pareto"
+        head = f"{_size(params, macs)}  {lat_txt}"
+        if self.late():  # measuring took the last of the time
+            trial.set_user_attr("pruned_reason", "deadline")
+            trial.set_user_attr("epochs_trained", 0)
+            self._say(trial, cand, f"{head}  not trained: the time limit is up (a rerun trains it)")
+            raise optuna.TrialPruned("the time limit is up")
 
         data = self.task.data[cand.tile]
         s = self.train_settings(cand.tile)
+        folds = self.cfg.train.folds
+        kind = pruner_kind(self.cfg)
+        # The pruners that judge early read fold 0 a third of the way in (one validation pass more).
+        probe = max(1, round(s.epochs / FOLD_STEPS)) if kind in ("halving", "hyperband") else None
+        means: list[float] = []  # running CV mean after each finished fold
+        where = ""
+
+        def judge(value: float, step: int, at: str, prune: bool = True) -> None:
+            nonlocal where
+            trial.report(value, step)
+            if prune and trial.should_prune():
+                where = at
+                trial.set_user_attr("pruned_reason", kind)
+                raise optuna.TrialPruned(f"{at}: objective {value:.3f} below the {kind} cut")
+
+        def on_epoch(fold: int, done: int, score: Callable[[], float]) -> None:
+            self.epochs_done += 1
+            if fold == 0 and done == probe and done < s.epochs and not pareto:
+                judge(penalty_objective(score(), latency, macs, scfg), PROBE_STEP, f"{done} epochs into fold 1")
+            if done < s.epochs and self.late():  # after a fold's last epoch its score is worth the wait
+                raise DeadlineReached
 
         def on_fold(i: int, running: float) -> None:
-            if pareto:
-                return
-            trial.report(running, i)
-            if trial.should_prune():
-                trial.set_user_attr("pruned_reason", "median")
-                raise optuna.TrialPruned(f"fold {i}: running mean {running:.3f} below the median")
+            means.append(running)
+            self.folds_done = i + 1
+            last = i + 1 == folds
+            if not pareto:  # after the last fold, pruning would save nothing
+                judge(penalty_objective(running, latency, macs, scfg), FOLD_STEPS * (i + 1), f"after fold {i + 1}",
+                      prune=not last)
+            if not last and self.late():
+                raise DeadlineReached
 
         try:
             scores = cross_validate(
-                cand.arch, data.x, data.y, data.groups, self.task.num_classes, s, self.cfg.train.folds, on_fold,
-                epoch_guard=self.gate.epoch if self.gate is not None else nullcontext,
+                cand.arch, data.x, data.y, data.groups, self.task.num_classes, s, folds, on_fold,
+                epoch_guard=self.gate.epoch if self.gate is not None else nullcontext, on_epoch=on_epoch,
             )
         except optuna.TrialPruned:
-            self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  pruned by the median rule")
+            trial.set_user_attr("epochs_trained", self.epochs_done)
+            self._say(trial, cand, f"{head}  pruned ({kind}) {where}")
             raise
+        except DeadlineReached:
+            trial.set_user_attr("epochs_trained", self.epochs_done)
+            if not means:
+                trial.set_user_attr("pruned_reason", "deadline")
+                self._say(trial, cand, f"{head}  stopped by the time limit after {self.epochs_done} epoch(s), before "
+                          "a fold finished (a rerun trains it)")
+                raise optuna.TrialPruned("stopped by the time limit") from None
+            scores = fold_scores(means)
+            trial.set_user_attr("stopped_by", "deadline")
+        trial.set_user_attr("epochs_trained", self.epochs_done)
         cv_mean, cv_std = float(np.mean(scores)), float(np.std(scores))
         trial.set_user_attr("fold_scores", [float(v) for v in scores])
         trial.set_user_attr("cv_mean", cv_mean)
         trial.set_user_attr("cv_std", cv_std)
         value = penalty_objective(cv_mean, latency, macs, scfg)
         trial.set_user_attr("penalty_value", value)
-        self._say(trial, cand, f"{_size(params, macs)}  {lat_txt}  cv {cv_mean:.3f}±{cv_std:.3f}  obj {value:.3f}")
+        partial = f"  ({len(scores)} of {folds} folds: stopped by the time limit)" if len(scores) < folds else ""
+        self._say(trial, cand, f"{head}  cv {cv_mean:.3f}±{cv_std:.3f}  obj {value:.3f}{partial}")
         if pareto:
             return cv_mean, latency
         return value
@@ -607,7 +778,8 @@ class Objective:
         latency, even when a busy device would measure it twice. The sampler still sees the value, so it
         learns the same from a repeat as from the first look."""
         for key in ("params", "macs", "latency", "latency_ms", "latency_source", "measure_size", "precision", "device",
-                    "fingerprint_id", "fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason"):
+                    "fingerprint_id", "fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason",
+                    "stopped_by"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
         trial.set_user_attr("same_as_trial", twin.number)
@@ -633,23 +805,325 @@ class Objective:
         self.on_trial(f"trial {trial.number:3d}  {cand.arch.key():<{self.key_width}} tile {cand.tile:<4} {text}")
 
 
+def fold_scores(means: Sequence[float]) -> list[float]:
+    """Each fold's score from the running means after each fold."""
+    return [(i + 1) * m - (i * means[i - 1] if i else 0.0) for i, m in enumerate(means)]
+
+
 def _size(params: int, macs: int) -> str:
     return f"{params / 1e3:7.1f}k params {macs / 1e6:8.1f}M MACs"
 
 
+# ------------------------------------------------------------------ the clock
+
+
+CALIBRATION_STEPS = 3  # timed training steps of each calibrated net, after an untimed one
+MEASURE_SECONDS = 3.0  # export and latency measurement of a candidate, roughly
+EVAL_SHARE = 1 / 3  # a validation pass costs about a third of a training pass over as many tiles
+# Share of its whole CV that a trial trains, on average, under each pruner: the ETA's prior, which the search
+# corrects with the trials it finishes (bench_search --part clock prints the shares it saw).
+PRUNED_SHARE = {"none": 1.0, "median": 0.7, "halving": 0.4, "hyperband": 0.5}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Seconds a training step takes: a fixed cost per step, plus per tile a cost that grows with the net's MACs
+    per tile along the line through two calibrated nets."""
+
+    macs: tuple[float, float]
+    tile_seconds: tuple[float, float]
+    step_seconds: float = 0.0
+
+    def per_tile(self, macs: float) -> float:
+        (m0, m1), (s0, s1) = self.macs, self.tile_seconds
+        slope = max(0.0, (s1 - s0) / (m1 - m0)) if m1 > m0 else 0.0
+        return max(s0 + slope * (macs - m0), 1e-9)
+
+    def step(self, batch: int, macs: float) -> float:
+        return self.step_seconds + batch * self.per_tile(macs)
+
+
+def _step_seconds(cfg: Config, task: SearchTask, cand: Candidate, batch: int) -> float:
+    """Median time of a training step of `cand` at `batch`, from a short real training (one step an epoch,
+    the first one a warm-up), with the threads and settings its folds use."""
+    data = task.data[cand.tile]
+    s = replace(training_settings(cfg.train, cfg.seed, task.class_weights, epochs=1 + CALIBRATION_STEPS),
+                batch_size=batch)
+    rows = np.resize(np.arange(len(data.x)), batch)
+    ends: list[float] = []
+    train_model(build_unet(cand.arch, task.in_channels, task.num_classes), data.x[rows], data.y[rows],
+                task.num_classes, s, on_epoch=lambda _done, _state: ends.append(time.perf_counter()))
+    return float(np.median(np.diff(ends)))
+
+
+def fold_batch(cfg: Config, task: SearchTask, cand: Candidate) -> int:
+    """The batch a fold of `cand` trains at (train_model's choice for the fold's tiles)."""
+    n_fit = max(1, len(task.data[cand.tile].x) * (cfg.train.folds - 1) // cfg.train.folds)
+    bs = cfg.train.batch_size or auto_batch_size(cand.arch, task.in_channels, task.num_classes, cand.tile, n_fit)
+    return max(1, min(bs, n_fit))
+
+
+def calibrate(cfg: Config, task: SearchTask, small: Candidate, large: Candidate) -> StepCost:
+    """Time a few training steps of a small net at two batch sizes (the cost of a step apart from its tiles)
+    and of a large one at the batch its folds use."""
+    b0 = fold_batch(cfg, task, small)
+    b1 = max(4 * b0, 16)
+    t0, t1 = _step_seconds(cfg, task, small, b0), _step_seconds(cfg, task, small, b1)
+    per_tile = (t1 - t0) / (b1 - b0)
+    fixed = t0 - b0 * per_tile
+    if per_tile <= 0 or fixed < 0:  # too noisy to split: all of it per tile
+        per_tile, fixed = t1 / b1, 0.0
+    bl = fold_batch(cfg, task, large)
+    large_tile = max((_step_seconds(cfg, task, large, bl) - fixed) / bl, per_tile)
+    return StepCost((float(tile_macs(small, task.in_channels, task.num_classes)),
+                     float(tile_macs(large, task.in_channels, task.num_classes))), (per_tile, large_tile), fixed)
+
+
+def space_corners(cfg: Config, macs: Callable[[Candidate], int]) -> tuple[Candidate, Candidate]:
+    """The space's smallest and largest nets by `macs`: narrowest and widest kernels and channels at each
+    level count, tile, conv and upsample."""
+    sp = cfg.search.space
+    ups = list(dict.fromkeys(sp.upsample))
+    nets = []
+    for levels in sorted(set(sp.levels)):
+        for tile in tile_choices(cfg):
+            for conv in dict.fromkeys(sp.conv):
+                for up in ups[:1] if levels == 1 else ups:
+                    for k, c in ((min(sp.kernels), min(sp.channels)), (max(sp.kernels), max(sp.channels))):
+                        cand = Candidate(Arch((k,) * levels, (c,) * levels, conv, up), tile)
+                        try:
+                            validate_arch(cand.arch, cand.tile)
+                        except ValueError:
+                            continue
+                        nets.append(cand)
+    order = sorted(nets, key=lambda c: (macs(c), c.arch.key(), c.tile))
+    return order[0], order[-1]
+
+
+def minutes(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class SearchClock:
+    """The search's time: its deadline, what a trial is expected to cost, and the ETA."""
+
+    def __init__(self, cfg: Config, task: SearchTask, started: float) -> None:
+        self.cfg, self.task, self.started = cfg, task, started
+        m = cfg.search.max_minutes
+        self.deadline = None if m is None else started + 60.0 * m  # time.time()
+        self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
+        self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
+        self.typical = 0.0  # whole-CV seconds of the space's median net
+        self.share = PRUNED_SHARE[pruner_kind(cfg)]
+        self.warned = False  # the log has said that the time limit cuts the search
+
+    def fold_shape(self, tile: int) -> tuple[float, float, int]:
+        """Tiles a fold trains on, tiles it validates on, and its epochs."""
+        n, folds = len(self.task.data[tile].x), self.cfg.train.folds
+        return n * (folds - 1) / folds, n / folds, cv_epochs(self.cfg.train, n)
+
+    def cv_seconds(self, cand: Candidate) -> float:
+        """Training and validation of the whole CV of `cand`."""
+        assert self.cost is not None
+        fit, val, epochs = self.fold_shape(cand.tile)
+        macs = tile_macs(cand, self.task.in_channels, self.task.num_classes)
+        bs = fold_batch(self.cfg, self.task, cand)
+        train = epochs * math.ceil(fit / bs) * self.cost.step(bs, macs)
+        return self.cfg.train.folds * (train + EVAL_SHARE * val * self.cost.per_tile(macs))
+
+    def spent(self, t: FrozenTrial) -> float:
+        """What the model says a finished trial cost."""
+        a = t.user_attrs
+        if is_repeat(t) or "latency" not in a:
+            return 0.0
+        trained = a.get("epochs_trained", 0)
+        if not trained or "arch_dict" not in a:
+            return MEASURE_SECONDS
+        cand = Candidate(Arch.from_dict(a["arch_dict"]), int(a["tile"]))
+        _, _, epochs = self.fold_shape(cand.tile)
+        return MEASURE_SECONDS + self.cv_seconds(cand) * min(1.0, trained / (epochs * self.cfg.train.folds))
+
+    def expected(self, place: int, count: int) -> list[float]:
+        """Expected seconds of the next `count` trials, the first at `place`."""
+        return [MEASURE_SECONDS + self.share * (self.start_costs[p] if p < len(self.start_costs) else self.typical)
+                for p in range(place, place + count)]
+
+    def remaining(self, study: optuna.Study, n_trials: int, since: float) -> tuple[float, int, int]:
+        """Seconds the trials still to run should take (the model corrected by how it did on the trials
+        finished since `since`), how many are left, and how many of them fit before the deadline."""
+        left = max(0, n_trials - len(distinct_trials(study)))
+        place = len(study.trials) - len(study.user_attrs.get("requeued", []))
+        mine = [t for t in finished_trials(study) if t.datetime_start and t.datetime_start.timestamp() >= since]
+        modelled = sum(self.spent(t) for t in mine)
+        k = min(4.0, max(0.25, (time.time() - since) / modelled)) if modelled > 0 else 1.0
+        costs = [k * c for c in self.expected(place, left)]
+        fit = left
+        if self.deadline is not None:
+            budget = self.deadline - time.time()
+            fit = int(np.searchsorted(np.cumsum(costs), budget, side="right")) if costs else 0
+        return float(sum(costs)), left, fit
+
+    def eta_text(self, study: optuna.Study, n_trials: int, since: float) -> str:
+        eta, left, fit = self.remaining(study, n_trials, since)
+        if self.deadline is not None and fit < left:
+            text = f"time limit in {minutes(max(0.0, self.deadline - time.time()))}, about {fit} more"
+            if not self.warned:
+                self.warned = True
+                log.info("at this pace --max-minutes %g cuts the search: about %d of the %d nets left fit in the "
+                         "%s left; then the best so far is trained", self.cfg.search.max_minutes, fit, left,
+                         minutes(max(0.0, self.deadline - time.time())))
+            return text
+        return f"ETA {minutes(eta)}"
+
+
+def plan_search(
+    cfg: Config, task: SearchTask, device: Device, settings: MeasureSettings, study: optuna.Study, started: float
+) -> SearchClock:
+    """Before the first trial: check the latency budget on the space's smallest net (none meets it: one
+    line, exit 2), time a few training steps of its smallest and largest nets, refuse a --max-minutes too
+    short for one trial, say what the time goes on (the search's limit, the final training's budget), give
+    the latency range with the flag that halves the space when there is no budget, and the ETA."""
+    clock = SearchClock(cfg, task, started)
+    scfg, t = cfg.search, cfg.train
+    left = scfg.trials - len(distinct_trials(study))
+    if left <= 0:  # nothing to run, nothing to measure
+        if scfg.latency_budget_ms is None:
+            log.info("no latency budget: every candidate is trained, the slowest too; --latency-budget-ms drops slow "
+                     "nets before any training")
+        return clock
+    int8 = cfg.device.precision == "int8"
+
+    def timed_macs(c: Candidate) -> int:
+        size = timed_size(c.arch, c.tile, cfg.device.measure_size)
+        return count_macs(c.arch, task.in_channels, task.num_classes, size, size)
+
+    def latency(c: Candidate) -> float | None:
+        _, m, _, _ = measure_candidate(c, task, device, settings, cfg.device.measure_size, cfg.export.opset, int8=int8)
+        return float(m.median_ms) if m.error == MeasureError.OK and m.median_ms is not None else None
+
+    smallest, largest = space_corners(cfg, timed_macs)
+    size = timed_size(smallest.arch, smallest.tile, cfg.device.measure_size)
+    where = f"at {size}x{size} px on {device.name}"
+    budget = scfg.latency_budget_ms
+    if budget is not None:
+        lat = latency(smallest)
+        if lat is not None and lat > budget:
+            raise InputError(
+                f"search.latency_budget_ms: no net of the space meets {budget:g} ms: its smallest, "
+                f"{smallest.arch.key()} (tile {smallest.tile}), takes {lat:.3g} ms {where}; raise "
+                f"--latency-budget-ms above {lat:.3g} or allow smaller nets (search.space)"
+            )
+
+    small, large = space_corners(cfg, lambda c: tile_macs(c, task.in_channels, task.num_classes))
+    clock.cost = calibrate(cfg, task, small, large)
+    pool = space_pool(cfg)
+    clock.start_costs = [clock.cv_seconds(sample_candidate(optuna.trial.FixedTrial(p), scfg.space, tile_choices(cfg)))
+                         for p in startup_plan(cfg)]
+    clock.typical = float(np.median([clock.cv_seconds(c) for c, _ in pool])) if pool else clock.cv_seconds(small)
+    fit, _, epochs = clock.fold_shape(small.tile)
+    one = MEASURE_SECONDS + clock.cv_seconds(small)
+    log.info("time: %s; then the final training: %s", _search_limit_text(cfg, clock),
+             _final_budget_text(cfg, task, clock, small, large))
+
+    done = any(tr.state == TrialState.COMPLETE for tr in distinct_trials(study))
+    if clock.deadline is not None and not done and time.time() + one > clock.deadline:
+        need = math.ceil((time.time() - started + one) / 60)
+        raise InputError(
+            f"search.max_minutes: {scfg.max_minutes:g} min leaves {max(0.0, clock.deadline - time.time()) / 60:.1f} "
+            f"min for trials after preparing the data, and one trial of the space's smallest net ({small.arch.key()}: "
+            f"{t.folds} folds x {epochs} epochs on {fit:.0f} tiles) is estimated at {one / 60:.1f} min; raise "
+            f"--max-minutes to at least {need}"
+        )
+
+    if budget is None:
+        by_cost = sorted(pool, key=lambda cp: (timed_macs(cp[0]), cp[0].arch.key()))
+        middle = by_cost[len(by_cost) // 2][0] if by_cost else smallest
+        lats = [latency(c) for c in (smallest, middle, largest)]
+        if all(v is not None for v in lats):
+            log.info("no latency budget: every candidate is trained, the slowest too. The space's nets take %.3g ms "
+                     "(%s) to %.3g ms (%s) %s; --latency-budget-ms %.3g (a median net's, %s) drops the slower "
+                     "half before any training", lats[0], smallest.arch.key(), lats[2], largest.arch.key(), where,
+                     lats[1], middle.arch.key())
+        else:
+            log.info("no latency budget: every candidate is trained, the slowest too; --latency-budget-ms drops slow "
+                     "nets before any training")
+
+    place = len(study.trials) - len(study.user_attrs.get("requeued", []))
+    costs = clock.expected(place, left)
+    log.info("ETA: a trial's whole CV (%d folds x %d epochs on %.0f tiles) takes about %s (%s) to %s (%s); "
+             "about %s for the %d trial(s) to run%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)),
+             small.arch.key(), minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left,
+             f", with {pruner_kind(cfg)} pruning" if pruner_kind(cfg) != "none" else "")
+    if clock.deadline is not None:
+        fits = int(np.searchsorted(np.cumsum(costs), clock.deadline - time.time(), side="right"))
+        if fits < left:
+            clock.warned = True
+            log.info("--max-minutes %g will cut the search: about %d of the %d trials fit in the %s left; then the "
+                     "best so far is trained", scfg.max_minutes, fits, left,
+                     minutes(max(0.0, clock.deadline - time.time())))
+    return clock
+
+
+def _search_limit_text(cfg: Config, clock: SearchClock) -> str:
+    if clock.deadline is None:
+        return "no limit on the search (--max-minutes sets one)"
+    return (f"the search stops by {time.strftime('%H:%M', time.localtime(clock.deadline))} (--max-minutes "
+            f"{cfg.search.max_minutes:g} from its start, a running trial included)")
+
+
+def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small: Candidate, large: Candidate) -> str:
+    t = cfg.train
+    assert clock.cost is not None
+    if t.final_minutes is not None:
+        return f"at most {t.final_minutes:g} min (--final-minutes)"
+    from autoseg.final_train import final_batch_size
+
+    secs = []
+    for c in (small, large):
+        if t.final_data == "all":
+            crop = -(-(t.final_crop or c.tile) // c.arch.multiple) * c.arch.multiple
+            bs = final_batch_size(t, c.arch, task.in_channels, task.num_classes, crop)
+            steps = math.ceil(t.final_tiles / bs)
+            secs.append(steps * clock.cost.step(bs, count_macs(c.arch, task.in_channels, task.num_classes, crop, crop)))
+        else:
+            n, bs = len(task.data[c.tile].x), fold_batch(cfg, task, c)
+            secs.append(t.final_epochs * math.ceil(n / bs) * clock.cost.step(bs, tile_macs(c, task.in_channels,
+                                                                                          task.num_classes)))
+    what = f"{t.final_tiles:,} crops" if t.final_data == "all" else f"{t.final_epochs} epochs on the representatives"
+    teacher = " plus the teacher's" if t.teacher == "reference" else ""
+    return (f"{what}, about {minutes(secs[0])} for the smallest net to {minutes(secs[1])} for the largest{teacher}, "
+            "no time cap (--final-minutes sets one)")
+
+
 def run_trials(
-    study: optuna.Study, objective: Objective, n_trials: int, progress: bool = False, max_minutes: float | None = None
+    study: optuna.Study,
+    objective: Objective,
+    n_trials: int,
+    progress: bool = False,
+    max_minutes: float | None = None,
+    deadline: float | None = None,
+    clock: SearchClock | None = None,
 ) -> None:
-    """Run until the study has looked at n_trials distinct nets (trained, or pruned), or max_minutes have
-    passed (no new trial starts after that).
+    """Run until the study has looked at n_trials distinct nets (trained, or pruned), or the time is up:
+    `deadline` (time.time()) or max_minutes from now, whichever comes first. No trial starts after it,
+    and the one running stops at its next epoch (kept if a fold finished).
 
     A sampler proposes nets it has seen before (TPE does, once it has settled); a repeat costs nothing
     and does not count. A sampler that proposes only repeats for max(10, n_trials) proposals in a row has
-    run out of new nets (a small space, or a settled search), and the search ends there.
+    run out of new nets (a small space, or a settled search), and the search ends there. With `clock`
+    the progress bar shows the ETA, and the log says when the time limit will cut the search.
     """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    if max_minutes is not None:
+        until = time.time() + 60.0 * max_minutes
+        deadline = until if deadline is None else min(deadline, until)
+    objective.deadline = deadline
     objective.streak = budget_prune_streak(study)
     done = len(distinct_trials(study))
     if done >= n_trials:
@@ -657,7 +1131,13 @@ def run_trials(
         return
     patience = max(10, n_trials)
     repeats = 0
-    bar = tqdm(total=n_trials, initial=done, desc="trials", unit="trial", disable=not progress)
+    since = time.time()
+    bar = tqdm(total=n_trials, initial=done, desc="trials", unit="trial", disable=not progress,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def eta() -> None:
+        if clock is not None and clock.cost is not None:
+            bar.set_postfix_str(clock.eta_text(study, n_trials, since))
 
     def tick(study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal done, repeats
@@ -679,17 +1159,21 @@ def run_trials(
         bar.update(done - bar.n)
         if done >= n_trials:
             study.stop()
+        else:
+            eta()
 
-    timeout = None if max_minutes is None else max_minutes * 60.0
-    start = time.monotonic()
+    timeout = None if deadline is None else max(0.0, deadline - time.time())
     with bar, logging_redirect_tqdm():
+        eta()
         # Optuna counts failed trials too; catch=() makes a failure (a bug, or a lost device) end the run.
         study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[tick], catch=())
     if objective.stop_message:
         raise InputError(objective.stop_message)
-    if done < n_trials and timeout is not None and time.monotonic() - start >= timeout:
-        log.warning("search: the time limit of %g min is up after %d of %d distinct nets; going on with the best "
-                    "so far (the limit is per run: rerun to look at more)", max_minutes, done, n_trials)
+    if done < n_trials and deadline is not None and time.time() >= deadline:
+        limit = max_minutes if max_minutes is not None else objective.cfg.search.max_minutes
+        log.warning("search: the time limit%s is up after %d of %d distinct nets; going on with the best so far "
+                    "(the limit is per run: rerun to look at more)", f" of {limit:g} min" if limit else "", done,
+                    n_trials)
 
 
 def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:

@@ -368,11 +368,14 @@ def cross_validate(
     on_fold: Callable[[int, float], None] | None = None,
     progress: bool = False,
     epoch_guard: Callable[[], AbstractContextManager] = nullcontext,
+    on_epoch: Callable[[int, int, Callable[[], float]], None] | None = None,
 ) -> list[float]:
     """Per-fold validation mIoU of a fresh `arch` net per fold.
 
-    After each fold calls on_fold(fold_index, running_mean); an exception from it propagates
-    (the search raises there to prune the trial).
+    After each fold calls on_fold(fold_index, running_mean), and after each epoch on_epoch(fold_index,
+    epochs_done, score), where score() is the fold's validation mIoU of the net as it is then (it changes
+    nothing in the training that follows). An exception from either propagates: the search raises there
+    to prune a trial or to stop it at its deadline.
     """
     validate_arch(arch, tile=int(x.shape[-1]))
     validate_arch(arch, tile=int(x.shape[-2]))
@@ -382,7 +385,8 @@ def cross_validate(
         fold_s = replace(s, seed=s.seed + i)
         torch.manual_seed(fold_s.seed)  # same init for the same arch, seed and fold
         model = build_unet(arch, int(x.shape[1]), num_classes)
-        train_model(model, x[tr], y[tr], num_classes, fold_s, epoch_guard=epoch_guard)
+        hook = None if on_epoch is None else _epoch_hook(on_epoch, i, model, x[va], y[va], num_classes, epoch_guard)
+        train_model(model, x[tr], y[tr], num_classes, fold_s, epoch_guard=epoch_guard, on_epoch=hook)
         with epoch_guard():
             cm = predict_confusion(model, x[va], y[va], num_classes)
         scores.append(metrics_from_confusion(cm).miou)
@@ -390,3 +394,21 @@ def cross_validate(
         if on_fold is not None:
             on_fold(i, float(np.mean(scores)))
     return scores
+
+
+def _epoch_hook(
+    on_epoch: Callable[[int, int, Callable[[], float]], None], fold: int, model: nn.Module, x: np.ndarray,
+    y: np.ndarray, num_classes: int, epoch_guard: Callable[[], AbstractContextManager],
+) -> Callable[[int, Callable[[], dict]], None]:
+    """train_model's on_epoch for cross_validate's: hands out a score() of the net in training."""
+
+    def score() -> float:
+        with epoch_guard():
+            cm = predict_confusion(model, x, y, num_classes)
+        model.train()  # evaluation draws nothing random and leaves BatchNorm's statistics: training goes on alike
+        return metrics_from_confusion(cm).miou
+
+    def hook(done: int, _state: Callable[[], dict]) -> None:
+        on_epoch(fold, done, score)
+
+    return hook

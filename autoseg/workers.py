@@ -26,7 +26,7 @@ from autoseg.config import Config
 from autoseg.gate import Gate
 from autoseg.latency import open_device, settings_from_config
 from autoseg.rundir import RunDir
-from autoseg.search import Objective, SearchTask, distinct_trials, load_study, run_trials
+from autoseg.search import Objective, SearchClock, SearchTask, distinct_trials, load_study, run_trials
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _worker(index: int, cfg: Config, task: SearchTask, root: str, log_level: int, queue: Any, ready: Any) -> None:
+def _worker(index: int, cfg: Config, task: SearchTask, root: str, log_level: int, queue: Any, ready: Any,
+            deadline: float | None = None) -> None:
     """Body of a spawned worker: its own device and sampler, the shared study; errors go to `queue`.
-    `ready` is released once it is set up (importing torch is heavy: no latency is timed before)."""
+    `ready` is released once it is set up (importing torch is heavy: no latency is timed before).
+    `deadline` (time.time()) is the search's: a trial running then stops at its next epoch."""
     _die_with_parent()
     from autoseg.logs import setup_logging
 
@@ -63,7 +65,7 @@ def _worker(index: int, cfg: Config, task: SearchTask, root: str, log_level: int
             objective = Objective(cfg, task, device, settings_from_config(cfg.device, cfg.seed), run,
                                   worker=index, gate=Gate(run.root))
             ready.release()
-            run_trials(study, objective, cfg.search.trials, False, cfg.search.max_minutes)
+            run_trials(study, objective, cfg.search.trials, False, deadline=deadline)
     except errors.AutosegError as e:
         queue.put((type(e).__name__, str(e)))
         sys.exit(e.exit_code)
@@ -73,15 +75,21 @@ def _worker(index: int, cfg: Config, task: SearchTask, root: str, log_level: int
 
 
 def run_parallel(
-    cfg: Config, run: RunDir, task: SearchTask, objective: Objective, study: Any, progress: bool = False
+    cfg: Config, run: RunDir, task: SearchTask, objective: Objective, study: Any, progress: bool = False,
+    clock: SearchClock | None = None,
 ) -> None:
-    """Run the trials in cfg.search.workers processes; this process is worker 0 (with `objective`)."""
+    """Run the trials in cfg.search.workers processes; this process is worker 0 (with `objective`).
+    All of them stop at the clock's deadline (else search.max_minutes from now), and this one shows the ETA."""
     n = cfg.search.workers
+    if clock is not None:
+        ends = clock.deadline
+    else:
+        ends = None if cfg.search.max_minutes is None else time.time() + 60.0 * cfg.search.max_minutes
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and the open SQLite handles
     queue, ready = ctx.Queue(), ctx.Semaphore(0)
     level = logging.getLogger().getEffectiveLevel()
-    procs = [ctx.Process(target=_worker, args=(i, cfg, task, str(run.root), level, queue, ready), daemon=True)
-             for i in range(1, n)]
+    procs = [ctx.Process(target=_worker, args=(i, cfg, task, str(run.root), level, queue, ready, ends),
+                         daemon=True) for i in range(1, n)]
     threads = threads_per_worker(n, cfg.train.threads)
     log.info("searching in %d worker processes, %d torch thread(s) each", n, threads)
     before = torch.get_num_threads()
@@ -95,7 +103,7 @@ def run_parallel(
             elif got >= sum(p.is_alive() for p in procs):
                 break
         torch.set_num_threads(threads)
-        run_trials(study, objective, cfg.search.trials, progress, cfg.search.max_minutes)
+        run_trials(study, objective, cfg.search.trials, progress, deadline=ends, clock=clock)
     except BaseException:
         for p in procs:  # their running trials are requeued when the search is resumed
             p.terminate()

@@ -265,12 +265,16 @@ def test_a_device_that_cannot_load_the_models_stops_the_search_and_says_why(tmp_
     assert done and all(t.user_attrs["latency_ms"] > 0 for t in done)
 
 
-def test_a_time_limit_starts_no_new_trial_once_it_is_up(tmp_path, caplog):
+def test_a_time_limit_stops_the_running_trial_and_a_rerun_trains_it(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="autoseg"):
         _, _, study = run_search(tmp_path, trials=5, **{"search.max_minutes": 0.001})
-    assert len(study.trials) == 1  # the trial running when the time ran out finished; no other started
-    assert "time limit of 0.001 min is up after 1 of 5 distinct nets" in caplog.text
-    _, _, study = run_search(tmp_path, trials=3)  # no limit: the rerun goes on to 3
+    assert len(study.trials) == 1  # the trial running when the time ran out stopped; no other started
+    cut = study.trials[0]
+    assert cut.state == TrialState.PRUNED and cut.user_attrs["pruned_reason"] == "deadline"
+    assert "time limit of 0.001 min is up after 0 of 5 distinct nets" in caplog.text
+    _, _, study = run_search(tmp_path, trials=3)  # no limit: the rerun trains the cut net first, then goes on to 3
+    redo = study.trials[1]
+    assert redo.user_attrs["redo_of"] == 0 and redo.params == cut.params and redo.state == TrialState.COMPLETE
     assert len(distinct_trials(study)) == 3
 
 

@@ -12,11 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import psutil
 import pytest
 
+from autoseg.config import load_config
 from autoseg.demo_data import generate_demo
 from autoseg.gate import Gate
+from autoseg.search import STUDY_NAME, startup_plan
 from autoseg.workers import threads_per_worker
 
 
@@ -96,6 +99,11 @@ def test_two_workers_share_the_study_and_the_count(demo, tmp_path):
     workers = worker_of_each_trial(out / "study.db")
     assert set(workers.values()) == {0, 1}  # both did trials
     assert card["test_miou"] is not None
+    # Each trial of the cost-ordered start, whichever worker ran it, is the plan's net for its place.
+    cfg = load_config(out / "config.yml")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    plan = startup_plan(cfg)
+    assert plan and [t.params for t in study.trials[: len(plan)]] == plan
 
 
 def test_kill_9_takes_the_workers_down_and_a_rerun_resumes(demo, tmp_path):

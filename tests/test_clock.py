@@ -1,0 +1,273 @@
+"""The search and the user's clock: small nets first, early pruning, a hard deadline, the ETA and the budgets.
+
+Real components throughout: local onnxruntime, Optuna's SQLite storage, real training on tiny nets.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import time
+from contextlib import closing
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import FixedTrial, TrialState
+from test_search import TINY, Recorder, run_search, tiny_task
+
+from autoseg.config import TrainConfig, load_config
+from autoseg.demo_data import generate_demo
+from autoseg.errors import InputError
+from autoseg.latency import open_device, settings_from_config
+from autoseg.rundir import RunDir
+from autoseg.search import (
+    STUDY_NAME,
+    Objective,
+    StepCost,
+    choose_best,
+    cut_by_deadline,
+    distinct_trials,
+    fold_scores,
+    make_pruner,
+    open_study,
+    penalty_objective,
+    plan_search,
+    run_trials,
+    sample_candidate,
+    space_corners,
+    space_pool,
+    startup_plan,
+    startup_trials,
+    tile_macs,
+)
+from autoseg.train import cross_validate, training_settings
+from autoseg.unet import Arch
+
+# ------------------------------------------------------------------ small nets first
+
+
+def test_the_start_is_spread_over_the_space_by_cost_cheapest_first():
+    cfg = load_config(None, {"search.trials": 20})  # the default space at tile 64
+    plan = startup_plan(cfg)
+    assert len(plan) == startup_trials(cfg) == 6
+    nets = [sample_candidate(FixedTrial(p), cfg.search.space, [64]) for p in plan]
+    macs = [tile_macs(c) for c in nets]
+    assert macs == sorted(macs) and len({c.arch.key() for c in nets}) == 6
+    pool = sorted(tile_macs(c) for c, _ in space_pool(cfg))
+    _, dearest = space_corners(cfg, tile_macs)
+    assert macs[0] == pool[0]  # the cheapest first
+    assert macs[-1] <= np.quantile(pool, 0.8) < tile_macs(dearest) / 2  # never the costly corner
+    assert startup_plan(cfg) == plan  # the config alone decides it: a resumed search and every worker follow it
+    assert startup_plan(load_config(None, {"search.startup": "random"})) == []
+    assert startup_plan(load_config(None, {"search.sampler": "nsga2"})) == []  # NSGA-II's first generation is its own
+
+
+def test_the_space_corners_are_its_smallest_and_largest_nets():
+    cfg = load_config(None, {})
+    small, large = space_corners(cfg, tile_macs)
+    assert small.arch.key() == "k3-3_c8-8_separable_bilinear"
+    assert large.arch.key() == "k5-5-5-5_c64-64-64-64_standard_transpose"
+    assert all(tile_macs(small) <= tile_macs(c) <= tile_macs(large) for c, _ in space_pool(cfg))
+
+
+# ------------------------------------------------------------------ pruning
+
+
+def test_reading_a_fold_mid_training_changes_nothing_in_it():
+    d = tiny_task().data[16]
+    s = training_settings(TrainConfig(), 0, None, epochs=3)
+    arch = Arch((3, 3), (4, 8))
+    plain = cross_validate(arch, d.x, d.y, d.groups, 2, s, 2)
+    seen: list[tuple[int, int, float]] = []
+    probed = cross_validate(arch, d.x, d.y, d.groups, 2, s, 2,
+                            on_epoch=lambda f, e, score: seen.append((f, e, score())))
+    assert probed == plain  # bit for bit: the probe's validation draws nothing random and leaves BatchNorm alone
+    assert [(f, e) for f, e, _ in seen] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert seen[2][2] == plain[0] and seen[5][2] == plain[1]  # after its last epoch: the fold's own score
+
+
+@pytest.mark.parametrize("pruner", ["halving", "hyperband", "median"])
+def test_each_pruner_judges_trials_at_its_steps(tmp_path, pruner):
+    # 3 epochs a fold, 2 folds: a fold is steps 3 and 6; the probe of halving and hyperband is step 1 (epoch 1).
+    cfg, _, study = run_search(tmp_path, trials=6, **{"train.epochs": 3, "search.alpha": 0.0, "search.pruner": pruner})
+    assert type(make_pruner(cfg)).__name__ == {"halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
+                                               "median": "MedianPruner"}[pruner]
+    plan = startup_plan(cfg)
+    assert [t.params for t in study.trials[: len(plan)]] == plan  # the start is the plan, cheapest first
+    steps = {1, 3, 6} if pruner != "median" else {3, 6}
+    for t in distinct_trials(study):
+        assert set(t.intermediate_values) <= steps
+        if t.state == TrialState.COMPLETE:
+            assert set(t.intermediate_values) == steps and t.user_attrs["epochs_trained"] == 6
+            assert t.intermediate_values[6] == pytest.approx(t.value)  # the objective, reported as it went
+        elif t.user_attrs.get("pruned_reason") == pruner:
+            last = max(t.intermediate_values)
+            assert t.user_attrs["epochs_trained"] == last  # stopped right where it was judged
+    if pruner == "halving":  # 6 trials: the first few must each beat all before them at the probe
+        pruned = [t for t in distinct_trials(study) if t.user_attrs.get("pruned_reason") == "halving"]
+        assert pruned and min(t.user_attrs["epochs_trained"] for t in pruned) == 1
+
+
+# ------------------------------------------------------------------ the deadline
+
+
+class OutOfTime(Objective):
+    """The time runs out once the trial has trained `epochs` epochs or finished `folds` folds: the test's clock,
+    the trial's real training and storage."""
+
+    def __init__(self, *args, epochs: int = 10**9, folds: int = 10**9, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.after_epochs, self.after_folds = epochs, folds
+
+    def late(self) -> bool:
+        return self.epochs_done >= self.after_epochs or self.folds_done >= self.after_folds
+
+
+def run_out_of_time(tmp_path, **limits):
+    """One trial, whose time runs out as `limits` say."""
+    cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "train.epochs": 4, "train.folds": 3,
+                             "search.trials": 1})
+    run = RunDir(cfg.out).prepare()
+    study = open_study(run, cfg)
+    with closing(open_device(cfg.device, run.latency_cache)) as device:
+        objective = OutOfTime(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None,
+                              **limits)
+        study.optimize(objective, n_trials=1, catch=())
+    return cfg, study
+
+
+def test_a_trial_the_time_limit_stops_after_a_fold_is_kept_with_its_partial_score(tmp_path):
+    cfg, study = run_out_of_time(tmp_path, folds=1)
+    t = study.trials[0]
+    assert t.state == TrialState.COMPLETE and t.user_attrs["stopped_by"] == "deadline"
+    assert len(t.user_attrs["fold_scores"]) == 1 and t.user_attrs["epochs_trained"] == 4  # fold 2 never began
+    assert t.user_attrs["cv_mean"] == pytest.approx(t.user_attrs["fold_scores"][0])
+    assert t.value == pytest.approx(penalty_objective(t.user_attrs["cv_mean"], t.user_attrs["latency_ms"],
+                                                      t.user_attrs["macs"], cfg.search))
+    assert choose_best(study, cfg.search).number == 0
+
+
+def test_a_trial_the_time_limit_stops_before_a_fold_finished_is_left_to_a_rerun(tmp_path):
+    _, study = run_out_of_time(tmp_path, epochs=2)
+    cut = study.trials[0]
+    assert cut.state == TrialState.PRUNED and cut_by_deadline(cut)
+    assert cut.user_attrs["epochs_trained"] == 2 and "fold_scores" not in cut.user_attrs
+    assert distinct_trials(study) == []  # no outcome: it does not count toward --trials
+    _, _, study = run_search(tmp_path, trials=1, **{"train.epochs": 4, "train.folds": 3})
+    redo = study.trials[1]
+    assert redo.user_attrs["redo_of"] == 0 and redo.params == cut.params and redo.state == TrialState.COMPLETE
+
+
+def test_max_minutes_stops_a_long_trial_at_its_next_epoch(tmp_path):
+    start = time.monotonic()
+    _, _, study = run_search(tmp_path, trials=3, **{"train.epochs": 100_000, "search.max_minutes": 0.03})
+    took = time.monotonic() - start
+    assert len(study.trials) == 1  # its whole CV would take many minutes
+    t = study.trials[0]
+    assert cut_by_deadline(t) and t.user_attrs["epochs_trained"] < 100_000
+    assert took < 0.03 * 60 + 15
+
+
+def test_fold_scores_come_back_from_running_means():
+    assert fold_scores([0.5, 0.6, 0.5]) == pytest.approx([0.5, 0.7, 0.3])
+
+
+# ------------------------------------------------------------------ before the first trial
+
+
+def tiny_plan(tmp_path, started: float | None = None, wrap=lambda d: d, **overrides):
+    cfg = load_config(None, {**TINY, "out": str(tmp_path / "run"), "search.trials": 4, **overrides})
+    run = RunDir(cfg.out).prepare()
+    study = open_study(run, cfg)
+    device = wrap(open_device(cfg.device, run.latency_cache))
+    clock = plan_search(cfg, tiny_task(), device, settings_from_config(cfg.device), study, started or time.time())
+    return cfg, run, study, device, clock
+
+
+def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path, caplog):
+    started = time.time()
+    with caplog.at_level(logging.INFO, logger="autoseg"):
+        cfg, run, study, device, clock = tiny_plan(tmp_path, started, **{"search.max_minutes": 30.0,
+                                                                          "train.final_minutes": 5.0})
+    text = caplog.text
+    assert "the search stops by" in text and "(--max-minutes 30 from its start" in text
+    assert "then the final training: at most 5 min (--final-minutes)" in text
+    assert re.search(r"no latency budget: .* The space's nets take [\d.e-]+ ms \(k3_c4_standard_transpose\) to "
+                     r"[\d.e-]+ ms \(k3-3_c8-8_standard_transpose\) at 16x16 px on local; --latency-budget-ms [\d.e-]+ "
+                     r"\(a median net's, \S+\) drops the slower half", text)
+    assert "ETA: a trial's whole CV (2 folds x 1 epochs on 6 tiles) takes about" in text
+    assert "for the 4 trial(s) to run, with halving pruning" in text
+    assert clock.deadline == pytest.approx(started + 1800)
+    assert clock.cost is not None and clock.cost.per_tile(1e9) >= clock.cost.per_tile(1e3) > 0
+    with closing(device):
+        objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
+        since = time.time()
+        run_trials(study, objective, 2, progress=True, deadline=clock.deadline, clock=clock)
+    eta, left, fit = clock.remaining(study, 4, since)
+    assert left == 2 == fit and eta > 0 and clock.eta_text(study, 4, since).startswith("ETA ")
+    clock.deadline = time.time()  # the limit is up: the bar says so, and the log says once that it cuts the search
+    with caplog.at_level(logging.INFO, logger="autoseg"):
+        assert clock.eta_text(study, 4, since).startswith("time limit in 1 s, about 0 more")
+        clock.eta_text(study, 4, since)
+    assert caplog.text.count("cuts the search: about 0 of the 2 nets left fit") == 1
+
+
+def test_a_latency_budget_no_net_meets_is_refused_after_timing_only_the_smallest(tmp_path):
+    recorders: list[Recorder] = []
+    with pytest.raises(InputError) as e:
+        tiny_plan(tmp_path, wrap=lambda d: recorders.append(Recorder(d)) or recorders[-1],
+                  **{"search.latency_budget_ms": 1e-6})
+    assert re.fullmatch(r"search\.latency_budget_ms: no net of the space meets 1e-06 ms: its smallest, "
+                        r"k3_c4_standard_transpose \(tile 16\), takes ([\d.e-]+) ms at 16x16 px on local; raise "
+                        r"--latency-budget-ms above \1 or allow smaller nets \(search\.space\)", str(e.value))
+    assert len(recorders[0].models) == 1  # that net only, and nothing trained
+    recorders[0].close()
+
+
+def test_a_max_minutes_too_short_for_one_trial_is_refused_before_any_trial(tmp_path):
+    with pytest.raises(InputError) as e:
+        tiny_plan(tmp_path, time.time() - 59.5, **{"search.max_minutes": 1.0})
+    assert re.fullmatch(r"search\.max_minutes: 1 min leaves 0\.0 min for trials after preparing the data, and one "
+                        r"trial of the space's smallest net \(k3_c4_standard_transpose: 2 folds x 1 epochs on 6 "
+                        r"tiles\) is estimated at [\d.]+ min; raise --max-minutes to at least 2", str(e.value))
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert study.trials == []
+
+
+def test_the_step_cost_is_a_line_through_the_two_calibrated_nets():
+    cost = StepCost((1e6, 1e9), (0.01, 1.0), 0.05)
+    assert cost.per_tile(1e6) == pytest.approx(0.01) and cost.per_tile(1e9) == pytest.approx(1.0)
+    assert cost.per_tile(5.005e8) == pytest.approx(0.505)
+    assert cost.step(4, 1e6) == pytest.approx(0.05 + 4 * 0.01)  # a step's own cost, then its tiles'
+    assert StepCost((1e6, 1e9), (0.02, 0.01)).per_tile(1e9) == pytest.approx(0.02)  # noise never makes big nets cheaper
+
+
+def test_a_study_from_before_the_clock_resumes_with_the_new_defaults(tmp_path):
+    _, run, _ = run_search(tmp_path, trials=1)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url)
+    old = {k: v for k, v in study.user_attrs["config"].items() if k != "search.startup"}
+    study.set_user_attr("config", {**old, "search.pruner": "median"})
+    open_study(run, load_config(None, {**TINY, "out": str(run.root)}))  # neither key changes what a trial meant
+
+
+def test_the_cli_refuses_a_hopeless_time_limit_or_budget_in_one_line(tmp_path):
+    images, masks = generate_demo(tmp_path / "demo", n_images=6, size=64, seed=1)
+    config = tmp_path / "small.yml"  # however busy the test machine: few runs a measurement, and no warning
+    config.write_text("search:\n  space:\n    levels: [1, 2]\n    kernels: [3]\n    channels: [4, 8]\n"
+                      "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n  max_busy_cores: null\n")
+    base = [sys.executable, "-m", "autoseg", "search", "--config", config, "--images", images, "--masks", masks,
+            "--tile", "32", "--num-reps", "16", "--folds", "2", "--epochs", "1", "-q"]
+    for flags, expected in (
+        (["--max-minutes", "0.01", "--out", tmp_path / "a"], r"search\.max_minutes: 0\.01 min leaves 0\.0 min for "
+         r"trials after preparing the data, and one trial of the space's smallest net \(\S+: 2 folds x 1 epochs on "
+         r"\d+ tiles\) is estimated at [\d.]+ min; raise --max-minutes to at least \d+"),
+        (["--latency-budget-ms", "0.000001", "--out", tmp_path / "b"], r"search\.latency_budget_ms: no net of the "
+         r"space meets 1e-06 ms: its smallest, k3_c4_separable_transpose \(tile 32\), takes [\d.e-]+ ms at 32x32 "
+         r"px on local; .*"),
+    ):
+        proc = subprocess.run([*map(str, base), *map(str, flags)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert re.fullmatch(f"autoseg: error: {expected}\n", proc.stderr), proc.stderr
