@@ -1,7 +1,7 @@
 """The search on real data: does it find a small net that segments as well as a standard U-Net,
 and how much does latency-first pruning save?
 
-    python -m benchmarks.bench_search [--part real|efficiency|all] [--trials N] [--epochs N] [--quick]
+    python -m benchmarks.bench_search [--part real|efficiency|clock|all] [--trials N] [--epochs N] [--quick]
 
 Data: ../shared/datasets/semantic_drone_224 (400 aerial RGB images 224x224, 24 classes), read in
 place; 20% of the images are held out by autoseg's own split and never seen by the search.
@@ -25,8 +25,17 @@ efficiency  The same search under a latency budget (the median latency of random
             loop and best within-budget score of each. Target (set here): speed-up >= 1.5x with a best
             within-budget CV mIoU >= 95% of the train-first one.
 
---quick is the budget `make bench` uses (<= 10 minutes on a 2-core machine): fewer trials,
-representative tiles and epochs; the output says which. Results: benchmarks/results/search.md.
+clock       Does the search respect the user's clock (issue #21)? autoseg's defaults against the search's
+            defaults before it (TPE's random start, the median pruner), same seed, no latency budget: the
+            wall time to reach 95% of the best CV score, the best CV score and the chosen-so-far net's test
+            mIoU after 15, 30 and 60 minutes, the chosen net at the end (test mIoU over --seeds training
+            seeds); the pruning fidelity (the readings the pruners judge on vs the whole CV, 8 nets); and a
+            whole search with --max-minutes 15 --final-minutes 15. Targets: 95% reached >= 3x sooner; the
+            chosen net's mean test mIoU within one standard deviation of the old one's (or better); the
+            whole search within 15 + 15 minutes. Results: benchmarks/results/clock.md.
+
+--quick is the budget `make bench` uses (<= 10 minutes on a 2-core machine; --part clock <= 5): fewer
+trials, representative tiles and epochs; the output says which. Results: benchmarks/results/search.md.
 """
 
 from __future__ import annotations
@@ -59,26 +68,32 @@ from autoseg.pipeline import DataStage, class_weights, finalize, prepare_data, r
 from autoseg.reps import rep_arrays
 from autoseg.rundir import RunDir, write_text_atomic
 from autoseg.search import (
+    FOLD_STEPS,
+    PRUNED_SHARE,
+    PRUNERS,
     Candidate,
     Objective,
     SearchTask,
     TileData,
+    choose_best,
     distinct_trials,
     find_twin,
     measure_candidate,
     open_study,
     pareto_summary,
+    plan_search,
     run_trials,
     sample_candidate,
     tile_choices,
     trial_counts,
 )
-from autoseg.train import FOLD_TILE_PASSES, cv_epochs
+from autoseg.train import FOLD_TILE_PASSES, cross_validate, cv_epochs, training_settings
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
 from benchmarks import DATA_ROOT
 
 DATASET = DATA_ROOT / "semantic_drone_224"
 RESULTS = Path(__file__).resolve().parent / "results" / "search.md"
+RESULTS_CLOCK = Path(__file__).resolve().parent / "results" / "clock.md"
 REF_ARCH = Arch((3, 3, 3, 3), (32, 64, 128, 256))
 TILE = 64
 TARGET_MIOU_RATIO = 0.95
@@ -402,7 +417,7 @@ def run_variant(cfg: Config, task: SearchTask, root: Path, latency_first: bool, 
     budget = cfg.search.latency_budget_ms
     within = [t for t in trials if t.state == TrialState.COMPLETE]
     over = [t for t in trials if (t.user_attrs.get("latency_ms") or 0.0) > budget]
-    folds = sum(len(t.intermediate_values) for t in trials)
+    folds = sum(step % FOLD_STEPS == 0 for t in trials for step in t.intermediate_values)
     wasted = sum(t.duration.total_seconds() for t in over if t.intermediate_values and t.duration)
     best = max(within, key=lambda t: t.user_attrs["cv_mean"], default=None)
     best_obj = max(within, key=lambda t: t.value, default=None)
@@ -412,7 +427,7 @@ def run_variant(cfg: Config, task: SearchTask, root: Path, latency_first: bool, 
         "trials": len(trials),
         "over_budget": len(over),
         "completed": len(within),
-        "median_pruned": sum(t.user_attrs.get("pruned_reason") == "median" for t in trials),
+        "median_pruned": sum(t.user_attrs.get("pruned_reason") in PRUNERS for t in trials),
         "folds_trained": folds,
         "wasted_s": wasted,
         "best_cv": best.user_attrs["cv_mean"] if best else None,
@@ -469,6 +484,279 @@ def part_efficiency(data: Path, root: Path, b: Budget, seed: int, threads: int |
     }
 
 
+# ---------------------------------------------------------------- part 3: the user's clock
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockBudget:
+    trials: int  # each variant's search
+    reps: int
+    folds: int
+    epochs: int | None  # per fold; None: autoseg's default
+    final_tiles: int  # the final training of every net tested
+    seeds: int  # training seeds of the two chosen nets' final trainings
+    marks: tuple[float, ...]  # minutes at which the best so far is reported
+    deadline: float  # --max-minutes of the whole-search run
+    final_minutes: float  # its --final-minutes: the final-training budget it prints
+    fidelity_epochs: int | None  # epochs per fold of the pruning-fidelity CVs (None: autoseg's default)
+
+
+# The full run is the issue's: autoseg's defaults (20 trials, 200 representatives, the default epochs, 200,000
+# crops for every shipped net), the best so far at 15, 30 and 60 minutes, and --max-minutes 15.
+FULL_CLOCK = ClockBudget(trials=20, reps=200, folds=3, epochs=None, final_tiles=200_000, seeds=3,
+                         marks=(15.0, 30.0, 60.0), deadline=15.0, final_minutes=15.0, fidelity_epochs=None)
+QUICK_CLOCK = ClockBudget(trials=6, reps=40, folds=3, epochs=2, final_tiles=1000, seeds=2,
+                          marks=(0.5, 1.0, 2.0), deadline=1.5, final_minutes=0.25, fidelity_epochs=2)
+CLOCK_QUICK_LIMIT_S = 300.0
+TARGET_REACH = 0.95  # of the final best CV score
+TARGET_CLOCK_SPEEDUP = 3.0
+
+
+def clock_config(data: Path, out: Path, cb: ClockBudget, seed: int, threads: int | None, before: bool,
+                 **extra: Any) -> Config:
+    """autoseg's defaults at the budget's size; `before`: the search's defaults before issue #21 (TPE's random
+    start and the median pruner; the old deadline never ran here, as neither variant has one)."""
+    overrides = {
+        "out": str(out), "seed": seed, "data.images": str(data / "images"), "data.masks": str(data / "masks"),
+        "tiles.size": TILE, "reps.num_reps": cb.reps, "search.trials": cb.trials, "train.folds": cb.folds,
+        "train.epochs": cb.epochs, "train.final_tiles": cb.final_tiles, "train.threads": threads,
+        "device.target": "local",
+    }
+    if before:
+        overrides.update({"search.startup": "random", "search.pruner": "median"})
+    return load_config(None, {**overrides, **extra})
+
+
+def clock_search(cfg: Config, task: SearchTask, root: Path, name: str, cache: Path, plan: bool) -> dict[str, Any]:
+    """One search with no time limit; when each trial finished, from the start of the search (the new one's
+    calibration and latency range, plan_search, included)."""
+    run = RunDir(root).prepare()
+    settings = settings_from_config(cfg.device, cfg.seed)
+    with closing(efficiency_device(cfg, cache)) as device:
+        study = open_study(run, cfg)
+        t0 = time.time()
+        clock = plan_search(cfg, task, device, settings, study, t0) if plan else None
+        objective = Objective(cfg, task, device, settings, run, on_trial=lambda text: print(f"  [{name}] {text}",
+                                                                                             flush=True))
+        run_trials(study, objective, cfg.search.trials, clock=clock)
+        wall = time.time() - t0
+    trials = distinct_trials(study)
+    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
+    trained = [t for t in trials if t.user_attrs.get("epochs_trained")]
+    full = cv_epochs(cfg.train, len(task.data[TILE].x)) * cfg.train.folds
+    first = min(trials, key=lambda t: t.number)
+    out = {
+        "name": name, "cfg": cfg, "wall": wall, "counts": trial_counts(study),
+        "events": [(t.datetime_complete.timestamp() - t0, t) for t in done],
+        "share": statistics.fmean(t.user_attrs["epochs_trained"] / full for t in trained) if trained else math.nan,
+        "first": (first.user_attrs.get("arch"), first.datetime_complete.timestamp() - t0),
+        "pruned": sum(t.user_attrs.get("pruned_reason") in PRUNERS for t in trials),
+        "best": choose_best(study, cfg.search),
+    }
+    print(f"{name}: {wall:.0f} s, {len(trials)} nets ({len(done)} completed, {out['pruned']} pruned), "
+          f"{out['share']:.0%} of the whole CV trained on average; chosen {out['best'].user_attrs['arch']}",
+          flush=True)
+    return out
+
+
+def best_cv_at(events: list[tuple[float, Any]], seconds: float) -> float | None:
+    return max((t.user_attrs["cv_mean"] for at, t in events if at <= seconds), default=None)
+
+
+def chosen_at(events: list[tuple[float, Any]], seconds: float) -> Any:
+    """The net the search would ship if it ended at `seconds`: choose_best over the trials done by then."""
+    return max((t for at, t in events if at <= seconds), key=lambda t: t.value, default=None)
+
+
+def reach_time(events: list[tuple[float, Any]], target: float) -> float | None:
+    best = -math.inf
+    for at, t in events:
+        best = max(best, t.user_attrs["cv_mean"])
+        if best >= target:
+            return at
+    return None
+
+
+def clock_fidelity(cfg: Config, task: SearchTask, epochs: int | None) -> dict[str, Any]:
+    """For 8 nets: the readings the pruners judge a trial on (a third into fold 1, fold 1, two folds) against
+    the whole CV, by Spearman rank correlation; each net's CV is trained once and read as it goes."""
+    from benchmarks.bench_fidelity import NETS, spearman
+
+    data = task.data[TILE]
+    e = epochs or cv_epochs(cfg.train, len(data.x))
+    probe = max(1, round(e / FOLD_STEPS))
+    s = training_settings(cfg.train, cfg.seed, task.class_weights, e)
+    rows = []
+    for arch in NETS:
+        seen: list[float] = []
+
+        def read(fold: int, done: int, score: Any, seen: list[float] = seen) -> None:
+            if fold == 0 and done == probe:
+                seen.append(score())
+
+        t0 = time.perf_counter()
+        scores = cross_validate(arch, data.x, data.y, data.groups, task.num_classes, s, cfg.train.folds, on_epoch=read)
+        rows.append({"arch": arch.key(), "probe": seen[0], "fold1": scores[0], "fold2": statistics.fmean(scores[:2]),
+                     "full": statistics.fmean(scores), "seconds": time.perf_counter() - t0})
+        print(f"  fidelity {arch.key():45s} probe {seen[0]:.4f}  fold 1 {scores[0]:.4f}  2 folds "
+              f"{rows[-1]['fold2']:.4f}  CV {rows[-1]['full']:.4f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
+    full = [r["full"] for r in rows]
+    rho = {k: spearman([r[k] for r in rows], full) for k in ("probe", "fold1", "fold2")}
+    return {"rows": rows, "rho": rho, "epochs": e, "probe": probe, "folds": cfg.train.folds}
+
+
+def clock_deadline(data: Path, root: Path, cb: ClockBudget, seed: int, threads: int | None) -> dict[str, Any]:
+    """A whole `autoseg search` (run_search) with --max-minutes and --final-minutes, from a fresh run directory."""
+    cfg = clock_config(data, root / "deadline", cb, seed, threads, before=False,
+                       **{"search.max_minutes": cb.deadline, "train.final_minutes": cb.final_minutes})
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if text.startswith(("time:", "ETA:", "--max-minutes", "search: the time limit")):
+                said.append(text)
+
+    handler = Keep()
+    logging.getLogger("autoseg").addHandler(handler)
+    t0 = time.perf_counter()
+    try:
+        card = run_search(cfg)
+    finally:
+        logging.getLogger("autoseg").removeHandler(handler)
+    wall = time.perf_counter() - t0
+    limit = 60.0 * (cb.deadline + cb.final_minutes)
+    print(f"--max-minutes {cb.deadline:g} --final-minutes {cb.final_minutes:g}: whole search {wall:.0f} s "
+          f"(limit {limit:.0f} s), chose {card['arch']}, test mIoU {fmt(card['test_miou'], '.4f')}", flush=True)
+    return {"wall": wall, "limit": limit, "said": said, "card": card, "ok": wall <= limit}
+
+
+def part_clock(data: Path, root: Path, cb: ClockBudget, seed: int, threads: int | None) -> dict[str, Any]:
+    base = clock_config(data, root / "clock_data", cb, seed, threads, before=False)
+    stage, task = prepare_task(base, RunDir(base.out).prepare())
+    cache = root / "clock_latency_cache.db"  # one latency per net for both variants (see efficiency_device)
+    # The new defaults first: the nets both look at are then timed already for the old ones (conservative).
+    after = clock_search(base, task, root / "clock_after", "new defaults", cache, plan=True)
+    before_cfg = clock_config(data, root / "clock_before", cb, seed, threads, before=True)
+    before = clock_search(before_cfg, task, root / "clock_before", "before #21", cache, plan=False)
+    variants = [before, after]
+    best = max(t.user_attrs["cv_mean"] for v in variants for _, t in v["events"])
+    tested: dict[str, dict[str, Any]] = {}
+
+    def test(trial: Any) -> dict[str, Any]:
+        key = trial.user_attrs["arch"]
+        if key not in tested:
+            tested[key] = finalize(base, RunDir(root / "clock_final" / key).prepare(), stage, task, trial)
+            print(f"  {key}: test mIoU {fmt(tested[key]['test_miou'], '.4f')}", flush=True)
+        return tested[key]
+
+    for v in variants:
+        v["reach"] = reach_time(v["events"], TARGET_REACH * best)
+        v["marks"] = []
+        for m in cb.marks:
+            chosen = chosen_at(v["events"], 60.0 * m)
+            v["marks"].append({"minutes": m, "best_cv": best_cv_at(v["events"], 60.0 * m),
+                               "chosen": chosen.user_attrs["arch"] if chosen else None,
+                               "test_miou": test(chosen)["test_miou"] if chosen else None})
+        first = test(v["best"])
+        seeds = list(range(seed, seed + cb.seeds))
+        key = v["best"].user_attrs["arch"]
+        if f"{key}#seeds" not in tested:
+            scores = seed_retrains(base, root / "clock_seeds" / key, stage, task, v["best"], first, seeds)
+            tested[f"{key}#seeds"] = {"scores": scores}
+        v["end_scores"] = tested[f"{key}#seeds"]["scores"]
+    fidelity = clock_fidelity(base, task, cb.fidelity_epochs)
+    deadline = clock_deadline(data, root, cb, seed, threads)
+    rb, ra = before["reach"], after["reach"]
+    speedup = (math.inf if rb is None else rb / ra) if ra else (math.nan if ra is None else math.inf)
+    old_mean, old_std = statistics.fmean(before["end_scores"]), statistics.stdev(before["end_scores"])
+    new_mean = statistics.fmean(after["end_scores"])
+    return {"before": before, "after": after, "best": best, "speedup": speedup, "old": (old_mean, old_std),
+            "new_mean": new_mean, "fidelity": fidelity, "deadline": deadline, "reps": len(task.data[TILE].x),
+            "epochs": cv_epochs(base.train, len(task.data[TILE].x))}
+
+
+def clock_report(cb: ClockBudget, c: dict[str, Any]) -> tuple[list[str], list[tuple[bool, str]]]:
+    before, after, fid, dl = c["before"], c["after"], c["fidelity"], c["deadline"]
+    old_mean, old_std = c["old"]
+    checks = [
+        (c["speedup"] >= TARGET_CLOCK_SPEEDUP, f"new defaults reach {TARGET_REACH:.0%} of the best CV score >= "
+         f"{TARGET_CLOCK_SPEEDUP:g}x sooner: {c['speedup']:.2f}x"),
+        (c["new_mean"] >= old_mean - old_std, f"the new chosen net's mean test mIoU is within one standard deviation "
+         f"of today's (or better): {c['new_mean']:.4f} vs {old_mean:.4f} ± {old_std:.4f}"),
+        (dl["ok"], f"--max-minutes {cb.deadline:g} ends the whole search within {cb.deadline:g} + {cb.final_minutes:g} "
+         f"min (--final-minutes, printed up front): {dl['wall'] / 60:.2f} min"),
+    ]
+
+    def secs(v: float | None) -> str:
+        return "never" if v is None else f"{v:.0f} s"
+
+    marks = " | ".join(f"{m:g} min" for m in cb.marks)
+    lines = [
+        "## 3. The user's clock: small nets first, early pruning, a hard deadline",
+        "",
+        f"Both searches: autoseg's defaults at this budget ({cb.trials} trials, {c['reps']} representatives, "
+        f"{cb.folds} folds x {c['epochs']} epochs, no latency budget, tile {TILE}, local latency), same seed and "
+        "representatives, no time limit. **Before #21**: TPE's random start and the median pruner. **New**: the "
+        "cost-ordered start (nets at MACs quantiles of the space, cheapest first), successive halving (a trial is "
+        "judged a third into fold 1 and after it), and plan_search's calibration and latency range before the first "
+        "trial, counted in its time. Times are from the start of each search. The best CV score is the best CV mIoU "
+        f"of a finished trial so far; {TARGET_REACH:.0%} of the best is of the better final best of the two "
+        f"({c['best']:.4f}). The chosen net so far is what the search would ship if it ended then, trained like a "
+        f"shipped net ({cb.final_tiles:,} crops) and tested on the held-out images.",
+        "",
+        "| | before #21 | new defaults |",
+        "|---|---|---|",
+        f"| first trial (finished after) | `{before['first'][0]}` ({before['first'][1]:.0f} s) | "
+        f"`{after['first'][0]}` ({after['first'][1]:.0f} s) |",
+        f"| search wall time | {before['wall']:.0f} s | {after['wall']:.0f} s |",
+        f"| nets: completed / pruned by the pruner | {len(before['events'])} / {before['pruned']} | "
+        f"{len(after['events'])} / {after['pruned']} |",
+        f"| share of the whole CV a trained trial trained, mean (ETA prior: median {PRUNED_SHARE['median']:.0%}, "
+        f"halving {PRUNED_SHARE['halving']:.0%}) | {before['share']:.0%} | {after['share']:.0%} |",
+        f"| time to {TARGET_REACH:.0%} of the best CV score | {secs(before['reach'])} | {secs(after['reach'])} |",
+        *[f"| best CV score / chosen net / its test mIoU at {mk['minutes']:g} min | {fmt(mk['best_cv'], '.4f')} / "
+          f"`{mk['chosen']}` / {fmt(mk['test_miou'], '.4f')} | {fmt(ma['best_cv'], '.4f')} / `{ma['chosen']}` / "
+          f"{fmt(ma['test_miou'], '.4f')} |" for mk, ma in zip(before["marks"], after["marks"], strict=True)],
+        f"| chosen at the end | `{before['best'].user_attrs['arch']}` | `{after['best'].user_attrs['arch']}` |",
+        f"| its test mIoU over {cb.seeds} training seeds | {mean_std(before['end_scores'])} | "
+        f"{mean_std(after['end_scores'])} |",
+        "",
+        f"Speed-up to {TARGET_REACH:.0%} of the best (before / new): **{c['speedup']:.2f}x**. Marks: {marks}.",
+        "",
+        f"### Pruning fidelity ({len(fid['rows'])} nets, {fid['folds']} folds x {fid['epochs']} epochs)",
+        "",
+        "Each net's CV was trained once and read where the pruners judge it; the Spearman rank correlation of each "
+        "reading with the whole CV's score says how well a trial judged there is judged.",
+        "",
+        "| reading | share of the CV's training | Spearman with the whole CV |",
+        "|---|---|---|",
+        f"| fold 1 after {fid['probe']} of {fid['epochs']} epochs (halving's and hyperband's probe) | "
+        f"{fid['probe'] / (fid['epochs'] * fid['folds']):.0%} | {fid['rho']['probe']:.2f} |",
+        f"| fold 1 (every pruner) | {1 / fid['folds']:.0%} | {fid['rho']['fold1']:.2f} |",
+        f"| folds 1-2 | {2 / fid['folds']:.0%} | {fid['rho']['fold2']:.2f} |",
+        "",
+        "| net | probe | fold 1 | folds 1-2 | whole CV |",
+        "|---|---|---|---|---|",
+        *[f"| `{r['arch']}` | {r['probe']:.4f} | {r['fold1']:.4f} | {r['fold2']:.4f} | {r['full']:.4f} |"
+          for r in sorted(fid["rows"], key=lambda r: -r["full"])],
+        "",
+        "The ranking that matters in the end is the shipped nets' test mIoU; `bench_fidelity` relates the whole CV "
+        "to it (8 nets retrained in full and tested).",
+        "",
+        f"### --max-minutes {cb.deadline:g}",
+        "",
+        f"A whole `autoseg search` (pipeline.run_search, data stage included) with `--max-minutes {cb.deadline:g} "
+        f"--final-minutes {cb.final_minutes:g}`: {dl['wall']:.0f} s against {dl['limit']:.0f} s; it chose "
+        f"`{dl['card']['arch']}` (test mIoU {fmt(dl['card']['test_miou'], '.4f')}, "
+        f"{dl['card']['trials']['distinct']} nets looked at). It said up front:",
+        "",
+        *[f"    {line}" for line in dl["said"]],
+        "",
+    ]
+    return lines, checks
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -495,7 +783,8 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
         f"`{cmd.strip()}`" + (" (`make bench` budget)" if args.quick else ""),
         "",
         f"Data: `{args.data}` (read in place), held-out split by image (data.test_fraction 0.2), tile {TILE}, "
-        "local device, config defaults otherwise (penalty objective, TPE, median pruner, whole-image evaluation).",
+        "local device, config defaults otherwise (penalty objective, TPE with a cost-ordered start, successive-halving "
+        "pruner, whole-image evaluation).",
         "",
         f"Budget{' (--quick: smaller than the full run)' if args.quick else ''}: {b.trials} trials (real search), "
         f"{b.eff_trials} trials per efficiency variant, {b.folds} folds, {epochs_text(b)} per fold, "
@@ -605,7 +894,7 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
             "makes the speed-up conservative. Wall time is the trial loop only (data preparation is shared "
             "and not counted).",
             "",
-            "| variant | wall time | trials | over budget | completed | median-pruned | folds trained | "
+            "| variant | wall time | trials | over budget | completed | pruned by the pruner | folds trained | "
             "time on trained-then-discarded nets | best within-budget CV mIoU | its architecture | "
             "best penalty objective |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -635,12 +924,44 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
     return lines, checks
 
 
+def clock_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, Any], c: dict[str, Any],
+                   total_s: float) -> tuple[list[str], list[tuple[bool, str]]]:
+    cmd = "python -m benchmarks.bench_search " + " ".join(args.argv)
+    section, checks = clock_report(cb, c)
+    if args.quick:
+        checks.append((total_s <= CLOCK_QUICK_LIMIT_S,
+                       f"--quick finishes in <= {CLOCK_QUICK_LIMIT_S:.0f} s: {total_s:.0f} s"))
+    lines = [
+        "# Search benchmark: the user's clock",
+        "",
+        f"`{cmd.strip()}`" + (" (`make bench` budget)" if args.quick else ""),
+        "",
+        f"Data: `{args.data}` (read in place), held-out split by image (data.test_fraction 0.2), seed {args.seed}, "
+        f"train threads {args.threads if args.threads else 'torch default'}. Budget"
+        f"{' (--quick: smaller than the full run)' if args.quick else ''}: {cb}.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        f"- load_avg_1m_at_end: {os.getloadavg()[0]:.2f}",
+        f"- total wall time: {total_s:.0f} s",
+        "",
+        *section,
+        "## Targets",
+        "",
+        *[f"- {check_line(ok, text)}" for ok, text in checks],
+        "",
+    ]
+    return lines, checks
+
+
 # ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("real", "efficiency", "all"), default="all")
+    ap.add_argument("--part", choices=("real", "efficiency", "clock", "all"), default="all",
+                    help="all: real and efficiency (results/search.md); clock writes results/clock.md")
     ap.add_argument("--trials", type=int, help="trials of each search (default 40 real / 16 per variant; "
                     "--quick 16 / 6)")
     ap.add_argument("--epochs", type=int, help="epochs per fold (default: autoseg's, about "
@@ -649,7 +970,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-epochs", type=int, help="epochs of the final retrain (default 120, --quick 8)")
     ap.add_argument("--seeds", type=int, help="training seeds of the final retrains of the chosen net and the "
                     "reference, compared by their means (default 3)")
-    ap.add_argument("--quick", action="store_true", help="the small budget of `make bench` (<= 10 min)")
+    ap.add_argument("--final-tiles", type=int, help="--part clock: crops of each tested net's final training "
+                    "(default 200,000, --quick 1,000)")
+    ap.add_argument("--quick", action="store_true", help="the small budget of `make bench` (<= 10 min; "
+                    "--part clock <= 5 min)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="train.threads (default 1: on this 2-core box torch's default of 2 threads trains "
@@ -659,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the size they are evaluated at), tile, or a number")
     ap.add_argument("--data", type=Path, default=DATASET)
     ap.add_argument("--keep", type=Path, default=None, help="keep the run directories here (default: temp dir)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, help="results file (default results/search.md; --part clock: "
+                    "results/clock.md)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.measure_size not in ("test", "tile") and not (args.measure_size.isdigit() and int(args.measure_size) >= 8):
@@ -687,15 +1012,22 @@ def main(argv: list[str] | None = None) -> int:
         seeds=args.seeds or b.seeds,
     )
     args.threads = args.threads or None
+    args.out = args.out or (RESULTS_CLOCK if args.part == "clock" else RESULTS)
+    cb = QUICK_CLOCK if args.quick else FULL_CLOCK
+    cb = dataclasses.replace(cb, trials=args.trials or cb.trials, reps=args.reps or cb.reps,
+                             epochs=args.epochs or cb.epochs, seeds=args.seeds or cb.seeds,
+                             final_tiles=args.final_tiles or cb.final_tiles)
     info = machine_info()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"budget: {b}" + ("  (--quick: reduced trials, tiles and epochs)" if args.quick else ""), flush=True)
 
     start = time.perf_counter()
-    real = eff = None
+    real = eff = clock = None
     with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
         root = args.keep or Path(tmp)
         try:
+            if args.part == "clock":
+                clock = part_clock(args.data, root, cb, args.seed, args.threads)
             if args.part in ("real", "all"):
                 real = part_real(args.data, root, b, args.seed, args.threads, args.measure_size)
             if args.part in ("efficiency", "all"):
@@ -705,7 +1037,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     total = time.perf_counter() - start
 
-    lines, checks = report(args, b, info, real, eff, total)
+    if clock is not None:
+        lines, checks = clock_document(args, cb, info, clock, total)
+    else:
+        lines, checks = report(args, b, info, real, eff, total)
     print()
     for ok, text in checks:
         print(check_line(ok, text))
