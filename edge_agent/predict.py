@@ -638,6 +638,12 @@ def predict_folder(model: str, images: str, out: str, mode: str = "auto", overla
     if not os.path.isfile(model):
         raise PredictError(f"{model}: no such file; give the path of the model.onnx exported by autoseg")
     files = list_images(images)
+    if _pillow() is None:  # refused before any work, not after half the folder
+        other = [p for p in files if os.path.splitext(p)[1].lower() not in (".png", ".pgm", ".ppm")]
+        if other:
+            more = f" and {len(other) - 1} more" if len(other) > 1 else ""
+            raise PredictError(f"{other[0]}{more}: reading {os.path.splitext(other[0])[1].lower()} needs Pillow "
+                               "(`python3 -m pip install pillow`), or convert the images to PNG")
     try:
         sess = make_session(model, threads, list(providers))
     except ProviderUnavailable as e:
