@@ -5,7 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 
-.PHONY: demo test test-all lint bench clean sshd chromium
+.PHONY: demo test test-all test-e2e arm64-device lint bench clean sshd chromium
+# The emulated arm64 device of the end-to-end tests (a Debian arm64 root, about 1 GB), outside the checkout.
+ARM64_DIR ?= /var/tmp/autoseg-arm64
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,11 +22,24 @@ demo: $(STAMP)
 
 test: $(STAMP) sshd
 	$(BIN)/ruff check .
+	# edge_agent runs on the device's python: 3.8 (JetPack 5) and newer.
+	$(BIN)/vermin -q -t=3.8- --no-tips --violations edge_agent
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP) sshd chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -m 'not e2e'
+
+# An arm64 device on this machine: Debian arm64 under qemu-user (binfmt_misc), numpy + onnxruntime wheels for
+# aarch64, its own sshd on 127.0.0.1. Built once (idempotent); needs root. See tests/e2e/arm64_device.sh.
+arm64-device: $(STAMP)
+	@command -v debootstrap >/dev/null && test -x /usr/bin/qemu-aarch64-static && command -v update-binfmts >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap qemu-user-static binfmt-support >/dev/null; }
+	ARM64_DIR=$(ARM64_DIR) HOST_PIP="$(BIN)/python -m pip" tests/e2e/arm64_device.sh build
+
+# The end-to-end tests against it (marked e2e, not part of `make test`): slow, the device is emulated.
+test-e2e: $(STAMP) sshd arm64-device
+	ARM64_DIR=$(ARM64_DIR) $(BIN)/python -m pytest -q -m e2e tests/e2e
 
 # The report's rendering test uses Debian's headless Chromium.
 chromium:

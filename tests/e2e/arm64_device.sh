@@ -264,6 +264,7 @@ info() {
     echo "user=$USER_NAME"
     echo "python=/home/$USER_NAME/venv/bin/python"
     echo "test_python=/opt/agent-tests/bin/python"
+    echo "wheels=$WHEELS/device"
     echo "host_key=$ROOT/$STATE/ssh_host_ed25519_key.pub"
     echo "build_seconds=$(cat "$DIR/build_seconds" 2>/dev/null || echo '')"
 }

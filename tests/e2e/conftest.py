@@ -48,7 +48,7 @@ def arm64(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
         yield Device(name="arm64", target=f"{info['user']}@127.0.0.1:{port}", python=info["python"],
                      known_hosts=known, identity=key, agent_root=f"~/{sub}/autoseg-agent",
                      local_root=root / home.lstrip("/") / sub / "autoseg-agent", fs_root=root,
-                     system_python="/usr/bin/python3", emulated=True)
+                     system_python="/usr/bin/python3", emulated=True, info=info)
     finally:
         subprocess.run([str(SCRIPT), "stop", str(port)], capture_output=True, timeout=120)
         shutil.rmtree(root / home.lstrip("/") / sub, ignore_errors=True)

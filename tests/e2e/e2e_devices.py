@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,14 @@ class Device:
     fs_root: Path  # "/" of the device seen from this host (the arm64 root, or / for the x86 sshd)
     system_python: str  # a python3 without numpy and onnxruntime
     emulated: bool
+    info: dict[str, str] | None = None  # arm64_device.sh info
+
+    def ssh(self, command: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run a shell command on the device as its user, through the OpenSSH client."""
+        user_host, _, port = self.target.rpartition(":")
+        return subprocess.run(["ssh", "-p", port, "-i", str(self.identity), "-o", "BatchMode=yes",
+                               "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                               user_host, command], capture_output=True, text=True, timeout=timeout)
 
     def flags(self, python: str | None = None) -> list[str]:
         return ["--device", self.target, "--device-python", python or self.python,
