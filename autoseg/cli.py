@@ -149,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["tpe", "nsga2"], help="Optuna sampler: tpe (default) or nsga2 "
                    "(multi-objective, for --objective pareto)")
     p.add_argument("--pruner", choices=["halving", "hyperband", "median", "none"],
-                   help="how trials stop early (default halving: judged a third into the first fold and after it; "
-                   "the whole CV for the best third)")
+                   help="how trials stop early (default halving: judged after the first fold, the whole CV for "
+                   "the best third)")
     p.add_argument("--startup", choices=["cost", "random"],
                    help="TPE's first trials: nets spread over the space's cost, cheapest first (default), or random")
     p.add_argument("--latency-budget-ms", type=float, help="drop candidates slower than this before any training")

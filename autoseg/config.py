@@ -105,10 +105,10 @@ class SearchConfig:
     # cheapest first, so a search starts with answers in minutes; random: TPE's own random draws.
     # NSGA-II always draws its first generation at random.
     startup: Literal["cost", "random"] = "cost"
-    # halving: Optuna's SuccessiveHalvingPruner, which judges a trial a third of the way into its first fold,
-    # again after that fold, and gives the whole CV only to the best third; hyperband: Optuna's
-    # HyperbandPruner over the same steps; median: stop a trial whose running CV is below the median
-    # after a fold; none. Trials are judged on the objective (CV mIoU with its latency penalty).
+    # halving: Optuna's SuccessiveHalvingPruner, which judges a trial after its first fold and gives the whole
+    # CV only to the best third of the trials judged there; hyperband: Optuna's HyperbandPruner over the same
+    # fold steps; median: stop a trial whose objective so far is below the median after a fold; none.
+    # Trials are judged on the objective (CV mIoU so far with its latency penalty).
     pruner: Literal["halving", "hyperband", "median", "none"] = "halving"
     latency_budget_ms: float | None = field(default=None, metadata=_min(0.0, strict=True))
     # penalty objective: score - alpha*log10(latency/latency_ref_ms) - beta*log10(macs/macs_ref),

@@ -6,8 +6,8 @@ misses the latency budget (before any training), else train it with k-fold CV on
 representative tiles and report to the pruner as it goes.
 
 The clock: TPE's first trials are nets spread over the space's cost, cheapest first; the pruner judges a
-trial early (a third into its first fold, then after it); search.max_minutes stops a running trial at its
-next epoch; and before the first trial a short calibration gives the ETA (plan_search).
+trial after its first fold; search.max_minutes stops a running trial at its next epoch; and before the first
+trial a short calibration gives the ETA (plan_search).
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ STUDY_NAME = "autoseg"
 # or x2.7 (24 -> 64) per level.
 CHANNEL_STEPS = (0, 1, 2, 3)
 INT8_CALIB_TILES = 8  # timing needs the int8 graph, not good scales: a few tiles calibrate it
-# Trials report at steps: a fold is FOLD_STEPS steps, and the probe reads fold 0 at PROBE_STEP, a third of the
-# way in. Successive halving (min resource 1, reduction 3) thus judges at the probe, after fold 0 and after fold 2.
-FOLD_STEPS = 3
-PROBE_STEP = 1
+# Trials report their objective after each fold, at step = folds done: a fold's score estimates the whole CV's
+# without bias (a reading in the middle of a fold's schedule would not, and judged a slowly learning net too
+# early). Successive halving (min resource 1 fold, reduction 3) judges after fold 1 (and after fold 3 of 5+).
+HALVING_RATE = 3
 PRUNERS = ("median", "halving", "hyperband")  # a trial's pruned_reason when one of them stopped it
 START_POOL = 256  # random nets of the space that search.startup "cost" picks the first trials from
 START_TOP_QUANTILE = 0.75  # the dearest of them sits at this MACs quantile: never the space's costly corner
@@ -401,10 +401,9 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
         # The first fold of a few trials must finish before anything is pruned on its score.
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=PROBE_STEP, reduction_factor=3,
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=HALVING_RATE,
                                                       min_early_stopping_rate=0)
-    return optuna.pruners.HyperbandPruner(min_resource=PROBE_STEP, max_resource=FOLD_STEPS * cfg.train.folds,
-                                          reduction_factor=3)
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.folds, reduction_factor=HALVING_RATE)
 
 
 def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.Study:
@@ -708,23 +707,10 @@ class Objective:
         s = self.train_settings(cand.tile)
         folds = self.cfg.train.folds
         kind = pruner_kind(self.cfg)
-        # The pruners that judge early read fold 0 a third of the way in (one validation pass more).
-        probe = max(1, round(s.epochs / FOLD_STEPS)) if kind in ("halving", "hyperband") else None
         means: list[float] = []  # running CV mean after each finished fold
-        where = ""
-
-        def judge(value: float, step: int, at: str, prune: bool = True) -> None:
-            nonlocal where
-            trial.report(value, step)
-            if prune and trial.should_prune():
-                where = at
-                trial.set_user_attr("pruned_reason", kind)
-                raise optuna.TrialPruned(f"{at}: objective {value:.3f} below the {kind} cut")
 
         def on_epoch(fold: int, done: int, score: Callable[[], float]) -> None:
             self.epochs_done += 1
-            if fold == 0 and done == probe and done < s.epochs and not pareto:
-                judge(penalty_objective(score(), latency, macs, scfg), PROBE_STEP, f"{done} epochs into fold 1")
             if done < s.epochs and self.late():  # after a fold's last epoch its score is worth the wait
                 raise DeadlineReached
 
@@ -732,9 +718,12 @@ class Objective:
             means.append(running)
             self.folds_done = i + 1
             last = i + 1 == folds
-            if not pareto:  # after the last fold, pruning would save nothing
-                judge(penalty_objective(running, latency, macs, scfg), FOLD_STEPS * (i + 1), f"after fold {i + 1}",
-                      prune=not last)
+            if not pareto:  # the objective so far; after the last fold, pruning would save nothing
+                value = penalty_objective(running, latency, macs, scfg)
+                trial.report(value, i + 1)
+                if not last and trial.should_prune():
+                    trial.set_user_attr("pruned_reason", kind)
+                    raise optuna.TrialPruned(f"after fold {i + 1}: objective {value:.3f} below the {kind} cut")
             if not last and self.late():
                 raise DeadlineReached
 
@@ -745,7 +734,7 @@ class Objective:
             )
         except optuna.TrialPruned:
             trial.set_user_attr("epochs_trained", self.epochs_done)
-            self._say(trial, cand, f"{head}  pruned ({kind}) {where}")
+            self._say(trial, cand, f"{head}  pruned ({kind}) after fold {self.folds_done}")
             raise
         except DeadlineReached:
             trial.set_user_attr("epochs_trained", self.epochs_done)
@@ -822,7 +811,7 @@ MEASURE_SECONDS = 3.0  # export and latency measurement of a candidate, roughly
 EVAL_SHARE = 1 / 3  # a validation pass costs about a third of a training pass over as many tiles
 # Share of its whole CV that a trial trains, on average, under each pruner: the ETA's prior, which the search
 # corrects with the trials it finishes (bench_search --part clock prints the shares it saw).
-PRUNED_SHARE = {"none": 1.0, "median": 0.7, "halving": 0.4, "hyperband": 0.5}
+PRUNED_SHARE = {"none": 1.0, "median": 0.7, "halving": 0.55, "hyperband": 0.75}
 
 
 @dataclass(frozen=True)
@@ -1192,15 +1181,19 @@ def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Distinct nets looked at (what --trials counts), how many trained to the end, the repeats, and the
-    nets the device could not measure (which do not count)."""
+    """Distinct nets looked at (what --trials counts), how many trained to the end (`partial`: of those, the
+    ones the time limit stopped after a fold), the repeats, and the nets the device could not measure or the
+    time limit stopped before a fold finished (which do not count)."""
     distinct = distinct_trials(study)
     return {
         "distinct": len(distinct),
         "completed": sum(t.state == TrialState.COMPLETE for t in distinct),
+        "partial": sum(t.state == TrialState.COMPLETE and t.user_attrs.get("stopped_by") == "deadline"
+                       for t in distinct),
         "over_budget": sum(t.user_attrs.get("pruned_reason") == "latency_budget" for t in distinct),
         "repeats": sum(is_repeat(t) for t in finished_trials(study)),
         "unmeasured": sum(unmeasured(t) for t in finished_trials(study)),
+        "cut_by_deadline": sum(cut_by_deadline(t) for t in finished_trials(study)),
     }
 
 
