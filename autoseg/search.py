@@ -809,6 +809,9 @@ def _size(params: int, macs: int) -> str:
 CALIBRATION_STEPS = 3  # timed training steps of each calibrated net, after an untimed one
 MEASURE_SECONDS = 3.0  # export and latency measurement of a candidate, roughly
 EVAL_SHARE = 1 / 3  # a validation pass costs about a third of a training pass over as many tiles
+# What search.max_minutes leaves after the trials for exporting, testing and reporting the net (its final
+# training has a budget of its own): this share of it, within these bounds.
+FINISH_SHARE, FINISH_MIN_S, FINISH_MAX_S = 0.05, 5.0, 60.0
 # Share of its whole CV that a trial trains, on average, under each pruner: the ETA's prior, which the search
 # corrects with the trials it finishes (bench_search --part clock prints the shares it saw).
 PRUNED_SHARE = {"none": 1.0, "median": 0.7, "halving": 0.55, "hyperband": 0.75}
@@ -903,7 +906,8 @@ class SearchClock:
     def __init__(self, cfg: Config, task: SearchTask, started: float) -> None:
         self.cfg, self.task, self.started = cfg, task, started
         m = cfg.search.max_minutes
-        self.deadline = None if m is None else started + 60.0 * m  # time.time()
+        self.finish = 0.0 if m is None else min(FINISH_MAX_S, max(FINISH_MIN_S, FINISH_SHARE * 60.0 * m))
+        self.deadline = None if m is None else started + 60.0 * m - self.finish  # time.time()
         self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
         self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
         self.typical = 0.0  # whole-CV seconds of the space's median net
@@ -1020,7 +1024,7 @@ def plan_search(
 
     done = any(tr.state == TrialState.COMPLETE for tr in distinct_trials(study))
     if clock.deadline is not None and not done and time.time() + one > clock.deadline:
-        need = math.ceil((time.time() - started + one) / 60)
+        need = math.ceil((time.time() - started + one + clock.finish) / 60)
         raise InputError(
             f"search.max_minutes: {scfg.max_minutes:g} min leaves {max(0.0, clock.deadline - time.time()) / 60:.1f} "
             f"min for trials after preparing the data, and one trial of the space's smallest net ({small.arch.key()}: "
@@ -1060,8 +1064,9 @@ def plan_search(
 def _search_limit_text(cfg: Config, clock: SearchClock) -> str:
     if clock.deadline is None:
         return "no limit on the search (--max-minutes sets one)"
-    return (f"the search stops by {time.strftime('%H:%M', time.localtime(clock.deadline))} (--max-minutes "
-            f"{cfg.search.max_minutes:g} from its start, a running trial included)")
+    return (f"the search stops by {time.strftime('%H:%M:%S', time.localtime(clock.deadline))} (--max-minutes "
+            f"{cfg.search.max_minutes:g} from its start, a running trial included, less {clock.finish:.0f} s to "
+            "export and test the net)")
 
 
 def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small: Candidate, large: Candidate) -> str:
