@@ -126,7 +126,8 @@ build() {
     if [ $((SECONDS - t0)) -gt 5 ]; then
         printf '%s\n' "$((SECONDS - t0))" >"$DIR/build_seconds"
     fi
-    say "ready: $ROOT ($(in_root /home/$USER_NAME/venv/bin/python -c 'import numpy, onnxruntime, platform; print(platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__, "onnxruntime", onnxruntime.__version__)'))"
+    # (onnxruntime's cpuinfo complains at import without /sys mounted: not shown)
+    say "ready: $ROOT ($(in_root /home/$USER_NAME/venv/bin/python -c 'import numpy, onnxruntime, platform; print(platform.machine(), "python", platform.python_version(), "numpy", numpy.__version__, "onnxruntime", onnxruntime.__version__)' 2>/dev/null))"
 }
 
 mount_all() {
