@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import conv_relu_onnx
+from onnx_models import conv_relu_onnx
 from PIL import Image
 
 from autoseg.demo_data import generate_demo

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import conv_relu_onnx
+from onnx_models import conv_relu_onnx
 from sshd_server import keygen
 
 from autoseg.config import DeviceConfig
