@@ -142,10 +142,14 @@ def _trial_row(t: Any) -> dict:
     note = a.get("pruned_reason")
     steps = getattr(t, "intermediate_values", None) or {}
     if t.state.name == "PRUNED" and steps:
-        # Optuna keeps a pruned trial's last report as its value: a running CV score, not an objective.
+        # Optuna keeps a pruned trial's last report as its value: the objective so far (since #21, which also
+        # sets epochs_trained and counts steps in folds done; before, a running CV score at fold index), not a
+        # trial's objective.
         values = None
-        fold, running = max(steps.items())
-        note = f"{note or 'pruned'} after fold {fold + 1} (running CV {running:.3f})"
+        step, running = max(steps.items())
+        new = "epochs_trained" in a
+        note = (f"{note or 'pruned'} after fold {step if new else step + 1} "
+                f"({'objective so far' if new else 'running CV'} {running:.3f})")
     if t.state.name == "FAIL":
         reason = getattr(t, "system_attrs", {}).get("fail_reason")
         note = note or (f"failed: {str(reason).splitlines()[0][:80]}" if reason else "failed")

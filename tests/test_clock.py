@@ -22,6 +22,7 @@ from autoseg.config import TrainConfig, load_config
 from autoseg.demo_data import generate_demo
 from autoseg.errors import InputError
 from autoseg.latency import open_device, settings_from_config
+from autoseg.report import _trial_row
 from autoseg.rundir import RunDir
 from autoseg.search import (
     STUDY_NAME,
@@ -105,7 +106,10 @@ def test_each_pruner_judges_trials_after_a_fold(tmp_path, pruner):
         elif t.user_attrs.get("pruned_reason") == pruner:
             assert set(t.intermediate_values) == {1} and t.user_attrs["epochs_trained"] == 2  # fold 2 never began
     if pruner == "halving":  # the first trials must each beat all before them to go on
-        assert any(t.user_attrs.get("pruned_reason") == "halving" for t in distinct_trials(study))
+        pruned = [t for t in distinct_trials(study) if t.user_attrs.get("pruned_reason") == "halving"]
+        assert pruned
+        assert _trial_row(pruned[0])["pruned_reason"] == \
+            f"halving after fold 1 (objective so far {pruned[0].intermediate_values[1]:.3f})"  # the report's note
 
 
 # ------------------------------------------------------------------ the deadline
