@@ -173,6 +173,8 @@ def _trial_row(t: Any) -> dict:
         "measure_size": a.get("measure_size"),
         "precision": a.get("precision", "fp32"),
         "throttled": lat.get("throttled"),
+        "emulated": bool(lat.get("emulated") or (lat.get("fingerprint") or {}).get("emulated")),
+        "providers_used": lat.get("providers_used"),
         "cached": lat.get("cached"),
         "cv_mean": cv,
         "cv_std": _num(a.get("cv_std")),
@@ -234,9 +236,16 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
     if throttled:
         warnings.append(f"{len(throttled)} measurement(s) ran while the device reported thermal throttling "
                         f"(trials {', '.join(map(str, throttled[:10]))}): those latencies are inflated.")
+    emulated = [r["number"] for r in measured if r.get("emulated")]
+    if emulated:
+        fp = next((e["fingerprint"] for e in fps.values() if e["fingerprint"].get("emulated")), {})
+        warnings.append(f"{len(emulated)} measurement(s) ran on an EMULATED device ({fp.get('emulator', 'qemu')} "
+                        f"on a {fp.get('kernel_arch', '?')} kernel): those figures prove function, not the "
+                        "board's speed.")
     return {
         "sources": sources,
         "devices": devices,
+        "emulated": bool(emulated),
         "mixed": len(sources) > 1 or len(devices) > 1,
         "cached": sum(1 for r in measured if r["cached"]),
         "measured_trials": len(measured),
@@ -244,12 +253,12 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
         "warnings": warnings,
         "axis_label": _latency_label(sources, devices, sorted({r["measure_size"] for r in measured
                                                                if isinstance(r["measure_size"], int)}),
-                                     sorted({str(r["precision"]) for r in measured})),
+                                     sorted({str(r["precision"]) for r in measured}), bool(emulated)),
     }
 
 
 def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] = (),
-                   precisions: Sequence[str] = ()) -> str:
+                   precisions: Sequence[str] = (), emulated: bool = False) -> str:
     if not sources and not devices:
         return "latency, ms (source unknown)"
     if len(sources) > 1 or len(devices) > 1:
@@ -261,7 +270,7 @@ def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] 
     at = (f" at {sizes[0]}x{sizes[0]} px" if len(sizes) == 1
           else f" at {sizes[0]}-{sizes[-1]} px square, per net" if sizes else "")
     kind = "int8 " if list(precisions) == ["int8"] else ""  # float unless every net was timed quantized
-    return f"{kind}latency{at} on {where} ({src}), ms"
+    return f"{kind}latency{at} on {where} ({src}{', EMULATED' if emulated else ''}), ms"
 
 
 def _class_names(data: dict | None, card: dict | None) -> list[str]:
@@ -660,8 +669,8 @@ def _trial_table(rows: list[dict], objective: str, front: set[int], chosen: int 
     return headers, body, classes
 
 
-FP_KEYS = ("machine", "arch", "cpu_model", "cores", "ram_mb", "os", "python", "numpy", "onnxruntime",
-           "providers", "governor", "cpu_freq_mhz", "temperature_c", "throttled")
+FP_KEYS = ("emulated", "emulator", "kernel_arch", "machine", "arch", "cpu_model", "cores", "ram_mb", "os", "python",
+           "numpy", "onnxruntime", "providers", "governor", "cpu_freq_mhz", "temperature_c", "throttled")
 
 
 def _fp_rows(latency: dict) -> tuple[list[str], list[list[str]]]:

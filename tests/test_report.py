@@ -432,3 +432,20 @@ def test_report_html_renders_in_headless_chromium(tmp_path, runs):
     img = Image.open(shot).convert("RGB")
     colours = img.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50, "screenshot looks blank"
+
+
+def test_latencies_from_an_emulated_device_are_labelled_so_everywhere(tmp_path):
+    from autoseg.report import _trial_row
+
+    fp = {**FP, "emulated": True, "emulator": "qemu-aarch64-static", "kernel_arch": "x86_64"}
+    attrs = _attrs(*NETS[0])
+    attrs["latency"] = {**attrs["latency"], "fingerprint": fp, "emulated": True}
+    trial = optuna.trial.create_trial(value=0.5, user_attrs=attrs)
+    rows = [_trial_row(trial)]
+    lat = _latency_provenance(rows, [trial], None, None)
+    assert rows[0]["emulated"] is True and lat["emulated"] is True
+    assert "EMULATED" in lat["axis_label"] and any("EMULATED device (qemu-aarch64-static on a x86_64 kernel)" in w
+                                                   for w in lat["warnings"])
+    plain = _trial_row(optuna.trial.create_trial(value=0.5, user_attrs=_attrs(*NETS[0])))
+    assert _latency_provenance([plain], [optuna.trial.create_trial(value=0.5, user_attrs=_attrs(*NETS[0]))],
+                               None, None)["emulated"] is False
