@@ -366,6 +366,15 @@ def _size_unchecked(path: Path) -> tuple[int, int]:
 
 
 def _open(path: Path, what: str) -> Image.Image:
+    # Pillow's limit is process-global (matplotlib reads PNGs through it too): set for this read only.
+    old = Image.MAX_IMAGE_PIXELS
+    try:
+        return _open_limited(path, what)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _open_limited(path: Path, what: str) -> Image.Image:
     limit = max_image_pixels()
     # Pillow warns above its own limit and refuses above twice it; ours is checked before decoding instead.
     Image.MAX_IMAGE_PIXELS = limit
