@@ -1,0 +1,300 @@
+"""Reading the run folder: the Optuna study (read-only), data.json, the model card, eval results, examples.
+
+Every part that does not exist yet becomes a "not available yet" note instead of an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from autoseg.errors import InputError
+from autoseg.report.format import NA, _first, _num
+from autoseg.rundir import StudyFileError, check_study_file, sqlite_ro_uri
+
+log = logging.getLogger(__name__)
+
+STUDY_NAME = "autoseg"
+MAX_EXAMPLES = 6
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_json(path: Path, notes: list[str]) -> Any:
+    if not path.is_file():
+        notes.append(f"{path.parent.name}/{path.name}: {NA}" if path.parent.name in ("best", "eval")
+                     else f"{path.name}: {NA}")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        notes.append(f"{path.name}: unreadable ({type(e).__name__}: {e})")
+        return None
+
+
+def _sqlite_ro_storage(db: Path) -> Any:
+    """An RDBStorage whose every connection is read-only: a report can never change the study."""
+    import optuna
+
+    path = str(db.resolve())
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(sqlite_ro_uri(Path(path)), uri=True, timeout=10, check_same_thread=False)
+
+    # Optuna formats the URL with str.format; braces in the path must be doubled.
+    url = "sqlite:///" + path.replace("{", "{{").replace("}", "}}")
+    return optuna.storages.RDBStorage(url, skip_table_creation=True, engine_kwargs={"creator": connect})
+
+
+def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
+    """(study summary, frozen trials), or (None, []) with a note when there is no readable study."""
+    if not db.exists():
+        notes.append(f"study.db: {NA} (the search has not started)")
+        return None, []
+    try:
+        check_study_file(db)
+    except StudyFileError as e:
+        raise InputError(f"{e}; is {db.parent} the --out folder of an autoseg search?") from None
+    import optuna
+
+    storage = None
+    try:
+        storage = _sqlite_ro_storage(db)
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        info = {
+            "name": STUDY_NAME,
+            "directions": [d.name.lower() for d in study.directions],
+            "user_attrs": dict(study.user_attrs),
+        }
+    except Exception as e:  # a half-created or foreign database is "not available", not a crash
+        log.warning("cannot read the study in %s: %s", db, e)
+        notes.append(f"study.db: {NA} (cannot read study {STUDY_NAME!r}: {type(e).__name__})")
+        return None, []
+    finally:
+        if storage is not None:
+            storage.remove_session()
+            storage.engine.dispose()
+    info["objective"] = info["user_attrs"].get("objective") or (
+        "pareto" if len(info["directions"]) == 2 else "penalty")
+    info["n_trials"] = len(trials)
+    info["states"] = dict(Counter(t.state.name for t in trials))
+    info["repeats"] = sum("same_as_trial" in t.user_attrs for t in trials)
+    info["unmeasured"] = sum(t.user_attrs.get("pruned_reason") == "measure_failed" for t in trials)
+    return info, trials
+
+
+def _trial_row(t: Any) -> dict:
+    a = t.user_attrs
+    lat = a.get("latency") if isinstance(a.get("latency"), dict) else {}
+    stats = lat.get("stats") if isinstance(lat.get("stats"), dict) else {}
+    values = [_num(v) for v in t.values] if t.values is not None else None
+    cv = _num(a.get("cv_mean"))
+    if cv is None and values is not None and len(values) == 2:
+        cv = values[0]
+    note = a.get("pruned_reason")
+    steps = getattr(t, "intermediate_values", None) or {}
+    if t.state.name == "PRUNED" and steps:
+        # Optuna keeps a pruned trial's last report as its value: the objective so far (since #21, which also
+        # sets epochs_trained and counts steps in folds done; before, a running CV score at fold index), not a
+        # trial's objective.
+        values = None
+        step, running = max(steps.items())
+        new = "epochs_trained" in a
+        note = (f"{note or 'pruned'} after fold {step if new else step + 1} "
+                f"({'objective so far' if new else 'running CV'} {running:.3f})")
+    if t.state.name == "FAIL":
+        reason = getattr(t, "system_attrs", {}).get("fail_reason")
+        note = note or (f"failed: {str(reason).splitlines()[0][:80]}" if reason else "failed")
+    err = lat.get("error")
+    if err not in (None, 0, "OK") and lat.get("message"):
+        note = f"{note}; " if note else ""
+        note += f"latency error: {lat['message']}"
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "arch": a.get("arch"),
+        "tile": a.get("tile"),
+        "params": a.get("params"),
+        "macs": a.get("macs"),
+        "latency_ms": _first(_num(stats.get("median_ms")), _num(a.get("latency_ms")),
+                             values[1] if values is not None and len(values) == 2 else None),
+        "latency_p90_ms": _num(stats.get("p90_ms")),
+        "latency_source": a.get("latency_source") or lat.get("source"),
+        "device": a.get("device") or lat.get("device"),
+        "fingerprint_id": a.get("fingerprint_id") or lat.get("fingerprint_id"),
+        "measure_size": a.get("measure_size"),
+        "precision": a.get("precision", "fp32"),
+        "throttled": lat.get("throttled"),
+        "emulated": bool(lat.get("emulated") or (lat.get("fingerprint") or {}).get("emulated")),
+        "providers_used": lat.get("providers_used"),
+        "cached": lat.get("cached"),
+        "cv_mean": cv,
+        "cv_std": _num(a.get("cv_std")),
+        "fold_scores": a.get("fold_scores"),
+        "same_as_trial": a.get("same_as_trial"),
+        "values": values,
+        "pruned_reason": note,
+        "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
+        "finished": t.datetime_complete.isoformat(timespec="seconds") if t.datetime_complete else None,
+    }
+
+
+def _class_names(data: dict | None, card: dict | None) -> list[str]:
+    for src in (card or {}, data or {}):
+        for key in ("classes", "class_names", "class_map"):
+            v = src.get(key)
+            if isinstance(v, dict):
+                v = v.get("names")
+            if isinstance(v, list) and all(isinstance(n, str) for n in v):
+                return list(v)
+    return []
+
+
+def _named(values: Sequence[Any], names: list[str]) -> list[tuple[str, float | None]]:
+    return [(names[i] if i < len(names) else f"class {i}", _num(v)) for i, v in enumerate(values)]
+
+
+def _from_per_class(pc: Any, names: list[str]) -> list[tuple[str, float | None]] | None:
+    if isinstance(pc, list):
+        return _named(pc, names)
+    if not isinstance(pc, dict) or not pc:
+        return None
+    for key in ("iou", "per_class_iou"):
+        if isinstance(pc.get(key), list):
+            return _named(pc[key], names)
+    out = []
+    for name, v in pc.items():
+        if isinstance(v, dict):
+            v = v.get("iou")
+        if v is not None and _num(v) is None:
+            return None
+        out.append((str(name), _num(v)))
+    return out
+
+
+def _per_class_iou(metrics: dict | None, card: dict | None, names: list[str]) -> tuple[list, str] | None:
+    # What eval measured on the test images first, then the copy in the model card.
+    if isinstance(metrics, dict):
+        mean = metrics.get("mean")
+        if isinstance(mean, dict) and isinstance(mean.get("per_class_iou"), list):
+            return _named(mean["per_class_iou"], names), "eval/metrics.json (mean.per_class_iou)"
+        got = _from_per_class(metrics.get("per_class"), names)
+        if got:
+            return got, "eval/metrics.json (per_class)"
+    if isinstance(card, dict):
+        got = _from_per_class(card.get("test_per_class"), names)
+        if got:
+            return got, "best/model_card.json (test_per_class)"
+    return None
+
+
+def _data_summary(data: dict | None, names: list[str]) -> dict | None:
+    """The figures a reader wants from data.json (Dataset.summary() plus the pipeline's split and counts)."""
+    if not isinstance(data, dict):
+        return None
+
+    def count(v: Any) -> Any:
+        if isinstance(v, list):
+            return len(v)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    out: dict[str, Any] = {}
+    images = next((count(data.get(k)) for k in ("num_images", "images") if count(data.get(k)) is not None), None)
+    if images is not None:
+        out["images"] = images
+    split = data.get("split") if isinstance(data.get("split"), dict) else {}
+    for part in ("train", "test"):
+        n = count(data.get(f"{part}_images", split.get(part)))
+        if n is not None:
+            out[f"{part}_images"] = n
+    for key in ("test_source", "size_min", "size_max", "channels", "num_classes", "ignored_pixels"):
+        if data.get(key) is not None:
+            out[key] = data[key]
+    # tiles / reps / CV epochs: {tile size: count}, one per searched tile size (a bare number also works).
+    for part in ("tiles", "reps", "cv_epochs"):
+        v = data.get(part)
+        if isinstance(v, dict):
+            nums = {str(k): x for k, x in v.items() if count(x) is not None}
+            if len(nums) == 1:
+                out[part] = next(iter(nums.values()))
+            elif nums:
+                out[part] = {f"tile {k}": x for k, x in nums.items()}
+        elif count(v) is not None:
+            out[part] = count(v)
+    for key in ("mean", "std"):
+        if key in data:
+            out[key] = [round(x, 4) if isinstance(x, float) else x for x in data[key]] \
+                if isinstance(data[key], list) else data[key]
+    pixels = data.get("class_pixels")
+    if isinstance(pixels, list) and pixels:
+        total = float(sum(_num(p) or 0 for p in pixels)) or 1.0
+        out["classes"] = [{"name": n, "pixels": int(p), "fraction": float(p) / total}
+                          for n, p in _named(pixels, names) if p is not None]
+    elif names:
+        out["classes"] = [{"name": n, "pixels": None, "fraction": None} for n in names]
+    return out
+
+
+def _pick_chosen(rows: list[dict], objective: str, card: dict | None) -> dict | None:
+    """The final net (from the model card) or, while the search runs, the current best penalty trial."""
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    if isinstance(card, dict):
+        match = [r for r in done if r["arch"] == card.get("arch") and r["tile"] == card.get("tile")]
+        if isinstance(card.get("trial"), int):
+            match = [r for r in done if r["number"] == card["trial"]] or match
+        best = max(match, key=lambda r: r["cv_mean"] if r["cv_mean"] is not None else -1.0, default=None)
+        return {
+            "trial": best["number"] if best else None,
+            "provisional": False,
+            "from": "best/model_card.json",
+            "arch": card.get("arch"), "tile": card.get("tile"), "params": card.get("params"),
+            "macs": card.get("macs"),
+            "latency_ms": _first(_num(card.get("latency_ms")), best["latency_ms"] if best else None),
+            "latency_source": card.get("latency_source"), "device": card.get("device"),
+            "cv_mean": _first(_num(card.get("cv_score")), best["cv_mean"] if best else None),
+            "cv_std": _num(card.get("cv_std")),
+            "test_miou": _num(card.get("test_miou")), "test_dice": _num(card.get("test_dice")),
+            "test_pixel_acc": _num(card.get("test_pixel_acc")),
+        }
+    if objective == "pareto":
+        return None  # a Pareto study names its net only when the pipeline finishes
+    scored = [r for r in done if r["values"] and r["values"][0] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda r: r["values"][0])
+    keys = ("arch", "tile", "params", "macs", "latency_ms", "latency_source", "device", "cv_mean", "cv_std")
+    return {"trial": best["number"], "provisional": True, "from": "study (best objective so far)",
+            **{k: best[k] for k in keys}}
+
+
+def _other_evals(folder: Path) -> list[dict]:
+    """`autoseg eval RUN --test-images X --test-masks Y` results, each in its own folder under eval/other/."""
+    out = []
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        notes: list[str] = []
+        m, src = _read_json(sub / "metrics.json", notes), _read_json(sub / "source.json", notes)
+        if not isinstance(m, dict) or not isinstance(m.get("mean"), dict):
+            continue
+        src = src if isinstance(src, dict) else {}
+        out.append({"folder": f"eval/other/{sub.name}", "images": src.get("test_images"),
+                    "masks": src.get("test_masks"), "n_images": len(m.get("per_image") or []),
+                    "miou": _num(m["mean"].get("miou")), "macro_dice": _num(m["mean"].get("macro_dice")),
+                    "pixel_acc": _num(m["mean"].get("pixel_acc"))})
+    return out
+
+
+def _examples(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for p in sorted(folder.glob("*.png"))[:MAX_EXAMPLES] if folder.is_dir() else []:
+        try:
+            b = p.read_bytes()
+        except OSError:
+            continue
+        if b.startswith(PNG_MAGIC):
+            out[p.name] = b
+    return out

@@ -1,0 +1,109 @@
+"""Rows and lines both reports show (trials, fingerprints, training, other evaluations, summary)."""
+
+from __future__ import annotations
+
+import shlex
+
+from autoseg.report.format import NA, _f, _ms, _objective_cell, _si, _where
+
+
+def _training_rows(t: dict) -> list[list[str]]:
+    """The shipped net's training, as (field, value) rows for both reports."""
+    if t.get("data") == "reps":
+        return [["trained on", f"{t.get('tiles')} representative tiles, {t.get('epochs')} epochs"]]
+    val = t.get("val_images") or []
+    rows = [
+        ["trained on", f"crops of {t.get('crop')} px from {t.get('images')} training images"],
+        ["crops seen (budget)", f"{t.get('tile_passes'):,} ({t.get('budget_tiles'):,})"],
+        ["stopped", str(t.get("stopped", "")).replace("_", " ")],
+        ["validation", f"{len(val)} image(s); best mIoU {_f(t.get('best_val_miou'))} at step {t.get('best_step')}"
+         if val else "none (train.val_fraction 0): the last weights ship"],
+        ["wall time", f"{(t.get('seconds') or 0) / 60:.1f} min"],
+    ]
+    if t.get("teacher"):
+        rows.append(["distilled from", str(t["teacher"])])
+    return rows
+
+
+def _trial_table(rows: list[dict], objective: str, front: set[int], chosen: int | None,
+                 show_source: bool) -> tuple[list[str], list[list[str]], list[str]]:
+    headers = ["#", "state", "arch", "tile", "params", "MACs", "lat median ms", "lat p90 ms",
+               "CV ± std", "objective", "pruned / note"]
+    if show_source:
+        headers.insert(8, "latency source")
+    body, classes = [], []
+    for r in rows:
+        mark = " ★" if r["number"] == chosen else " ◆" if r["number"] in front else ""
+        cv = "–" if r["cv_mean"] is None else f"{r['cv_mean']:.3f} ± {_f(r['cv_std'])}"
+        note = "; ".join(filter(None, [
+            f"repeat of #{r['same_as_trial']}" if r["same_as_trial"] is not None else "", r["pruned_reason"]]))
+        cells = [f"{r['number']}{mark}", r["state"].lower(), str(r["arch"] or "–"), str(r["tile"] or "–"),
+                 _si(r["params"]), _si(r["macs"]), _ms(r["latency_ms"]), _ms(r["latency_p90_ms"]), cv,
+                 _objective_cell(r, objective), note]
+        if show_source:
+            cells.insert(8, _where(r["latency_source"], r["device"]))
+        body.append(cells)
+        classes.append("chosen" if r["number"] == chosen else "front" if r["number"] in front else
+                       r["state"].lower())
+    return headers, body, classes
+
+
+FP_KEYS = ("emulated", "emulator", "kernel_arch", "machine", "arch", "cpu_model", "cores", "ram_mb", "os", "python",
+           "numpy", "onnxruntime", "providers", "governor", "cpu_freq_mhz", "temperature_c", "throttled")
+
+
+def _fp_rows(latency: dict) -> tuple[list[str], list[list[str]]]:
+    fps = latency["fingerprints"]
+    headers = ["", *(f"{fid[:8]} ({', '.join(v['devices'])}; {v['trials']} trials)" for fid, v in fps.items())]
+    rows = []
+    for k in FP_KEYS:
+        vals = [v["fingerprint"].get(k) for v in fps.values()]
+        if all(x is None for x in vals):
+            continue
+        rows.append([k, *("–" if x is None else ", ".join(map(str, x)) if isinstance(x, list) else str(x)
+                          for x in vals)])
+    return headers, rows
+
+
+def _summary_lines(rep: dict) -> list[str]:
+    st = rep["study"]
+    lines = []
+    if st:
+        states = ", ".join(f"{v} {k.lower()}" for k, v in sorted(st["states"].items()))
+        rep_txt = f", {st['repeats']} of them repeats of a net already tried" if st.get("repeats") else ""
+        if st.get("unmeasured"):
+            rep_txt += f", {st['unmeasured']} the device could not measure"
+        lines.append(f"Study: {st['n_trials']} trials ({states or 'none yet'}){rep_txt}; "
+                     f"objective **{st['objective']}** ({' / '.join(st['directions'])}).")
+    lines.append("Status: " + ("; ".join(rep["status"]) + " — this report is partial."
+                               if rep["in_progress"] else "run complete."))
+    c = rep["chosen"]
+    if c:
+        word = "Current best (provisional)" if c["provisional"] else "Chosen net"
+        trial = f"trial #{c['trial']}, " if c.get("trial") is not None else ""
+        lines.append(f"{word}: {trial}`{c.get('arch')}` at tile {c.get('tile')}, {_si(c.get('params'))} params, "
+                     f"{_si(c.get('macs'))} MACs, {_ms(c.get('latency_ms'))} ms "
+                     f"({_where(c.get('latency_source'), c.get('device'))}), "
+                     f"CV {_f(c.get('cv_mean'))} ± {_f(c.get('cv_std'))}"
+                     + (f", test mIoU {_f(c.get('test_miou'))}" if c.get("test_miou") is not None else "") + ".")
+    else:
+        lines.append(f"Chosen net: {NA}.")
+    return lines
+
+
+SHIP_NOTE = ("`autoseg export RUN --trial N` trains that net like the chosen one (the same final training), "
+             "then exports, verifies and tests it into RUN/trials/N/.")
+
+
+def _ship_command(rep: dict, number: int) -> str:
+    return f"autoseg export {shlex.quote(rep['run_dir'])} --trial {number}"
+
+
+def _other_rows(others: list[dict]) -> list[list[str]]:
+    return [[str(o["images"]), str(o["n_images"]), _f(o["miou"]), _f(o["macro_dice"]), _f(o["pixel_acc"]),
+             o["folder"]] for o in others]
+
+
+OTHER_HEADERS = ["images", "n", "mIoU", "macro Dice", "pixel acc", "results in"]
+OTHER_SOURCE = ("`autoseg eval RUN --test-images X --test-masks Y`: the shipped net on other images, kept apart "
+                "from the run's own held-out results above.")
