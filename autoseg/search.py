@@ -61,6 +61,11 @@ PRUNERS = ("median", "halving", "hyperband")  # a trial's pruned_reason when one
 START_POOL = 256  # random nets of the space that search.startup "cost" picks the first trials from
 START_TOP_QUANTILE = 0.75  # the dearest of them sits at this MACs quantile: never the space's costly corner
 START_NOMINAL_CLASSES = 8  # MACs that order the start must not depend on the data, only on the config
+# What each objective is, by search.objective: optuna-dashboard and load_study show these, not "Objective 0".
+METRIC_NAMES = {
+    "penalty": ("cv_miou_penalised",),  # cv mIoU - alpha*log10(latency/ref) - beta*log10(MACs/ref)
+    "pareto": ("cv_miou", "latency_ms"),
+}
 
 # Config keys that do not change what a trial means: a rerun may change them and still resume.
 _RESUMABLE_KEYS = {
@@ -175,6 +180,20 @@ def sample_candidate(trial: optuna.Trial, space: SpaceConfig, tiles: Sequence[in
     if levels == 1:  # no decoder: both choices are the same net, which should be trained once
         upsample = ups[0]
     return Candidate(Arch(tuple(ks), tuple(cs), conv, upsample), tile)
+
+
+def arch_attrs(cand: Candidate) -> dict[str, int | str]:
+    """The decoded net as flat user attributes (one scalar each, so optuna-dashboard can plot and sort them):
+    depth, per level kernel_l{i} and channels_l{i} (real channel counts, not the sampled steps), and conv and
+    upsample, which are one choice for the whole net (the trial's "tile" attribute is the fifth part)."""
+    a = cand.arch
+    out: dict[str, int | str] = {"depth": a.levels}
+    for i, (k, c) in enumerate(zip(a.kernels, a.channels, strict=True)):
+        out[f"kernel_l{i}"] = int(k)
+        out[f"channels_l{i}"] = int(c)
+    out["conv"] = a.conv
+    out["upsample"] = a.upsample
+    return out
 
 
 def penalty_objective(score: float, latency_ms: float, macs: float, cfg: SearchConfig) -> float:
@@ -447,6 +466,9 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
             f"{'pareto' if len(study.directions) == 2 else 'penalty'}; use a new --out for --objective "
             f"{cfg.search.objective}"
         )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # experimental in Optuna 3
+        study.set_metric_names(list(METRIC_NAMES[cfg.search.objective]))
     if theirs is None or resume_anyway:
         study.set_user_attr("config", mine)
         study.set_user_attr("config_hash", config_hash(cfg))
@@ -636,6 +658,8 @@ class Objective:
         trial.set_user_attr("arch", cand.arch.key())
         trial.set_user_attr("arch_dict", cand.arch.to_dict())
         trial.set_user_attr("tile", cand.tile)
+        for key, value in arch_attrs(cand).items():
+            trial.set_user_attr(key, value)
         try:
             validate_arch(cand.arch, cand.tile)
         except ValueError as e:
@@ -716,6 +740,7 @@ class Objective:
 
         def on_fold(i: int, running: float) -> None:
             means.append(running)
+            trial.set_user_attr("cv_score", float(running))  # so far: a pruned trial keeps the folds it did
             self.folds_done = i + 1
             last = i + 1 == folds
             if not pareto:  # the objective so far; after the last fold, pruning would save nothing
@@ -749,6 +774,7 @@ class Objective:
         cv_mean, cv_std = float(np.mean(scores)), float(np.std(scores))
         trial.set_user_attr("fold_scores", [float(v) for v in scores])
         trial.set_user_attr("cv_mean", cv_mean)
+        trial.set_user_attr("cv_score", cv_mean)
         trial.set_user_attr("cv_std", cv_std)
         value = penalty_objective(cv_mean, latency, macs, scfg)
         trial.set_user_attr("penalty_value", value)
@@ -767,7 +793,7 @@ class Objective:
         latency, even when a busy device would measure it twice. The sampler still sees the value, so it
         learns the same from a repeat as from the first look."""
         for key in ("params", "macs", "latency", "latency_ms", "latency_source", "measure_size", "precision", "device",
-                    "fingerprint_id", "fold_scores", "cv_mean", "cv_std", "penalty_value", "pruned_reason",
+                    "fingerprint_id", "fold_scores", "cv_mean", "cv_score", "cv_std", "penalty_value", "pruned_reason",
                     "stopped_by"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
