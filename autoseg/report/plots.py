@@ -9,6 +9,10 @@ from typing import Any
 
 import numpy as np
 
+# A log axis spanning fewer decades than this gets a few labelled minor ticks (2 and 5); a wider one
+# has enough labelled decades (1, 10, 100) already.
+MINOR_LABEL_MAX_DECADES = 2.5
+
 
 def _figure(w: float, h: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -25,6 +29,72 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _tick_text(v: float, si: bool) -> str:
+    """A plain tick label: "0.3", "20", or with `si` "20M", "1.5G" (never "3×10⁻¹")."""
+    if si:
+        for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(v) >= div:
+                return f"{v / div:g}{suffix}"
+    return f"{v:g}"
+
+
+def _plain_log_axis(axis: Any, si: bool = False) -> None:
+    """Decimal labels on a log axis, with minor labels only where there is room for them.
+
+    Matplotlib's default labels every minor tick of a narrow log axis in scientific notation, and on
+    the 0.3-40 ms range of small nets they run together ("3×10⁻¹4×10⁻¹"). Which minor ticks get a
+    label depends on how many decades the axis spans, decided at draw time, when the limits are known.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v: float, _pos: Any) -> str:
+        lo, hi = sorted(axis.get_view_interval())
+        decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+        keep = {1, 2, 3, 4, 5, 6, 7, 8, 9} if decades < 0.6 else {2, 3, 5} if decades < 1.2 \
+            else {2, 5} if decades < MINOR_LABEL_MAX_DECADES else set()
+        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9)) if v > 0 else 0
+        return _tick_text(v, si) if lead in keep else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: _tick_text(v, si)))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def _keep_inside(fig: Any, ax: Any, notes: list[Any], margin_px: float = 3.0) -> None:
+    """Move annotation labels that would leave the axes (over the title, off the figure) back inside.
+
+    A label that overflows a side is first mirrored to the other side of its point; what still
+    overflows is then shifted in. Needs a draw to know the text sizes, so only figures with labels pay it.
+    """
+    if not notes:
+        return
+    pt = 72.0 / fig.dpi  # offsets are in points, extents in pixels
+
+    def overflow(note: Any, renderer: Any) -> tuple[float, float]:
+        box = note.get_bbox_patch().get_window_extent(renderer) if note.get_bbox_patch() \
+            else note.get_window_extent(renderer)
+        frame = ax.get_window_extent(renderer)
+        dx = max(0.0, frame.x0 + margin_px - box.x0) - max(0.0, box.x1 - (frame.x1 - margin_px))
+        dy = max(0.0, frame.y0 + margin_px - box.y0) - max(0.0, box.y1 - (frame.y1 - margin_px))
+        return dx, dy
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for note in notes:
+        dx, dy = overflow(note, renderer)
+        x, y = note.xyann
+        if dx:
+            note.xyann = (abs(x) if dx > 0 else -abs(x), note.xyann[1])
+            note.set_horizontalalignment("left" if dx > 0 else "right")
+        if dy:
+            note.xyann = (note.xyann[0], abs(y) if dy > 0 else -abs(y))
+            note.set_verticalalignment("bottom" if dy > 0 else "top")
+    fig.canvas.draw()
+    for note in notes:
+        dx, dy = overflow(note, renderer)
+        if dx or dy:
+            note.xyann = (note.xyann[0] + dx * pt, note.xyann[1] + dy * pt)
+
+
 def _offset(x: float, xs: Sequence[float], log_x: bool) -> tuple[tuple[int, int], str]:
     """Put a label on the side of the point with more room."""
     lo, hi = min(xs), max(xs)
@@ -36,11 +106,18 @@ def _offset(x: float, xs: Sequence[float], log_x: bool) -> tuple[tuple[int, int]
 
 def plot_pareto(pts: list[dict], front: list[int], chosen: dict | None, xlabel: str,
                 budget_ms: float | None, mixed: bool) -> bytes:
+    return _png(pareto_figure(pts, front, chosen, xlabel, budget_ms, mixed))
+
+
+def pareto_figure(pts: list[dict], front: list[int], chosen: dict | None, xlabel: str,
+                  budget_ms: float | None, mixed: bool) -> Any:
+    """CV score vs latency, the front as a staircase, the chosen net as a star (a matplotlib Figure)."""
     fig = _figure(7.8, 4.9)
     ax = fig.add_subplot()
     xs = [p["latency_ms"] for p in pts]
     ys = [p["cv_mean"] for p in pts]
     err = [p["cv_std"] or 0.0 for p in pts]
+    notes: list[Any] = []
     ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="#dddddd", elinewidth=1, zorder=1)
     markers = {"device": "s", "local": "o"}
     groups = sorted({str(p["latency_source"]) for p in pts}) if mixed else [None]
@@ -60,6 +137,7 @@ def plot_pareto(pts: list[dict], front: list[int], chosen: dict | None, xlabel: 
     log_x = len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 20
     if log_x:
         ax.set_xscale("log")
+        _plain_log_axis(ax.xaxis)
     if budget_ms:
         ax.axvline(budget_ms, ls="--", lw=1.2, color="#c62828", label=f"latency budget {budget_ms:g} ms")
     if chosen and chosen.get("latency_ms") is not None and chosen.get("cv_mean") is not None:
@@ -70,23 +148,28 @@ def plot_pareto(pts: list[dict], front: list[int], chosen: dict | None, xlabel: 
         tag = f" #{chosen['trial']}" if chosen.get("trial") is not None else ""
         xy, ha = _offset(cx, [*xs, cx], log_x)
         # Short label: the arch is in the caption and the table, a long one would hide neighbours.
-        ax.annotate(f"{word}{tag}\nCV {cy:.3f}, {cx:.3g} ms", (cx, cy),
+        notes.append(ax.annotate(f"{word}{tag}\nCV {cy:.3f}, {cx:.3g} ms", (cx, cy),
                     xytext=xy, textcoords="offset points", ha=ha, fontsize=8, zorder=6,
                     bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "#999999", "alpha": 0.8},
-                    arrowprops={"arrowstyle": "-", "color": "#666666"})
+                    arrowprops={"arrowstyle": "-", "color": "#666666"}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("CV score: mean val mIoU over folds")
     ax.set_title("Score vs latency (completed trials; bars = ±1 std over folds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     fig.subplots_adjust(left=0.09, right=0.98, bottom=0.11, top=0.93)
-    return _png(fig)
+    _keep_inside(fig, ax, notes)
+    return fig
 
 
 def plot_latency_vs_macs(pts: list[dict], fit: dict | None, outliers: list[dict], ylabel: str,
                          mixed: bool = False) -> bytes:
-    from matplotlib.ticker import FuncFormatter
+    return _png(latency_vs_macs_figure(pts, fit, outliers, ylabel, mixed))
 
+
+def latency_vs_macs_figure(pts: list[dict], fit: dict | None, outliers: list[dict], ylabel: str,
+                           mixed: bool = False) -> Any:
+    """Latency against MACs on log-log axes with the power-law fit; the nets furthest off it labelled."""
     fig = _figure(7.8, 4.9)
     ax = fig.add_subplot()
     colours = {"COMPLETE": "#1f6fb4", "PRUNED": "#ef8a17"}
@@ -99,9 +182,10 @@ def plot_latency_vs_macs(pts: list[dict], fit: dict | None, outliers: list[dict]
                    c=colours.get(state, "#777777"), marker=markers.get(src, "o"), label=label, zorder=3)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    # Plain millisecond labels: "0.8", not "8 x 10^-1", on the narrow ranges small nets span.
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # Plain labels: "0.8" ms, not "8 x 10^-1", on the narrow ranges small nets span; MACs as "20M".
+    _plain_log_axis(ax.yaxis)
+    _plain_log_axis(ax.xaxis, si=True)
+    notes = []
     if fit:
         macs = [p["macs"] for p in pts]
         gx = np.geomspace(min(macs), max(macs), 50)
@@ -112,18 +196,21 @@ def plot_latency_vs_macs(pts: list[dict], fit: dict | None, outliers: list[dict]
         word = "slower" if o["ratio"] > 1 else "faster"
         factor = o["ratio"] if o["ratio"] > 1 else 1 / o["ratio"]
         xy, ha = _offset(o["macs"], xs, True)
-        ax.annotate(f"#{o['trial']} {o['arch'] or ''}\n{factor:.1f}× {word} than MACs predict",
-                    (o["macs"], o["latency_ms"]), xytext=(xy[0], 14 if o["ratio"] > 1 else -28),
-                    textcoords="offset points", ha=ha, fontsize=7.5, zorder=5,
-                    bbox={"boxstyle": "round,pad=0.25", "fc": "#fff8e1", "ec": "#d4a017", "alpha": 0.95},
-                    arrowprops={"arrowstyle": "-", "color": "#a07800"})
+        up = o["ratio"] > 1
+        notes.append(ax.annotate(
+            f"#{o['trial']} {o['arch'] or ''}\n{factor:.1f}× {word} than MACs predict",
+            (o["macs"], o["latency_ms"]), xytext=(xy[0], 14 if up else -14), textcoords="offset points",
+            ha=ha, va="bottom" if up else "top", fontsize=7.5, zorder=5,
+            bbox={"boxstyle": "round,pad=0.25", "fc": "#fff8e1", "ec": "#d4a017", "alpha": 0.95},
+            arrowprops={"arrowstyle": "-", "color": "#a07800"}))
     ax.set_xlabel("MACs per inference (analytic count at the input size latency was measured at)")
     ax.set_ylabel(ylabel)
     ax.set_title("Measured latency vs MACs: where MACs mislead", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
     fig.subplots_adjust(left=0.09, right=0.98, bottom=0.11, top=0.93)
-    return _png(fig)
+    _keep_inside(fig, ax, notes)
+    return fig
 
 
 def plot_per_class_iou(items: list[tuple[str, float | None]], miou: float | None, title: str) -> bytes:
