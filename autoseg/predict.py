@@ -16,8 +16,6 @@ import math
 import os
 import re
 import secrets
-import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from autoseg.errors import InputError
 from autoseg.infer import MODES, ort_runner, predict_labels, whole_pixel_limit
 from autoseg.rundir import write_bytes_atomic
 from autoseg.visual import colorize, palette
+from edge_agent.predict import PngRows  # the device agent's band-wise PNG writer: one for host and device
 
 log = logging.getLogger(__name__)
 
@@ -183,49 +182,6 @@ def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = 
     rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
     mixed = (1 - alpha) * rgb.astype(np.float32) + alpha * colorize(ids, pal).astype(np.float32)
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-
-
-class PngRows:
-    """A PNG written a band of rows at a time (8/16-bit gray or 8-bit RGB): no full-size copy of the mask.
-
-    Every row uses the Up filter (its difference to the row above), so label runs repeated down the
-    image compress to zeros, as with Pillow's adaptive filters.
-    """
-
-    def __init__(self, f: IO[bytes], width: int, height: int, channels: int, dtype: type[np.unsignedinteger]):
-        self._f, self._w, self._h, self._c = f, width, height, channels
-        self._dtype = np.dtype(dtype).newbyteorder(">")  # PNG samples are big-endian
-        self._rows = 0
-        self._prev: np.ndarray | None = None
-        self._z = zlib.compressobj(6)
-        colour_type = {1: 0, 3: 2}[channels]
-        f.write(b"\x89PNG\r\n\x1a\n")
-        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8 * self._dtype.itemsize, colour_type, 0, 0, 0))
-
-    def _chunk(self, kind: bytes, data: bytes) -> None:
-        self._f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
-
-    def write(self, band: np.ndarray) -> None:
-        """Append rows: (R, W) gray or (R, W, 3) RGB."""
-        expect = (self._w,) if self._c == 1 else (self._w, 3)
-        if band.shape[1:] != expect or self._rows + band.shape[0] > self._h:
-            raise ValueError(f"band {band.shape} does not fit a {self._h}x{self._w}x{self._c} PNG at row {self._rows}")
-        raw = np.ascontiguousarray(band, dtype=self._dtype).view(np.uint8).reshape(band.shape[0], -1)
-        up = np.empty((raw.shape[0], raw.shape[1] + 1), np.uint8)
-        up[:, 0] = 2  # filter type Up
-        np.subtract(raw[1:], raw[:-1], out=up[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
-        np.subtract(raw[0], self._prev if self._prev is not None else 0, out=up[0, 1:], casting="unsafe")
-        self._prev = raw[-1].copy()
-        self._rows += band.shape[0]
-        data = self._z.compress(up.tobytes())
-        if data:
-            self._chunk(b"IDAT", data)
-
-    def close(self) -> None:
-        if self._rows != self._h:
-            raise ValueError(f"PNG got {self._rows} of its {self._h} rows")
-        self._chunk(b"IDAT", self._z.flush())
-        self._chunk(b"IEND", b"")
 
 
 @contextlib.contextmanager

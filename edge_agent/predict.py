@@ -2,10 +2,11 @@
 
 numpy + onnxruntime only (Pillow is used when present, for JPEG/TIFF/BMP and EXIF turns; PNG and PGM/PPM are
 read and PNG written with the standard library). The preprocessing comes from the model's ONNX metadata
-(classes, mean, std, tile, input_multiple, class_map, arch), and inference is the host's `autoseg predict`
-(autoseg/infer.py): the whole image padded to the input multiple, or Gaussian-blended moving windows
-(sigma = tile/8) a band of rows at a time; "auto" runs whole while the pass's activations fit 512 MiB.
-Keep the two in step: the arm64 end-to-end test compares their masks pixel by pixel.
+(classes, mean, std, tile, input_multiple, class_map, arch). Inference is the whole image padded to the input
+multiple, or Gaussian-blended moving windows (sigma = tile/8) a band of rows at a time; "auto" runs whole while
+the pass's activations fit 512 MiB. The host's `autoseg predict` and `autoseg eval` import this module's
+window blending, whole-image pass and PNG writer (autoseg/infer.py, autoseg/predict.py), so both label alike;
+the parity tests compare their masks pixel by pixel. This module never imports autoseg.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ MODES = ("auto", "whole", "window")
 VALUES = ("ids", "training")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".pgm", ".ppm")
 REQUIRED_KEYS = ("classes", "mean", "std", "tile")
-WHOLE_MAX_PIXELS = 2048 * 2048  # as autoseg.infer
+# "auto" runs the whole image at once while that is cheap, and windows beyond, to bound memory: up to this
+# many pixels, and up to WHOLE_MAX_BYTES of estimated activations (whole_pixel_limit).
+WHOLE_MAX_PIXELS = 2048 * 2048
 WHOLE_MAX_BYTES = 512 * 2**20
-WIDTH_GUESS = 64
+WIDTH_GUESS = 64  # first-level channels assumed when the net's are not known (the default space's widest)
+BAND_BYTES = 8 * 2**20  # logits handed out (and reduced by argmax) at a time; the ring of window sums is apart
 OVERLAY_ALPHA = 0.45
 MAX_PIXELS = 1 << 28  # as autoseg.data's default image limit (16384 x 16384)
 
@@ -127,6 +131,9 @@ def _first_width(arch: Optional[str]) -> Optional[int]:
 
 
 def stride_for(tile: int, overlap: float) -> int:
+    """Step between window starts: `tile * (1 - overlap)`, rounded, at least 1 (as autoseg.tiles)."""
+    if not 0.0 <= overlap < 1.0 or tile < 1:
+        raise ValueError(f"windows need 0 <= overlap < 1 and tile >= 1, got overlap={overlap}, tile={tile}")
     return max(1, round(tile * (1.0 - overlap)))
 
 
@@ -149,7 +156,8 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return np.ascontiguousarray((x - m) / s)
 
 
-def _pad_mode(h: int, w: int, hp: int, wp: int) -> str:
+def pad_mode(h: int, w: int, hp: int, wp: int) -> str:
+    """Reflect when the image is big enough, else zeros (= the mean)."""
     return "reflect" if hp - h < h and wp - w < w else "constant"
 
 
@@ -158,10 +166,11 @@ def _round_up(n: int, m: int) -> int:
 
 
 def predict_whole(run: RunFn, x: np.ndarray, multiple: int) -> np.ndarray:
+    """CHW -> KHW logits from one pass over the image padded (bottom/right) to a multiple of `multiple`."""
     _, h, w = x.shape
     hp, wp = _round_up(h, multiple), _round_up(w, multiple)
     if (hp, wp) != (h, w):
-        x = np.pad(x, ((0, 0), (0, hp - h), (0, wp - w)), mode=_pad_mode(h, w, hp, wp))
+        x = np.pad(x, ((0, 0), (0, hp - h), (0, wp - w)), mode=pad_mode(h, w, hp, wp))
     return run(x[None])[0, :, :h, :w]
 
 
@@ -169,18 +178,27 @@ _WEIGHTS: Dict[int, np.ndarray] = {}
 
 
 def gaussian_weights(tile: int) -> np.ndarray:
-    """(tile, tile) float32 importance map: 1 at the centre, sigma = tile/8."""
+    """(tile, tile) float32 importance map, read-only: 1 at the centre, sigma = tile/8 (nnU-Net's choice)."""
     if tile not in _WEIGHTS:
         sigma = tile / 8
         c = np.arange(tile, dtype=np.float64) - (tile - 1) / 2
         g = np.exp(-(c**2) / (2 * sigma**2))
         w = np.outer(g, g)
         w /= w.max()
-        _WEIGHTS[tile] = np.maximum(w, w[w > 0].min()).astype(np.float32)
+        # Corners of large tiles underflow to ~0; keep every pixel's weight positive.
+        w = np.maximum(w, w[w > 0].min()).astype(np.float32)
+        w.flags.writeable = False
+        _WEIGHTS[tile] = w
     return _WEIGHTS[tile]
 
 
+def rows_within(row_bytes: int) -> int:
+    """Rows of `row_bytes` each that fit BAND_BYTES (at least one)."""
+    return max(1, BAND_BYTES // max(1, row_bytes))
+
+
 def _ring(start: int, stop: int, size: int) -> List[Tuple[slice, slice]]:
+    """Rows start..stop (at most `size` of them) of a ring buffer of `size` rows: (buffer rows, offsets)."""
     r, n = start % size, stop - start
     first = min(n, size - r)
     parts = [(slice(r, r + first), slice(0, first))]
@@ -190,11 +208,24 @@ def _ring(start: int, stop: int, size: int) -> List[Tuple[slice, slice]]:
 
 
 def window_bands(run: RunFn, rows: Callable[[int, int], np.ndarray], h: int, w: int, tile: int, overlap: float,
-                 batch: int) -> Iterator[Tuple[int, np.ndarray]]:
-    """Blended window logits as (y0, K x R x W) bands, top to bottom: autoseg.infer.window_bands."""
+                 batch: int, weights: Optional[np.ndarray] = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """Blended window logits of an (h, w) image as (y0, K x R x W logits) bands of rows, top to bottom.
+
+    The one implementation of moving windows: autoseg.infer (the host's predict and eval) calls it too.
+    Windows of tile x tile (snapped to the borders, `overlap` apart) run `batch` at a time, in row-major
+    order; each pixel's logits are the `weights`-weighted mean (default: Gaussian) over the windows that
+    cover it. The sums live in a ring of `tile` rows: the rows above the next window row are final, so
+    they are divided, yielded (at most BAND_BYTES of logits at a time) and their slots reused. Memory is
+    K x tile x W floats whatever h, and every pixel sums the same terms in the same order as one
+    whole-image accumulator would. `rows(y0, y1)` gives rows y0..y1 of the normalised CHW image; it is
+    called once per window row (once in all when the image is shorter than a tile). Smaller images are
+    padded (see pad_mode) and cropped back.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got batch={batch}")
     hp, wp = max(h, tile), max(w, tile)
-    mode = _pad_mode(h, w, hp, wp)
-    wmap = gaussian_weights(tile)
+    mode = pad_mode(h, w, hp, wp)
+    wmap = gaussian_weights(tile) if weights is None else np.asarray(weights, np.float32)
     stride = stride_for(tile, overlap)
     xs = window_starts(wp, tile, stride)
 
@@ -209,16 +240,18 @@ def window_bands(run: RunFn, rows: Callable[[int, int], np.ndarray], h: int, w: 
             for x0 in xs:
                 yield y, x0, b[:, :, x0 : x0 + tile]
 
-    state: Dict[str, Any] = {"acc": None, "done": 0}
+    acc: Optional[np.ndarray] = None  # (K, tile, wp): padded row r lives in ring row r % tile
     wsum = np.zeros((tile, wp), np.float32)
+    done = 0  # rows above this were yielded
 
-    def emit(stop: int) -> Iterator[Tuple[int, np.ndarray]]:
-        acc, done = state["acc"], state["done"]
-        if min(stop, h) > done:
-            out = np.empty((acc.shape[0], min(stop, h) - done, w), np.float32)
-            for buf, dst in _ring(done, min(stop, h), tile):
+    def emit(acc: np.ndarray, stop: int) -> Iterator[Tuple[int, np.ndarray]]:
+        step = rows_within(acc.shape[0] * w * 4)  # what is handed out stays small beside the ring
+        for y0 in range(done, min(stop, h), step):
+            y1 = min(y0 + step, stop, h)
+            out = np.empty((acc.shape[0], y1 - y0, w), np.float32)
+            for buf, dst in _ring(y0, y1, tile):
                 np.divide(acc[:, buf, :w], wsum[buf, :w], out=out[:, dst])
-            yield done, out
+            yield y0, out
         for buf, _ in _ring(done, stop, tile):
             acc[:, buf] = 0
             wsum[buf] = 0
@@ -229,29 +262,35 @@ def window_bands(run: RunFn, rows: Callable[[int, int], np.ndarray], h: int, w: 
         if not chunk:
             break
         out = run(np.stack([win for _, _, win in chunk]))
-        if state["acc"] is None:
-            state["acc"] = np.zeros((out.shape[1], tile, wp), np.float32)
-        acc = state["acc"]
-        for i, (y, x0, _) in enumerate(chunk):
+        if acc is None:
+            acc = np.zeros((out.shape[1], tile, wp), np.float32)
+        for i, (y, x0, _) in enumerate(chunk):  # zip(strict=) is Python 3.10
             o = out[i]
-            if y > state["done"]:  # a new window row: the rows above it are final
-                for item in emit(y):
+            if y > done:  # a new window row: the rows above it are final
+                for item in emit(acc, y):
                     yield item
-                state["done"] = y
+                done = y
             weighted = o * wmap
             for buf, src in _ring(y, y + tile, tile):
                 acc[:, buf, x0 : x0 + tile] += weighted[:, src]
                 wsum[buf, x0 : x0 + tile] += wmap[src]
-    for item in emit(hp):
-        yield item
+    if acc is not None:
+        for item in emit(acc, hp):
+            yield item
 
 
 def whole_pixel_limit(in_channels: int, classes: int, width: Optional[int] = None) -> int:
+    """The most pixels "auto" runs in one whole-image pass, for a net with `width` first-level channels.
+
+    One onnxruntime pass holds about 5-6 full-resolution activations of the first level (measured on
+    2-4 level U-Nets, 8-64 channels), plus input and logits: 8 are counted, to stay on the safe side.
+    """
     per_pixel = 4 * (in_channels + 2 * classes + 8 * (width or WIDTH_GUESS))
     return max(1, min(WHOLE_MAX_PIXELS, WHOLE_MAX_BYTES // per_pixel))
 
 
 def label_dtype(num_classes: int) -> Any:
+    """The smallest unsigned dtype that holds class ids 0..num_classes-1."""
     return np.uint8 if num_classes <= 256 else np.uint16 if num_classes <= 65536 else np.uint32
 
 
@@ -267,7 +306,18 @@ def predict_labels(run: RunFn, image: np.ndarray, info: ModelInfo, mode: str, ov
         bands = window_bands(run, lambda y0, y1: normalize(image[y0:y1], info.mean, info.std), h, w, info.tile,
                              overlap, batch)
     for y0, logits in bands:
-        yield y0, logits.argmax(axis=0).astype(label_dtype(logits.shape[0]))
+        yield y0, argmax_classes(logits)
+
+
+def argmax_classes(logits: np.ndarray) -> np.ndarray:
+    """K x R x W logits -> R x W class ids (label_dtype), a few rows at a time: numpy's argmax over the first
+    axis copies the whole array first."""
+    k, r, w = logits.shape
+    out = np.empty((r, w), label_dtype(k))
+    step = rows_within(k * w * logits.itemsize)
+    for y0 in range(0, r, step):
+        out[y0 : y0 + step] = logits[:, y0 : y0 + step].argmax(axis=0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -537,11 +587,16 @@ def read_pnm(f: IO[bytes]) -> np.ndarray:
 
 
 class PngRows:
-    """A PNG written a band of rows at a time (8/16-bit gray or 8-bit RGB), Up filter, standard library only."""
+    """A PNG written a band of rows at a time (8/16-bit gray or 8-bit RGB): no full-size copy of the mask.
+
+    Standard library only; autoseg predict writes its masks with it too. Every row uses the Up filter
+    (its difference to the row above), so label runs repeated down the image compress to zeros, as with
+    Pillow's adaptive filters.
+    """
 
     def __init__(self, f: IO[bytes], width: int, height: int, channels: int, dtype: Any) -> None:
         self._f, self._w, self._h, self._c = f, width, height, channels
-        self._dtype = np.dtype(dtype).newbyteorder(">")
+        self._dtype = np.dtype(dtype).newbyteorder(">")  # PNG samples are big-endian
         self._rows = 0
         self._prev: Optional[np.ndarray] = None
         self._z = zlib.compressobj(6)
@@ -553,10 +608,14 @@ class PngRows:
         self._f.write(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)))
 
     def write(self, band: np.ndarray) -> None:
+        """Append rows: (R, W) gray or (R, W, 3) RGB."""
+        expect = (self._w,) if self._c == 1 else (self._w, 3)
+        if band.shape[1:] != expect or self._rows + band.shape[0] > self._h:
+            raise ValueError(f"band {band.shape} does not fit a {self._h}x{self._w}x{self._c} PNG at row {self._rows}")
         raw = np.ascontiguousarray(band, dtype=self._dtype).view(np.uint8).reshape(band.shape[0], -1)
         up = np.empty((raw.shape[0], raw.shape[1] + 1), np.uint8)
-        up[:, 0] = 2
-        np.subtract(raw[1:], raw[:-1], out=up[1:, 1:])
+        up[:, 0] = 2  # filter type Up
+        np.subtract(raw[1:], raw[:-1], out=up[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
         np.subtract(raw[0], self._prev if self._prev is not None else 0, out=up[0, 1:], casting="unsafe")
         self._prev = raw[-1].copy()
         self._rows += band.shape[0]

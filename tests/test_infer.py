@@ -17,7 +17,6 @@ from autoseg.errors import InputError
 from autoseg.export import onnx_bytes
 from autoseg.infer import (
     evaluate,
-    gaussian_weights,
     normalize,
     ort_runner,
     predict,
@@ -32,6 +31,7 @@ from autoseg.infer import (
 )
 from autoseg.metrics import confusion_matrix
 from autoseg.unet import Arch, build_unet
+from edge_agent.predict import WIDTH_GUESS, gaussian_weights, pad_mode
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,6 +84,17 @@ def test_gaussian_weights():
     profile = np.exp(-(c**2) / (2 * 4.0**2))
     np.testing.assert_allclose(g, np.outer(profile, profile) / profile.max() ** 2, rtol=1e-4, atol=1e-7)
     assert g[0, 0] < 1e-6 < g[0, 16]
+    assert not g.flags.writeable  # cached and shared: a caller must not change it
+
+
+def test_host_and_device_share_one_window_blending_and_png_writer():
+    # autoseg predict/eval and `edge-agent predict` label alike because they run the same code, not a copy.
+    import autoseg.predict
+    import edge_agent.predict
+
+    assert infer.window_bands is edge_agent.predict.window_bands
+    assert infer.predict_whole is edge_agent.predict.predict_whole
+    assert autoseg.predict.PngRows is edge_agent.predict.PngRows
 
 
 def test_pointwise_net_windows_equal_whole():
@@ -169,8 +180,8 @@ def test_torch_and_onnxruntime_runners_agree(tmp_path):
 def _one_accumulator(run, x, tile, overlap, batch, weights=None):
     """The former predict_windows: one K x H x W accumulator over the whole (padded) image."""
     _, h, w = x.shape
-    xp = infer._pad_to(x, max(h, tile), max(w, tile))
-    hp, wp = xp.shape[1:]
+    hp, wp = max(h, tile), max(w, tile)
+    xp = np.pad(x, ((0, 0), (0, hp - h), (0, wp - w)), mode=pad_mode(h, w, hp, wp))
     wmap = gaussian_weights(tile) if weights is None else np.asarray(weights, np.float32)
     corners = window_grid(hp, wp, tile, overlap)
     acc = None
@@ -277,7 +288,7 @@ def test_auto_runs_whole_images_only_while_the_pass_is_small():
     # A 24-class net with 16 channels at full resolution: 2000 x 2000 took 1.65 GB in one onnxruntime pass.
     assert whole_pixel_limit(3, 24, 16) < 1000 * 1000 < 2000 * 2000
     assert whole_pixel_limit(3, 2, 8) > whole_pixel_limit(3, 24, 64)  # narrower nets, fewer classes: bigger
-    assert whole_pixel_limit(3, 2, None) == whole_pixel_limit(3, 2, infer.WIDTH_GUESS)
+    assert whole_pixel_limit(3, 2, None) == whole_pixel_limit(3, 2, WIDTH_GUESS)
     assert whole_pixel_limit(1, 2, 1) == infer.WHOLE_MAX_PIXELS  # never above the pixel cap
     calls: list[tuple[int, ...]] = []
 
