@@ -43,6 +43,7 @@ from autoseg.export import export_final
 from autoseg.infer import whole_pixel_limit
 from autoseg.rundir import write_text_atomic
 from autoseg.unet import Arch, build_unet
+from benchmarks import cpu_and_ram
 
 ARCH = Arch(kernels=(3, 3), channels=(8, 16))  # small: 10000 x 10000 takes ~25k windows
 NUM_CLASSES = 24
@@ -150,16 +151,8 @@ def floor_rss(pythonpath: Path | None, tmp: Path) -> float:
 
 
 def machine() -> str:
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    try:
-        ram = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    except (OSError, IndexError, ValueError):
-        ram = float("nan")
-    return (f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {ram:.0f} GiB RAM; Python "
+    cpu, ram = cpu_and_ram()
+    return (f"{platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {ram}; Python "
             f"{platform.python_version()}, numpy {np.__version__}, onnxruntime {ort.__version__}, "
             f"Pillow {Image.__version__}, autoseg {autoseg.__version__}; 1-minute load average "
             f"{os.getloadavg()[0]:.1f} at the start (other jobs may share the machine)")

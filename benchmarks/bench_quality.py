@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import numpy as np
 from autoseg.pipeline import finalize
 from autoseg.rundir import RunDir, write_text_atomic
 from autoseg.unet import Arch
-from benchmarks import DATA_ROOT
+from benchmarks import DATA_ROOT, peak_rss_mb
 from benchmarks.bench_search import REF_ARCH, TILE, fmt, machine_info, make_config, prepare_task
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
@@ -108,7 +107,7 @@ from autoseg.data import scan_dataset
 from autoseg.final_train import *
 from autoseg.train import training_settings
 from autoseg.unet import Arch, build_unet
-from benchmarks.bench_quality import peak_rss_mb
+from benchmarks import peak_rss_mb
 root, tiles = Path(sys.argv[1]), int(sys.argv[2])
 cfg = load_config(overrides={"train.final_tiles": tiles, "train.patience": 0, "train.val_fraction": 0.0})
 ds = scan_dataset(root / "images", root / "masks", cfg.data)
@@ -123,14 +122,6 @@ train_final(build_unet(arch, ds.channels, ds.class_map.num_classes), ds, ids, id
 print(json.dumps({"seconds": time.perf_counter() - t0, "workers": workers,
                   "maxrss_mb": peak_rss_mb()}))
 """
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def synthetic(root: Path, n: int, side: int = 256, classes: int = 6) -> Path:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks import cpu_and_ram
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 MEMORY_MD = RESULTS / "memory.md"
@@ -336,15 +338,7 @@ def _quote(md: str) -> list[str]:
 
 
 def machine() -> str:
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    try:
-        ram = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 2**20:.0f} GiB RAM"
-    except (OSError, IndexError, ValueError):
-        ram = "RAM unknown"
+    cpu, ram = cpu_and_ram()
     versions = []
     for dist in ("torch", "onnxruntime", "optuna", "pytest"):
         with contextlib.suppress(metadata.PackageNotFoundError):
