@@ -104,6 +104,8 @@ def seg_loss(
 
 def make_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """k (train, val) index pairs. Tiles of one source image stay on one side when there are >= k images."""
+    from sklearn.model_selection import GroupKFold, KFold
+
     groups = np.asarray(groups)
     n = len(groups)
     if k < 2:
@@ -111,19 +113,18 @@ def make_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, 
     if n < k:
         raise ValueError(f"cannot make {k} folds from {n} tiles; use fewer folds or more representatives")
     rng = np.random.default_rng(seed)
-    uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    fold_of_tile = np.empty(n, dtype=np.int64)
+    uniq, inverse = np.unique(groups, return_inverse=True)
     if len(uniq) >= k:
-        # Like GroupKFold with shuffling: groups in seeded random order, each to the currently
-        # smallest fold, so fold sizes differ by at most one group's tile count.
-        order = rng.permutation(len(uniq))
-        sizes = np.zeros(k, dtype=np.int64)
-        fold_of_group = np.empty(len(uniq), dtype=np.int64)
-        for g in order:
-            f = int(np.argmin(sizes))
-            fold_of_group[g] = f
-            sizes[f] += counts[g]
-        fold_of_tile[:] = fold_of_group[inverse]
+        # GroupKFold without shuffle: largest image first, each to the fold with the fewest tiles, so folds
+        # differ by at most one image's tiles (usually by one tile). The seed relabels the images at random,
+        # which orders the images of equal tile count: that is where the seed moves the folds (on real reps,
+        # many images share a count; with all counts distinct every seed gives the same folds).
+        # GroupKFold(shuffle=True) (scikit-learn >= 1.6) deals out equal numbers of images instead: on 40
+        # images of geometric tile counts (257 tiles, 3 folds, 20 seeds) its folds differed by 28 tiles on
+        # average (48 at worst), the former hand-written random-order greedy's by 7, these by 1. A fold that
+        # trains on fewer tiles scores lower for it, and the pruner judges a trial on its first fold.
+        relabel = rng.permutation(len(uniq))[inverse]
+        splits = GroupKFold(n_splits=k).split(np.zeros(n), groups=relabel)
     else:
         log.warning(
             "only %d source images for %d folds: splitting by tile, so validation tiles may share "
@@ -131,10 +132,8 @@ def make_folds(groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, 
             len(uniq),
             k,
         )
-        for f, part in enumerate(np.array_split(rng.permutation(n), k)):
-            fold_of_tile[part] = f
-    idx = np.arange(n, dtype=np.int64)
-    return [(idx[fold_of_tile != f], idx[fold_of_tile == f]) for f in range(k)]
+        splits = KFold(n_splits=k, shuffle=True, random_state=int(rng.integers(2**31))).split(np.zeros(n))
+    return [(tr.astype(np.int64), va.astype(np.int64)) for tr, va in splits]
 
 
 # ---------------------------------------------------------------- batch size
