@@ -103,6 +103,8 @@ class Measurement:
     emulated: bool = False
     # The execution providers the session really ran on (None where not measured).
     providers_used: tuple[str, ...] | None = None
+    # Why the figure is not a clean one (measurement_flags): busy, noisy, throttled, warming, emulated.
+    flags: tuple[str, ...] = ()
 
     @property
     def median_ms(self) -> float | None:
@@ -114,13 +116,14 @@ class Measurement:
         d = asdict(self)
         d["error"] = self.error.name
         d["median_ms"] = self.median_ms
+        d["flags"] = list(self.flags)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Measurement:
         err = d["error"]
         error = MeasureError[err] if isinstance(err, str) else MeasureError(int(err))
-        return cls(
+        m = cls(
             error=error,
             message=d.get("message", ""),
             stats=d.get("stats"),
@@ -135,7 +138,77 @@ class Measurement:
             cpu_others=d.get("cpu_others"),
             emulated=bool(d.get("emulated", False)),
             providers_used=tuple(d["providers_used"]) if d.get("providers_used") else None,
+            flags=tuple(d.get("flags") or ()),
         )
+        # A record written before flags were kept: judged from its own numbers, at the default limit.
+        return m if "flags" in d else flag(m, DEFAULT_MAX_BUSY_CORES)
+
+
+# ------------------------------------------------------------------ flags: why a figure is not a clean one
+
+DEFAULT_MAX_BUSY_CORES = 0.5  # DeviceConfig.max_busy_cores' default
+# A quiet CPU keeps p90 within ~1.2x the median; beyond this the runs were disturbed (the issue's case: 18x).
+NOISY_P90_RATIO = 1.5
+# std over mean: a spread as wide as half the mean is not one stall among many runs but a disturbed measurement.
+NOISY_CV = 0.5
+NOISY_MIN_RUNS = 10  # the percentiles of fewer runs say nothing about noise
+TEMP_RISE_C = 5.0  # the SoC warming this much while timing: it is on its way to clocking down
+FLAG_THROTTLED = "throttled"
+FLAG_EMULATED = "emulated"
+
+
+def measurement_flags(
+    stats: Mapping[str, Any] | None,
+    cpu_others: float | None,
+    throttled: bool | None,
+    temp_before_c: float | None,
+    temp_after_c: float | None,
+    emulated: bool,
+    max_busy_cores: float | None,
+) -> tuple[str, ...]:
+    """Short reasons why a latency is not a clean one; () for a clean one.
+
+    max_busy_cores None switches off the load checks (busy and noisy: both say the machine was shared),
+    as `device.max_busy_cores: null` does; throttling, warming and emulation are always flagged.
+    """
+    flags: list[str] = []
+    if max_busy_cores is not None and cpu_others is not None and cpu_others > max_busy_cores:
+        flags.append(f"busy: others used {cpu_others:.1f} cores")
+    if max_busy_cores is not None and stats and (stats.get("count") or 0) >= NOISY_MIN_RUNS:
+        median, p90 = stats.get("median_ms"), stats.get("p90_ms")
+        mean, std = stats.get("mean_ms"), stats.get("std_ms")
+        if median and p90 is not None and p90 / median > NOISY_P90_RATIO:
+            flags.append(f"noisy: p90/median {p90 / median:.1f}")
+        elif mean and std is not None and std / mean > NOISY_CV:
+            flags.append(f"noisy: CV {std / mean:.2f}")
+    if throttled:
+        flags.append(FLAG_THROTTLED)
+    if temp_before_c is not None and temp_after_c is not None and temp_after_c - temp_before_c > TEMP_RISE_C:
+        flags.append(f"temperature rose {temp_after_c - temp_before_c:.1f} °C")
+    if emulated:
+        flags.append(FLAG_EMULATED)
+    return tuple(flags)
+
+
+def flag(m: Measurement, max_busy_cores: float | None) -> Measurement:
+    """m with its flags judged afresh (a failed measurement has no figure to flag)."""
+    if m.error != MeasureError.OK:
+        return replace(m, flags=())
+    # Where the measurement could not tell, the device's own report at connection (a Pi's vcgencmd) stands in.
+    throttled = m.throttled if m.throttled is not None else (m.fingerprint or {}).get("throttled")
+    return replace(m, flags=measurement_flags(m.stats, m.cpu_others, throttled, m.temp_before_c,
+                                              m.temp_after_c, m.emulated, max_busy_cores))
+
+
+def passing(flags: Sequence[str]) -> tuple[str, ...]:
+    """The flags a wait can clear (all but emulation): such a figure is measured again, and never cached."""
+    return tuple(f for f in flags if f != FLAG_EMULATED)
+
+
+def unreliable_note(flags: Sequence[str]) -> str:
+    """' (unreliable: ...)' after a figure with flags, '' after a clean one: for summary lines."""
+    unique = list(dict.fromkeys(flags))
+    return f" (unreliable: {'; '.join(unique)})" if unique else ""
 
 
 def failure_hint(m: Measurement, opset: int) -> str:
@@ -196,8 +269,9 @@ class LocalDevice:
 
     source = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, max_busy_cores: float | None = DEFAULT_MAX_BUSY_CORES) -> None:
         self.name = "local"
+        self.max_busy_cores = max_busy_cores
         self._fp: dict | None = None
 
     def fingerprint(self) -> dict:
@@ -209,13 +283,13 @@ class LocalDevice:
         fp = self.fingerprint()
 
         def result(error: MeasureError, message: str, stats: dict | None = None, **extra: Any) -> Measurement:
-            return Measurement(
+            return flag(Measurement(
                 error=error, message=message, stats=stats, source="local", device=self.name,
                 fingerprint=fp, fingerprint_id=_fp.fingerprint_id(fp),
                 temp_before_c=extra.get("tb"), temp_after_c=extra.get("ta"), throttled=extra.get("thr"),
                 cpu_others=extra.get("busy"), emulated=bool(fp.get("emulated")),
                 providers_used=tuple(extra["used"]) if extra.get("used") else None,
-            )
+            ), self.max_busy_cores)
 
         try:
             sess = _bench.make_session(bytes(model), settings.threads, list(settings.providers))
@@ -526,7 +600,7 @@ class SSHDevice:
                    f"reconnect attempts ({reason})")
             if self._cfg.fallback == "local":
                 log.warning("%s; falling back to local measurement, results are labelled source=local", msg)
-                self._fallback = LocalDevice()
+                self._fallback = LocalDevice(self._cfg.max_busy_cores)
                 return self._fallback.measure(model, shape, settings)
             raise DeviceUnreachable(f"{msg}; check the device is on and reachable, or pass --fallback local")
 
@@ -613,13 +687,13 @@ class SSHDevice:
 
     def _result(self, error: MeasureError, message: str, stats: dict | None = None, **x: Any) -> Measurement:
         fp = self._fingerprint or {}
-        return Measurement(
+        return flag(Measurement(
             error=error, message=_one_line(message), stats=stats, source="device", device=self.target.name,
             fingerprint=fp, fingerprint_id=_fp.fingerprint_id(fp) if fp else "",
             temp_before_c=x.get("tb"), temp_after_c=x.get("ta"), throttled=x.get("thr"),
             cpu_others=x.get("busy"), emulated=bool(fp.get("emulated")),
             providers_used=tuple(x["used"]) if x.get("used") else None,
-        )
+        ), self._cfg.max_busy_cores)
 
     def _from_error(self, reply: dict, op: str) -> Measurement:
         err = reply.get("error") or {}
@@ -1283,7 +1357,7 @@ class LatencyCache:
             self._db.close()
 
 
-BUSY_STREAK_GIVE_UP = 3  # busy measurements in a row after which we stop waiting and retrying
+BUSY_STREAK_GIVE_UP = 3  # flagged measurements in a row after which we stop waiting and retrying
 
 
 @dataclass
@@ -1292,9 +1366,10 @@ class CachedDevice:
 
     inner: Device
     cache: LatencyCache
-    # A measurement taken while other processes kept more than this many cores busy is retried once,
-    # then kept but not cached (None: never check).
-    max_busy_cores: float | None = 0.5
+    # A measurement flagged busy, noisy, throttled or warming (measurement_flags, with this many cores
+    # others may use; None switches the load checks off) is retried once, then kept with its flags but
+    # not cached.
+    max_busy_cores: float | None = DEFAULT_MAX_BUSY_CORES
     busy_retries: int = 1
     busy_wait_s: float = 5.0
     hits: int = field(default=0, init=False)
@@ -1319,33 +1394,31 @@ class CachedDevice:
         key = f"{settings.key()}|shape={'x'.join(str(int(d)) for d in shape)}"
         hit = self.cache.get(ghash, fid, key)
         if hit is not None:
-            self.hits += 1
-            return replace(Measurement.from_dict(hit), cached=True)
+            m = flag(replace(Measurement.from_dict(hit), cached=True), self.max_busy_cores)
+            if not passing(m.flags):  # else an entry stored before flags were kept: measured again below
+                self.hits += 1
+                return m
         self.misses += 1
-        m = self.inner.measure(model, shape, settings)
+        m = flag(self.inner.measure(model, shape, settings), self.max_busy_cores)
         # A device that stays busy is not waited for on every candidate: after a few, only flag it.
         retries = self.busy_retries if self.busy_streak < BUSY_STREAK_GIVE_UP else 0
         for attempt in range(1, retries + 1):
-            if not self._busy(m):
+            if not passing(m.flags):
                 break
-            # Other work on the device inflates latency while its spread still looks tight: wait, try again.
-            log.info("device %s busy (other processes used %.1f cores); measuring again", self.name, m.cpu_others)
+            # Other work on the device inflates latency while its spread may still look tight: wait, try again.
+            log.info("device %s: %s; measuring again", self.name, "; ".join(passing(m.flags)))
             time.sleep(self.busy_wait_s * attempt)
-            again = self.inner.measure(model, shape, settings)
-            m = min((m, again), key=lambda x: x.cpu_others if x.cpu_others is not None else 0.0)
-        self.busy_streak = self.busy_streak + 1 if self._busy(m) else 0
-        if self._busy(m):
-            log.warning("device %s stayed busy (%.1f cores used by other processes): latency may be inflated "
-                        "and is not cached", self.name, m.cpu_others)
-            return replace(m, message=_one_line(f"{m.message}; device busy: others used {m.cpu_others:.1f} cores"))
+            again = flag(self.inner.measure(model, shape, settings), self.max_busy_cores)
+            m = min((m, again), key=_unquiet)
+        self.busy_streak = self.busy_streak + 1 if passing(m.flags) else 0
+        if passing(m.flags):
+            log.warning("device %s: %s: latency may be inflated and is not cached", self.name,
+                        "; ".join(passing(m.flags)))
+            return replace(m, message=_one_line(f"{m.message}; not cached: {'; '.join(passing(m.flags))}"))
         if m.error == MeasureError.OK and m.fingerprint_id:
             # Store under the measuring device's id: after a fallback that is the local machine.
             self.cache.put(ghash, m.fingerprint_id, key, m.to_dict())
         return m
-
-    def _busy(self, m: Measurement) -> bool:
-        limit = self.max_busy_cores
-        return limit is not None and m.error == MeasureError.OK and m.cpu_others is not None and m.cpu_others > limit
 
     def close(self) -> None:
         try:
@@ -1368,7 +1441,7 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None) -> Device:
     """
     dev: Device
     if cfg.target == "local":
-        dev = LocalDevice()
+        dev = LocalDevice(cfg.max_busy_cores)
     else:
         try:
             dev = SSHDevice(cfg)
@@ -1378,9 +1451,14 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None) -> Device:
             if cfg.fallback != "local":
                 raise
             log.warning("%s; falling back to local measurement, results are labelled source=local", e)
-            dev = LocalDevice()
+            dev = LocalDevice(cfg.max_busy_cores)
     cache = LatencyCache(cache_path if cache_path is not None else ":memory:")
     return CachedDevice(dev, cache, max_busy_cores=cfg.max_busy_cores, busy_wait_s=cfg.busy_wait_s)
+
+
+def _unquiet(m: Measurement) -> tuple[bool, int, float]:
+    """Sort key: a figure before a failure, then fewer flags a wait can clear, then the less busy device."""
+    return m.error != MeasureError.OK, len(passing(m.flags)), m.cpu_others if m.cpu_others is not None else 0.0
 
 
 def measure_each(
@@ -1399,3 +1477,41 @@ def measure_each(
             log.warning("%s; %s and later models left untimed", e, key)
             return timed, str(e)
     return timed, None
+
+
+QUIET_WAIT_S = 30.0  # DeviceConfig.quiet_wait_s' default: the longest wait for a quiet device at the end of a run
+QUIET_FIRST_PAUSE_S = 2.0  # then 4, 8, 16 s: a burst of other work is waited out, a long job is not
+
+
+def measure_quiet(
+    device: Device, models: Mapping[str, bytes], shape: tuple[int, ...], settings: MeasureSettings,
+    max_wait_s: float = QUIET_WAIT_S,
+) -> tuple[dict[str, Measurement], str | None]:
+    """measure_each, repeated with back-off while any figure carries a flag a wait can clear, for at most
+    max_wait_s of waiting. For the figures a run ends with: the chosen net's, and int8 against float.
+
+    Every model is timed again each round, so a comparison's two figures are taken alike; each keeps its
+    quietest one. Flags stay on what never got quiet. The cache is bypassed: its own retry would wait
+    beyond max_wait_s, and these models are timed once anyway.
+    """
+    limit = device.max_busy_cores if isinstance(device, CachedDevice) else DEFAULT_MAX_BUSY_CORES
+    inner: Device = device.inner if isinstance(device, CachedDevice) else device
+    timed, lost = measure_each(inner, models, shape, settings)
+    timed = {k: flag(m, limit) for k, m in timed.items()}
+    waited, pause = 0.0, QUIET_FIRST_PAUSE_S
+    while lost is None and waited < max_wait_s and any(passing(m.flags) for m in timed.values()):
+        pause = min(pause, max_wait_s - waited)
+        log.info("device %s: %s; waiting %.0f s for it to get quiet", device.name,
+                 "; ".join(dict.fromkeys(f for m in timed.values() for f in passing(m.flags))), pause)
+        time.sleep(pause)
+        waited, pause = waited + pause, pause * 2
+        again, lost = measure_each(inner, models, shape, settings)
+        for k, m in again.items():
+            m = flag(m, limit)
+            if _unquiet(m) <= _unquiet(timed[k]):
+                timed[k] = m
+    for k, m in timed.items():
+        if passing(m.flags):
+            log.warning("device %s: %s timed while %s (waited %.0f s): kept, marked unreliable", device.name, k,
+                        "; ".join(passing(m.flags)), waited)
+    return timed, lost

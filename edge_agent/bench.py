@@ -167,10 +167,12 @@ def measure_report(
 
     `cpu_others` is how many cores other processes kept busy while we timed: a busy device
     gives inflated latencies even when their spread looks tight, so the host can retry or refuse to cache.
+    `throttled` is true when the firmware throttled at any point of the measurement (None without vcgencmd).
     """
     if cooldown_s > 0:
         time.sleep(cooldown_s)
     temp_before = _fp.temperature_c()
+    throttle_before = _fp.throttle_state()[1]
     busy_before, own_before, wall_before = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
     stats = measure_session(sess, shape, warmup, min_runs, min_seconds, seed=seed)
     busy_after, own_after, wall = _busy_cpu_s(), _own_cpu_s(), time.perf_counter() - wall_before
@@ -183,6 +185,7 @@ def measure_report(
         "cpu_others": others,
         "temp_before_c": temp_before,
         "temp_after_c": temp_after,
-        "throttled": _fp.throttled(),
+        # At either end or in between (a Pi's sticky bits): a throttle that was over by the end still slowed runs.
+        "throttled": _fp.throttled_between(throttle_before, _fp.throttle_state()[1]),
         "providers_used": list(sess.get_providers()),
     }

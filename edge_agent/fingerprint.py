@@ -162,6 +162,26 @@ def parse_throttled(text: str) -> Tuple[Optional[bool], Optional[str]]:
     return bool(value & 0xF), raw
 
 
+def throttled_between(before: Optional[str], after: Optional[str]) -> Optional[bool]:
+    """Whether the firmware throttled at any time between two raw `get_throttled` words (None: unknown).
+
+    Bits 0-3 say "now" at either end; a "has occurred since boot" bit (16-19) that was clear before and set
+    after says it happened in between, even when it was over by the end.
+    """
+    words = []
+    for raw in (before, after):
+        try:
+            words.append(int(raw, 16) if raw is not None else None)
+        except ValueError:
+            words.append(None)
+    b, a = words
+    if a is None:
+        return None if b is None else bool(b & 0xF) or None
+    if b is None:
+        return bool(a & 0xF)
+    return bool((a | b) & 0xF) or bool((a >> 16) & 0xF & ~(b >> 16))
+
+
 def cpu_model() -> Optional[str]:
     # A Pi/Jetson names the board in the device tree; that is more telling than the ARM core name.
     board = _read("/proc/device-tree/model")

@@ -534,7 +534,7 @@ def test_busy_machine_is_measured_again_and_not_cached(tiny_onnx, tmp_path):
         with open_device(cfg, tmp_path / "cache.db") as dev:
             first = dev.measure(tiny_onnx, (1, 3, 16, 16), settings_from_config(cfg))
             assert first.cpu_others is not None and first.cpu_others > 0.5
-            assert "device busy" in first.message
+            assert "not cached" in first.message and first.flags[0].startswith("busy: others used")
             second = dev.measure(tiny_onnx, (1, 3, 16, 16), settings_from_config(cfg))
             assert not second.cached and dev.hits == 0  # nothing inflated was stored
     finally:
