@@ -24,7 +24,9 @@ from autoseg.reps import (
     class_aware_swap,
     class_counts,
     dedup,
+    kmeans,
     load_resnet18,
+    pca,
     pick_per_cluster,
     rarity,
     rep_arrays,
@@ -331,3 +333,20 @@ def test_outputs_name_files_whose_names_are_not_utf8(data, tmp_path):
     write_tile_pngs(ds, reps, tmp_path / "tiles")
     assert len(os.listdir(os.fsencode(tmp_path / "tiles"))) == 14  # named as the OS names the images
     write_contact_sheet(ds, reps, tmp_path / "sheet.png")
+
+
+def test_pca_finds_the_strong_axes_and_kmeans_is_fixed_by_the_seed():
+    rng = np.random.default_rng(0)
+    # 3 strong axes in 40 features, the rest noise: the top 3 components span them.
+    basis = np.linalg.qr(rng.normal(size=(40, 3)))[0]
+    z = (rng.normal(size=(3000, 3)) * [9.0, 6.0, 4.0] @ basis.T + rng.normal(size=(3000, 40)) * 0.1 + 5.0)
+    mean, comp = pca(z.astype(np.float32), 3, seed=0)
+    assert comp.shape == (40, 3) and np.allclose(mean, z.mean(axis=0), atol=1e-3)
+    assert np.allclose(np.abs(np.linalg.svd(comp.T @ basis)[1]), 1.0, atol=1e-3)  # same subspace
+    assert np.array_equal(pca(z[:, :3], 8)[1], np.eye(3))  # fewer features than dims: kept as they are
+
+    blobs = (rng.normal(size=(6, 5)) * 10)[rng.integers(6, size=600)] + rng.normal(size=(600, 5))
+    labels, centres = kmeans(blobs.astype(np.float32), 6, seed=1)
+    again, _ = kmeans(blobs.astype(np.float32), 6, seed=1)
+    assert np.array_equal(labels, again) and centres.shape == (6, 5)
+    assert len(np.unique(labels)) == 6  # k-means++ seeding finds every well-separated blob
