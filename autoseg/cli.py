@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg import __version__
-from autoseg.config import FINAL_TILE_PASSES, FOLD_TILE_PASSES, Config, load_config
+from autoseg.config import FINAL_TILE_PASSES, FOLD_TILE_PASSES, Config, load_config, load_run_config
 from autoseg.errors import AutosegError, InputError
 from autoseg.logs import progress_enabled, setup_logging
 from autoseg.rundir import os_hint, os_reason
@@ -101,6 +101,17 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback", choices=["none", "local"], help="measure locally if the device is lost")
     p.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
     p.add_argument("--identity-file", help="private key for the device")
+
+
+def _add_moved_data(p: argparse.ArgumentParser, test: bool = False) -> None:
+    """Where a run's data is now, when it moved: checked against the digest the run saved in data.json."""
+    p.add_argument("--images", help="where the run's training images are now, if they moved (checked against "
+                   "the run's data digest)")
+    p.add_argument("--masks", help="where their masks are now")
+    if test:
+        p.add_argument("--test-images", help="where the run's test images are now, if it had test folders and "
+                       "they moved (with --trial)")
+        p.add_argument("--test-masks", help="where their masks are now")
 
 
 def _add_opset(p: argparse.ArgumentParser) -> None:
@@ -191,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run's exported model on full-size images")
     _add_common(p)
     p.add_argument("run", type=Path, help="run directory")
+    _add_moved_data(p)
     p.add_argument("--test-images", help="folder of test images (default: the run's held-out images)")
     p.add_argument("--test-masks", help="folder of their masks")
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"], help=EVAL_MODE_HELP)
@@ -201,18 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--to", type=Path, help="output path (default RUN/best/model.onnx)")
+    _add_moved_data(p, test=True)
     p.add_argument("--trial", type=int, help="ship trial N's net instead of the chosen one: trained like it, "
                    "exported, verified and tested into RUN/trials/N/ (see the report's Pareto table)")
     _add_opset(p)
 
     p = sub.add_parser("predict", help="label a folder of new images with a run's model (no masks needed)")
-    _add_common(p, config=False)  # the model file carries all it needs
+    _add_common(p)  # the model file carries the rest; the config gives the eval section's defaults
     p.add_argument("model", type=Path, help="run directory (its best model) or an .onnx file exported by autoseg")
     p.add_argument("--images", type=Path, required=True, help="folder of images to label")
     p.add_argument("--out", type=Path, required=True, help="folder for the masks (<stem>.png)")
     p.add_argument("--int8", action="store_true", help="use the run's int8 model")
-    p.add_argument("--eval-mode", choices=["auto", "whole", "window"], default="auto", help=EVAL_MODE_HELP)
-    p.add_argument("--overlap", type=float, default=0.5, help="window overlap in [0, 1) (window mode)")
+    # Own dests: --eval-mode and --overlap would otherwise set the search's keys (tiles.overlap).
+    p.add_argument("--eval-mode", dest="predict_mode", choices=["auto", "whole", "window"],
+                   help=EVAL_MODE_HELP + " (default: eval.mode of --config, else auto)")
+    p.add_argument("--overlap", dest="predict_overlap", type=float,
+                   help="window overlap in [0, 1) (window mode; default: eval.window_overlap of --config, else 0.5)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg, the classes over the image")
 
     p = sub.add_parser("report", help="write report.md/html/json for a run (finished or running)")
@@ -276,13 +292,14 @@ def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Con
 
 
 def _run_config(run: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
-    """A run's saved config, with this command's flags on top."""
+    """A run's saved config, with this command's flags on top (--config, if given, is not read: the run's
+    own config is what its results mean)."""
     path = run / "config.yml"
     if not path.exists():
         raise InputError(f"{path}: not found; is {run} a run directory written by `autoseg search`?")
     overrides = overrides_from(args)
     overrides.update(extra or {})
-    return load_config(path, overrides)
+    return load_run_config(run, overrides)
 
 
 # ------------------------------------------------------------------ commands
@@ -359,9 +376,21 @@ def cmd_reps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace) -> frozenset[str]:
+    """The data keys (images, masks, test_images, test_masks) this command's flags set."""
+    return frozenset(k for k in ("images", "masks", "test_images", "test_masks") if getattr(args, k, None))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from autoseg.export import check_loads
-    from autoseg.pipeline import evaluate_model, other_eval_folder, prepare_data
+    from autoseg.pipeline import (
+        check_data_digest,
+        check_data_folders,
+        evaluate_model,
+        other_eval_folder,
+        prepare_data,
+        same_test_data,
+    )
     from autoseg.rundir import RunDir, write_json_atomic
     from autoseg.unet import Arch
 
@@ -370,7 +399,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.test_images or args.test_masks:
             raise InputError("--trial tests on the run's held-out images; give --test-images/--test-masks without "
                              "--trial, after `autoseg export RUN --trial N`")
-        card = _ship(_run_config(args.run, args), run, args.trial)
+        card = _ship(_run_config(args.run, args), run, args.trial, _given(args))
         print(f"trial {args.trial}: test mIoU {card['test_miou']:.3f} on {card['test_images']} image(s) -> "
               f"{run.trial(args.trial) / 'eval' / 'metrics.json'}")
         return 0
@@ -381,10 +410,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.test_images or args.test_masks:
         extra = {"data.test_images": args.test_images, "data.test_masks": args.test_masks}
     cfg = _run_config(args.run, args, extra)
-    if args.test_images and args.test_masks:  # other images: their own folder, the run's results stay
-        out = other_eval_folder(run, Path(args.test_images), Path(args.test_masks))
+    check_data_folders(cfg, run, _given(args))
     # Same config and seed give the same split, so this is the run's own held-out set unless folders are given.
     stage = prepare_data(cfg, progress_enabled())
+    other = bool(args.test_images and args.test_masks) and not same_test_data(run, stage)  # not the run's own moved
+    if other:  # other images: their own folder, the run's results stay
+        out = other_eval_folder(run, Path(args.test_images), Path(args.test_masks))
+    check_data_digest(cfg, run, stage, test=not other)
     arch = Arch.from_dict(card["arch_dict"])
     metrics = evaluate_model(
         cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, card["tile"], progress_enabled(),
@@ -403,10 +435,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ship(cfg: Config, run: Any, number: int) -> dict[str, Any]:
+def _ship(cfg: Config, run: Any, number: int, given: frozenset[str] = frozenset()) -> dict[str, Any]:
     from autoseg.pipeline import ship_trial, summary_lines
 
-    card = ship_trial(cfg, run, number, progress_enabled())
+    card = ship_trial(cfg, run, number, progress_enabled(), given)
     for line in summary_lines(card):
         log.info(line)
     return card
@@ -424,7 +456,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _run_config(args.run, args)
     folder = run.best
     if args.trial is not None:
-        _ship(cfg, run, args.trial)
+        _ship(cfg, run, args.trial, _given(args))
         folder = run.trial(args.trial)
         if args.to is None:
             print(f"{folder / 'model.onnx'}")
@@ -445,11 +477,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from autoseg.predict import class_share_text, predict_folder, resolve_model
 
-    if not 0.0 <= args.overlap < 1.0:
-        raise InputError(f"--overlap: must be in [0.0, 1.0), got {args.overlap}")
+    ev = load_config(args.config).eval  # flags win over the file, the file over the defaults
+    overlap = ev.window_overlap if args.predict_overlap is None else args.predict_overlap
+    if not 0.0 <= overlap < 1.0:
+        raise InputError(f"--overlap: must be in [0.0, 1.0), got {overlap}")
     model = resolve_model(args.model, args.int8)
-    summary = predict_folder(model, args.images, args.out, mode=args.eval_mode, overlap=args.overlap,
-                             write_overlay=args.overlay, progress=progress_enabled())
+    summary = predict_folder(model, args.images, args.out, mode=args.predict_mode or ev.mode, overlap=overlap,
+                             batch=ev.batch, write_overlay=args.overlay, progress=progress_enabled())
     print(f"{summary['images']} mask(s) in {args.out} ({summary['encoding']}); pixels: "
           f"{class_share_text(summary['class_share'])}")
     return 0

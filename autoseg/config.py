@@ -259,26 +259,72 @@ class Config:
 
 
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read YAML (if given), apply dotted-key overrides, validate, and return the tree."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read config ({e.strerror}); check the --config path") from None
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: is not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise InputError(f"{path}:{where} is not valid YAML; fix the syntax") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise InputError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
+    """Read YAML (if given), apply dotted-key overrides, validate, and return the tree.
+
+    Relative paths are resolved here, against the working directory: the tree (and the config.yml a run
+    saves) names the same files from wherever a later command runs."""
+    raw = _read_yaml(path) if path is not None else {}
+    _apply(raw, overrides)
+    return _absolute(_build(Config, raw, ""))
+
+
+# The paths a run's later commands (eval, export --trial) read again.
+DATA_PATHS = ("images", "masks", "test_images", "test_masks")
+
+
+def load_run_config(root: Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """The config a run saved in `root`/config.yml, with `overrides` (this command's flags) on top.
+
+    A run is a folder that may be copied or moved: `out` becomes `root`, and a data folder that lay inside
+    the run when it was made (as the demo's does) is read from inside `root`, where it now is. Runs made
+    before paths were resolved hold them relative to where the search started; inside the run, they are
+    found the same way."""
+    root = Path(root)
+    raw = _read_yaml(root / "config.yml")
+    data = raw.get("data")
+    out = raw.get("out")
+    if isinstance(data, dict) and isinstance(out, str):
+        for key in DATA_PATHS:
+            if isinstance(data.get(key), str):
+                data[key] = _inside_run(data[key], out, root)
+    raw["out"] = str(root)
+    _apply(raw, overrides)
+    return _absolute(_build(Config, raw, ""))
+
+
+def _inside_run(path: str, out: str, root: Path) -> str:
+    """`path` moved with the run, when it lay in the run folder (`out` as saved) and is there now."""
+    p, o = Path(path).expanduser(), Path(out).expanduser()
+    if p.is_absolute() != o.is_absolute():
+        return path
+    try:
+        moved = root / p.relative_to(o)
+    except ValueError:
+        return path
+    return str(moved) if moved.exists() else path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read config ({e.strerror}); check the --config path") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: is not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}:{where} is not valid YAML; fix the syntax") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise InputError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _apply(raw: dict[str, Any], overrides: Mapping[str, Any] | None) -> None:
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -289,7 +335,20 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
             if not isinstance(node, dict):
                 raise InputError(f"{dotted}: cannot override, {p} is not a section")
         node[leaf] = value
-    return _build(Config, raw, "")
+
+
+def _absolute(cfg: Config) -> Config:
+    """Input paths resolved against the working directory (symbolic links followed), so that a saved config
+    means the same files from any directory. `out` stays as given: it is where this command writes."""
+    for key in DATA_PATHS:
+        value = getattr(cfg.data, key)
+        if value is not None:
+            setattr(cfg.data, key, value.resolve())
+    if cfg.reps.embedder_weights is not None:
+        cfg.reps.embedder_weights = cfg.reps.embedder_weights.resolve()
+    if cfg.train.teacher not in (None, "reference"):
+        cfg.train.teacher = str(Path(cfg.train.teacher).expanduser().resolve())
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> Any:

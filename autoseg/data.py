@@ -22,6 +22,7 @@ A classes.json entry whose id equals the ignore value is not a class when it is 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -216,6 +217,22 @@ class Dataset:
             "mean": [float(m) for m in self.mean],
             "std": [float(s) for s in self.std],
         }
+
+
+def dataset_digest(ds: Dataset) -> str:
+    """sha256 of the data itself: each pair's file names and bytes, in pairing order.
+
+    Folders are left out, so data that moved keeps its digest; a run checks the folders it is given again
+    against the digest it saved (data.json)."""
+    h = hashlib.sha256()
+    for pair in ds.pairs:
+        for path in (pair.image, pair.mask):
+            name = os.fsencode(path.name)
+            h.update(len(name).to_bytes(4, "little") + name + os.path.getsize(path).to_bytes(8, "little"))
+            with open(path, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- pairing

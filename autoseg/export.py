@@ -150,6 +150,54 @@ def _as_text(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def model_metadata(
+    classes: list[str], mean: list[float], std: list[float], tile: int, arch: str, input_multiple: int,
+    class_map: dict | None = None,
+) -> dict[str, str]:
+    """What a model's user needs beside its graph (autoseg predict and edge_agent read it): class names, the
+    normalisation, the tile, the architecture and the side every input must be a multiple of, and how masks
+    encode the classes (class_map: gray values or the palette's colours)."""
+    meta = {"classes": json.dumps(list(classes)), "tile": str(tile), "mean": json.dumps(list(mean)),
+            "std": json.dumps(list(std)), "arch": arch, "input_multiple": str(input_multiple)}
+    if class_map is not None:
+        meta["class_map"] = json.dumps(class_map)
+    return meta
+
+
+def _props(metadata: dict[str, object], tile: int, in_channels: int, num_classes: int, opset: int,
+           simplified: bool, trained: bool) -> dict[str, str]:
+    """metadata_props as every file autoseg writes carries them: `metadata` and what the export knows.
+    trained: false for the nets timed during the search (seeded weights, for their latency only)."""
+    props = {k: _as_text(v) for k, v in metadata.items()}
+    props.update(
+        tile=str(tile),
+        in_channels=str(in_channels),
+        num_classes=str(num_classes),
+        opset=str(opset),
+        autoseg_version=autoseg.__version__,
+        simplified=json.dumps(simplified),
+        trained=json.dumps(trained),
+    )
+    return props
+
+
+def _set_props(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    del proto.metadata_props[:]
+    for k, v in sorted(props.items()):
+        proto.metadata_props.add(key=k, value=v)
+
+
+def annotate(model: bytes, metadata: dict[str, object], tile: int, in_channels: int, num_classes: int) -> bytes:
+    """`model` (a trial's timed net, as onnx_bytes or int8_bytes gave it) with the metadata_props of a final
+    model, so a trial's file is described like the shipped one. Its weights are untrained: trained=false."""
+    proto = onnx.load_from_string(model)
+    props = _props(metadata, tile, in_channels, num_classes, _opset(proto), simplified=False, trained=False)
+    if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):  # timed quantized: --precision int8
+        props["quantization"] = "int8-qdq" if _opset(proto) >= 13 else "int8-qdq-per-tensor"
+    _set_props(proto, props)
+    return proto.SerializeToString()
+
+
 def _torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy()
@@ -201,24 +249,14 @@ def export_final(
              sum(before.values()), sum(after.values()), simplified, before, after)
 
     num_classes = _torch_logits(m, np.zeros((1, in_channels, tile, tile), np.float32)).shape[1]
-    props = {k: _as_text(v) for k, v in metadata.items()}
+    props = _props(metadata, tile, in_channels, num_classes, opset, simplified, trained=True)
     arch = getattr(model, "arch", None)  # autoseg.unet.UNet carries its Arch
     if "arch" not in props and hasattr(arch, "to_dict"):
         props["arch"] = json.dumps(arch.to_dict())
     missing = [k for k in RECOMMENDED_KEYS if k not in props]
     if missing:
         log.warning("ONNX metadata lacks %s; consumers of %s will not find them", missing, path.name)
-    props.update(
-        tile=str(tile),
-        in_channels=str(in_channels),
-        num_classes=str(num_classes),
-        opset=str(opset),
-        autoseg_version=autoseg.__version__,
-        simplified=json.dumps(simplified),
-    )
-    del proto.metadata_props[:]
-    for k, v in sorted(props.items()):
-        proto.metadata_props.add(key=k, value=v)
+    _set_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
 
     data = proto.SerializeToString()
@@ -476,9 +514,7 @@ def quantize_int8(fp32_path: Path, path: Path, calib: np.ndarray, batch: int = 8
         proto, per_channel = _quantize(fp32_path, tmp, calib, batch)
         meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
         meta["quantization"] = "int8-qdq" if per_channel else "int8-qdq-per-tensor"
-        del proto.metadata_props[:]
-        for k, v in sorted(meta.items()):
-            proto.metadata_props.add(key=k, value=v)
+        _set_props(proto, meta)
         data = proto.SerializeToString()
         _write(tmp, data, path)
         agree = _argmax_agreement(fp32_path, tmp, calib, batch)

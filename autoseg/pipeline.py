@@ -26,10 +26,10 @@ import yaml
 
 from autoseg import __version__
 from autoseg.checkpoint import load_if_key, save_checkpoint
-from autoseg.config import Config, config_to_dict
-from autoseg.data import Dataset, scan_dataset, split_by_image
+from autoseg.config import DATA_PATHS, Config, config_to_dict
+from autoseg.data import Dataset, dataset_digest, scan_dataset, split_by_image
 from autoseg.errors import InputError
-from autoseg.export import ExportInfo, export_final, quantize_int8
+from autoseg.export import ExportInfo, export_final, model_metadata, quantize_int8
 from autoseg.final_train import (
     FinalSettings,
     check_cache_memory,
@@ -147,7 +147,61 @@ def data_summary(stage: DataStage, reps_by_tile: dict[int, RepSet]) -> dict[str,
     summary["test_source"] = "split" if stage.test_ds is stage.ds else "folders"
     summary["tiles"] = {str(t): r.n_tiles for t, r in reps_by_tile.items()}
     summary["reps"] = {str(t): len(r.rows) for t, r in reps_by_tile.items()}
+    summary.update(data_digests(stage))
     return summary
+
+
+def data_digests(stage: DataStage) -> dict[str, str | None]:
+    """The run's data, by content (data.json): the training folders', and the test folders' when given."""
+    return {"digest": dataset_digest(stage.ds),
+            "test_digest": None if stage.test_ds is stage.ds else dataset_digest(stage.test_ds)}
+
+
+# Flags that give a run's data folders again, by data.<key>.
+_DATA_FLAGS = {"images": "--images DIR --masks DIR", "masks": "--images DIR --masks DIR",
+               "test_images": "--test-images DIR --test-masks DIR", "test_masks": "--test-images DIR --test-masks DIR"}
+
+
+def check_data_folders(cfg: Config, run: RunDir, given: set[str] | frozenset[str] = frozenset()) -> None:
+    """One line naming the flags to pass when a folder the run's config names is gone (the data moved).
+    `given`: the data keys this command's flags set (their own errors say what is wrong with them)."""
+    for key in DATA_PATHS:
+        path = getattr(cfg.data, key)
+        if key in given or path is None or path.is_dir():
+            continue
+        raise InputError(
+            f"{run.config}: data.{key} {path} is not there (did the data move?); pass {_DATA_FLAGS[key]} with "
+            f"where it is now: it is checked against the run's data digest")
+
+
+def check_data_digest(cfg: Config, run: RunDir, stage: DataStage, test: bool = True) -> None:
+    """The folders read now must hold the data the run was made with (data.json's digests); runs made before
+    digests were saved are not checked. `test`: check the test folders too (the run's own held-out set)."""
+    try:
+        saved = json.loads(run.data.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    checks = [("digest", stage.ds, "images", "masks", "--images/--masks")]
+    if test and stage.test_ds is not stage.ds:
+        checks.append(("test_digest", stage.test_ds, "test_images", "test_masks", "--test-images/--test-masks"))
+    for key, ds, images, masks, flags in checks:
+        if not isinstance(saved.get(key), str):
+            continue
+        now = dataset_digest(ds)
+        if now != saved[key]:
+            raise InputError(
+                f"{getattr(cfg.data, images)} and {getattr(cfg.data, masks)}: not the data run {run.root} was made "
+                f"with (digest {now[:12]}, the run's {saved[key][:12]}); pass the run's own folders with {flags}, "
+                f"or evaluate on other images with `autoseg eval {run.root} --test-images DIR --test-masks DIR`")
+
+
+def same_test_data(run: RunDir, stage: DataStage) -> bool:
+    """The test folders given hold the run's own test set (data.json's test_digest): it moved, nothing more."""
+    try:
+        saved = json.loads(run.data.read_text(encoding="utf-8")).get("test_digest")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(saved, str) and stage.test_ds is not stage.ds and dataset_digest(stage.test_ds) == saved
 
 
 # ------------------------------------------------------------------ search
@@ -166,6 +220,9 @@ def data_stage(cfg: Config, run: RunDir, progress: bool = False) -> tuple[DataSt
         in_channels=stage.ds.channels,
         num_classes=stage.ds.class_map.num_classes,
         class_weights=class_weights(cfg, stage.ds),
+        # What each trial's ONNX file carries beside its net, as the final model does.
+        dataset_metadata={"classes": list(stage.ds.class_map.names), "mean": list(stage.ds.mean),
+                          "std": list(stage.ds.std), "class_map": stage.ds.class_map.to_dict()},
     )
     return stage, reps_by_tile, task
 
@@ -186,7 +243,9 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
     started = time.time()  # search.max_minutes counts from here
     run = RunDir(cfg.out).prepare()
     with run_lock(run):
-        write_text_atomic(run.config, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        # Absolute paths (load_config resolved the data's): a copied or moved run still names its files.
+        saved = {**config_to_dict(cfg), "out": os.fsdecode(run.root.resolve())}
+        write_text_atomic(run.config, yaml.safe_dump(saved, sort_keys=False))
         tiles = tile_choices(cfg)
         check_space(cfg.search.space, tiles)
 
@@ -224,10 +283,12 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
     return card
 
 
-def ship_trial(cfg: Config, run: RunDir, number: int, progress: bool = False) -> dict[str, Any]:
+def ship_trial(cfg: Config, run: RunDir, number: int, progress: bool = False,
+               given: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """Any trial's net, trained, exported, verified and tested like the chosen one, into RUN/trials/N/.
 
-    For picking another net off the Pareto front: a rerun keeps what is done, like the search's own."""
+    For picking another net off the Pareto front: a rerun keeps what is done, like the search's own.
+    `given`: the data keys this command's flags set (check_data_folders)."""
     from autoseg.rundir import check_study_file
     from autoseg.search import load_study
 
@@ -243,7 +304,9 @@ def ship_trial(cfg: Config, run: RunDir, number: int, progress: bool = False) ->
         raise InputError(f"--trial {number}: the trial never got as far as a net ({trial.state.name}); "
                          "pick a trial of the report's table")
     with run_lock(run):
+        check_data_folders(cfg, run, given)
         stage, _, task = data_stage(cfg, run, progress)
+        check_data_digest(cfg, run, stage)
         card = finalize(cfg, run, stage, task, trial, progress, folder=run.trial(number))
         if number != trial.number:
             card["same_as_trial"] = trial.number
@@ -561,17 +624,9 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def export_checkpoint(checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, cfg: Config) -> ExportInfo:
     arch = Arch.from_dict(checkpoint["arch"])
-    metadata = {
-        "classes": json_list(checkpoint["classes"]),
-        "tile": str(checkpoint["tile"]),
-        "mean": json_list(checkpoint["mean"]),
-        "std": json_list(checkpoint["std"]),
-        "arch": arch.key(),
-        "input_multiple": str(arch.multiple),
-        "autoseg_version": __version__,
-    }
-    if "class_map" in checkpoint:  # how masks encode the classes: `autoseg predict` writes them alike
-        metadata["class_map"] = json.dumps(checkpoint["class_map"])
+    # class_map: how masks encode the classes, so `autoseg predict` writes them alike (older checkpoints lack it)
+    metadata = model_metadata(checkpoint["classes"], checkpoint["mean"], checkpoint["std"], checkpoint["tile"],
+                              arch.key(), arch.multiple, checkpoint.get("class_map"))
     info = export_final(
         model,
         path,
@@ -634,10 +689,6 @@ def other_eval_folder(run: RunDir, images: Path, masks: Path) -> Path:
     digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(images).resolve().name)[:40] or "images"
     return run.eval / "other" / f"{name}-{digest}"
-
-
-def json_list(values: Any) -> str:
-    return json.dumps(list(values))
 
 
 def _write_report(run: RunDir) -> None:

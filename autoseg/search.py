@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
 from autoseg.errors import DeviceUnreachable, InputError
-from autoseg.export import int8_bytes, onnx_bytes
+from autoseg.export import annotate, int8_bytes, model_metadata, onnx_bytes
 from autoseg.gate import Gate
 from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
 from autoseg.pareto import pareto_front
@@ -133,6 +133,8 @@ class SearchTask:
     in_channels: int
     num_classes: int
     class_weights: tuple[float, ...] | None
+    # classes, mean, std and class_map of the data (export.model_metadata): trial ONNX files carry them
+    dataset_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ the space
@@ -695,7 +697,10 @@ class Objective:
         trial.set_user_attr("precision", self.cfg.device.precision)
         trial.set_user_attr("device", m.device)
         trial.set_user_attr("fingerprint_id", m.fingerprint_id)
-        write_bytes_atomic(self.run.trial(trial.number) / "model.onnx", blob)
+        meta = self.task.dataset_metadata  # described like the final model (tasks made in tests may lack it)
+        write_bytes_atomic(self.run.trial(trial.number) / "model.onnx", annotate(
+            blob, model_metadata(tile=cand.tile, arch=cand.arch.key(), input_multiple=cand.arch.multiple, **meta),
+            cand.tile, self.task.in_channels, self.task.num_classes) if meta else blob)
         if m.error != MeasureError.OK:
             trial.set_user_attr("pruned_reason", "measure_failed")
             self._say(trial, cand, f"measurement failed: {m.message}")

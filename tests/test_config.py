@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from autoseg.config import Config, config_to_dict, load_config
+from autoseg.config import Config, config_to_dict, load_config, load_run_config
 from autoseg.errors import InputError
 
 
@@ -23,7 +23,7 @@ def test_yaml_and_overrides(tmp_path):
     cfg = load_config(p, {"tiles.size": 96, "data.images": "imgs", "search.trials": None})
     assert cfg.tiles.size == 96 and cfg.tiles.overlap == 0.5
     assert cfg.search.space.levels == [1, 2]
-    assert cfg.data.images == Path("imgs")
+    assert cfg.data.images == Path("imgs").resolve()  # resolved at the door: a saved config means the same files
     assert cfg.search.trials == 20  # a None override leaves the default
 
 
@@ -73,3 +73,26 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path) -> None:
     path.write_bytes(b"data: {images: \"\xff\xfe\"}\n")
     with pytest.raises(InputError, match=r"c\.yml: is not UTF-8 text"):
         load_config(path)
+
+
+def test_input_paths_are_resolved_and_a_runs_config_follows_the_run(tmp_path, monkeypatch):
+    tmp_path = tmp_path.resolve()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"data.images": "d/images", "data.masks": "~/m", "reps.embedder_weights": "w.pt",
+                             "train.teacher": "other/best/model.pt"})
+    assert cfg.data.images == tmp_path / "d" / "images" and cfg.data.masks == Path.home().resolve() / "m"
+    assert cfg.reps.embedder_weights == tmp_path / "w.pt" and cfg.train.teacher == str(tmp_path / "other/best/model.pt")
+    assert load_config(None, {"train.teacher": "reference"}).train.teacher == "reference"
+    # A run made in tmp_path with its data inside it, then moved: the data is read where it now is.
+    moved = tmp_path / "moved"
+    (moved / "data" / "images").mkdir(parents=True)
+    (moved / "config.yml").write_text(f"out: {tmp_path}/runs/a\ndata:\n  images: {tmp_path}/runs/a/data/images\n"
+                                      f"  masks: {tmp_path}/elsewhere/masks\n")
+    run_cfg = load_run_config(moved, {"eval.mode": "window"})
+    assert run_cfg.out == moved and run_cfg.data.images == moved / "data" / "images"
+    assert run_cfg.data.masks == tmp_path / "elsewhere" / "masks"  # not inside the run: kept as saved
+    assert run_cfg.eval.mode == "window"
+    # as runs made before paths were resolved saved them: relative to where the search started
+    (moved / "config.yml").write_text("out: runs/a\ndata:\n  images: runs/a/data/images\n")
+    monkeypatch.chdir(tmp_path / "moved" / "data")
+    assert load_run_config(moved).data.images == moved / "data" / "images"

@@ -15,9 +15,11 @@ from torch import nn
 from autoseg.errors import AutosegError, InputError
 from autoseg.export import (
     ExportInfo,
+    annotate,
     export_final,
     graph_hash,
     int8_bytes,
+    model_metadata,
     onnx_bytes,
     op_counts,
     quantize_int8,
@@ -325,3 +327,25 @@ def test_a_target_that_cannot_be_written_is_named_not_the_temp_file_beside_it(tm
         write_bytes_atomic(target, b"data")
     assert e.value.filename == str(target)
     assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["E07dir"]  # no temp left
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_trials_timed_net_carries_the_final_models_metadata(tmp_path, int8):
+    """What the search writes to trials/N/model.onnx is described like best/model.onnx (edge_agent reads it)."""
+    arch = Arch((3, 3), (4, 8))
+    model = build_unet(arch, 3, 5).eval()
+    meta = model_metadata(["bg", "a", "b", "c", "d"], [0.5] * 3, [0.25] * 3, 32, arch.key(), arch.multiple,
+                          {"kind": "values", "names": ["bg", "a", "b", "c", "d"], "values": [0, 1, 2, 3, 4]})
+    final = read_metadata(export_final(model, tmp_path / "model.onnx", 3, 32, meta).path)
+    blob = onnx_bytes(model, 3, 48)  # timed at another size than the tile
+    if int8:
+        blob = int8_bytes(blob, np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32))
+    (tmp_path / "trial.onnx").write_bytes(annotate(blob, meta, 32, 3, 5))
+    trial = read_metadata(tmp_path / "trial.onnx")
+    assert set(trial) == set(final) | ({"quantization"} if int8 else set())
+    for key in ("classes", "mean", "std", "tile", "arch", "input_multiple", "class_map", "in_channels",
+                "num_classes", "opset"):
+        assert trial[key] == final[key], key
+    assert final["trained"] == "true" and trial["trained"] == "false" and trial["simplified"] == "false"
+    assert trial.get("quantization") == ("int8-qdq" if int8 else None)
+    assert graph_hash(annotate(blob, meta, 32, 3, 5)) == graph_hash(blob)  # the latency cache's key is unchanged
