@@ -129,6 +129,9 @@ class SearchConfig:
     # Processes that run trials at once on this machine, each with an equal share of the cores (or
     # train.threads). Small nets use many cores poorly, so on a big machine several look at more nets.
     workers: int = field(default=1, metadata=_min(1))
+    # auto: with a latency budget (or the Pareto objective), a net whose latency, predicted from this device's
+    # earlier measurements (autoseg.predictor), is over the budget beyond doubt is not measured; off: measure all.
+    predict_latency: Literal["auto", "off"] = "auto"
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 

@@ -33,8 +33,10 @@ from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
 from autoseg.errors import DeviceUnreachable, InputError
 from autoseg.export import annotate, int8_bytes, model_metadata, onnx_bytes
 from autoseg.gate import Gate
-from autoseg.latency import Device, MeasureError, MeasureSettings, failure_hint
+from autoseg.latency import Device, MeasureError, MeasureSettings, _graph_hash, failure_hint, passing
+from autoseg.latency_history import Guess, Learner, remember_arch
 from autoseg.pareto import pareto_front
+from autoseg.predictor import LatencyRecord
 from autoseg.rundir import RunDir, StudyFileError, check_study_file, write_bytes_atomic
 from autoseg.train import (
     TrainSettings,
@@ -58,6 +60,7 @@ INT8_CALIB_TILES = 8  # timing needs the int8 graph, not good scales: a few tile
 # early). Successive halving (min resource 1 fold, reduction 3) judges after fold 1 (and after fold 3 of 5+).
 HALVING_RATE = 3
 PRUNERS = ("median", "halving", "hyperband")  # a trial's pruned_reason when one of them stopped it
+OVER_BUDGET = ("latency_budget", "predicted_over_budget")  # measured over it; predicted over it beyond doubt
 START_POOL = 256  # random nets of the space that search.startup "cost" picks the first trials from
 START_TOP_QUANTILE = 0.75  # the dearest of them sits at this MACs quantile: never the space's costly corner
 START_NOMINAL_CLASSES = 8  # MACs that order the start must not depend on the data, only on the config
@@ -75,6 +78,7 @@ _RESUMABLE_KEYS = {
     "search.max_measure_failures",
     "search.max_minutes",
     "search.workers",
+    "search.predict_latency",  # which nets are measured, not what a measured one means
     # Later trials are chosen or stopped otherwise; what a finished trial scored stays what it means.
     "search.pruner",
     "search.startup",
@@ -511,10 +515,12 @@ def find_twin(study: optuna.Study, cand: Candidate, number: int, budget_ms: floa
         a = t.user_attrs
         if t.number == number or is_repeat(t) or a.get("arch") != cand.arch.key() or a.get("tile") != cand.tile:
             continue
-        over = budget_ms is not None and a.get("latency_ms", 0.0) > budget_ms
         reason = a.get("pruned_reason")
+        # A net dropped on its prediction was over by more than the prediction's uncertainty: its low end.
+        lat = a.get("latency_predicted_lo_ms", 0.0) if reason == "predicted_over_budget" else a.get("latency_ms", 0.0)
+        over = budget_ms is not None and lat > budget_ms
         # Pruner-pruned stays pruned whatever the budget; the other two follow the budget.
-        if reason in PRUNERS or (t.state == TrialState.COMPLETE and not over) or (reason == "latency_budget" and over):
+        if reason in PRUNERS or (t.state == TrialState.COMPLETE and not over) or (reason in OVER_BUDGET and over):
             return t
     return None
 
@@ -551,7 +557,7 @@ def distinct_trials(study: optuna.Study) -> list[FrozenTrial]:
 def budget_prune_streak(study: optuna.Study) -> int:
     streak = 0
     for t in sorted(distinct_trials(study), key=lambda t: t.number, reverse=True):
-        if t.user_attrs.get("pruned_reason") != "latency_budget":
+        if t.user_attrs.get("pruned_reason") not in OVER_BUDGET:
             break
         streak += 1
     return streak
@@ -648,6 +654,7 @@ class Objective:
         self.deadline: float | None = None
         self.epochs_done = 0  # the running trial's, over all its folds
         self.folds_done = 0
+        self._learner: Learner | None = None  # search.predict_latency: made at the first trial that can use it
 
     def late(self) -> bool:
         """The deadline has passed."""
@@ -680,6 +687,103 @@ class Objective:
 
         if self.cfg.search.workers > 1:
             trial.set_user_attr("worker", self.worker)
+        pareto = scfg.objective == "pareto"
+        budget = scfg.latency_budget_ms
+        guess = self._guess(cand)
+        if guess is not None:
+            for key, value in guess.attrs().items():
+                trial.set_user_attr(key, value)
+        usable = guess is not None and guess.fit["usable"]
+        if usable and budget is not None and guess.lo_ms > budget:
+            self._predicted_over(trial, cand, guess, budget)
+        # Pareto: a net surely within the budget is measured after training, and only if it could reach the front.
+        deferred = usable and pareto and (budget is None or guess.hi_ms <= budget)
+        if deferred:
+            params, macs = self._size_of(trial, cand)
+            latency = guess.median_ms  # not used before it is settled: the Pareto objective reports no folds
+            lat_txt = f"{latency:.2f} ms predicted"
+        else:
+            latency, params, macs, lat_txt = self._measured(trial, cand)
+        head = f"{_size(params, macs)}  {lat_txt}"
+        if self.late():  # measuring took the last of the time
+            trial.set_user_attr("pruned_reason", "deadline")
+            trial.set_user_attr("epochs_trained", 0)
+            self._say(trial, cand, f"{head}  not trained: the time limit is up (a rerun trains it)")
+            raise optuna.TrialPruned("the time limit is up")
+        return self._train(trial, cand, latency, params, macs, head, guess if deferred else None)
+
+    def _guess(self, cand: Candidate) -> Guess | None:
+        """The predicted latency of `cand` (search.predict_latency auto, with a budget or a Pareto objective)."""
+        scfg = self.cfg.search
+        if scfg.predict_latency == "off" or (scfg.latency_budget_ms is None and scfg.objective != "pareto"):
+            return None
+        if self._learner is None:
+            from edge_agent.fingerprint import fingerprint_id
+
+            self._learner = Learner(self._cache_path(), fingerprint_id(self.device.fingerprint()),
+                                    self.settings.key(), self.cfg.device.precision)
+        size = timed_size(cand.arch, cand.tile, self.cfg.device.measure_size)
+        return self._learner.guess(cand.arch, size, self.task.in_channels, self.task.num_classes)
+
+    def _cache_path(self) -> str | None:
+        cache = getattr(self.device, "cache", None)
+        path = getattr(cache, "path", None)
+        return None if path in (None, ":memory:") else str(path)
+
+    def _learn(self, cand: Candidate, blob: bytes, m: Any, size: int) -> None:
+        """Keep a clean measurement for the predictor: the net of its graph, in the cache file, and in memory."""
+        if m.error != MeasureError.OK or passing(m.flags):
+            return
+        path = self._cache_path()
+        if path is not None:  # also with predict_latency off: a later run learns from this one
+            remember_arch(path, _graph_hash(blob), cand.arch, self.task.in_channels, self.task.num_classes,
+                          self.cfg.device.precision)
+        if self._learner is not None and m.fingerprint_id == self._learner.fingerprint_id:
+            self._learner.add(LatencyRecord(cand.arch, (size, size), float(m.median_ms), self.task.in_channels,
+                                            self.task.num_classes))
+
+    def _size_of(self, trial: optuna.Trial, cand: Candidate) -> tuple[int, int]:
+        """Params and MACs of a net not exported (at the timed size), with the attributes a measured one gets."""
+        size = timed_size(cand.arch, cand.tile, self.cfg.device.measure_size)
+        params = count_params(build_unet(cand.arch, self.task.in_channels, self.task.num_classes))
+        macs = count_macs(cand.arch, self.task.in_channels, self.task.num_classes, size, size)
+        for key, value in (("params", params), ("macs", macs), ("measure_size", size),
+                           ("precision", self.cfg.device.precision)):
+            trial.set_user_attr(key, value)
+        return params, macs
+
+    def _predicted_over(self, trial: optuna.Trial, cand: Candidate, guess: Guess, budget: float) -> None:
+        """Drop a net whose predicted latency is over the budget by more than its uncertainty: not exported,
+        not measured, not trained."""
+        params, macs = self._size_of(trial, cand)
+        trial.set_user_attr("pruned_reason", "predicted_over_budget")
+        self._say(trial, cand, f"{_size(params, macs)}  {guess.median_ms:.2f} ms predicted ({guess.lo_ms:.2f}-"
+                  f"{guess.hi_ms:.2f})  pruned: predicted over budget {budget:.4g} ms, not measured")
+        self.streak += 1
+        if self.streak >= self.cfg.search.max_budget_prunes:
+            self._stop(trial, f"search.latency_budget_ms: {self.streak} candidates in a row were slower than "
+                       f"{budget:g} ms (predicted or measured); raise --latency-budget-ms or allow smaller nets")
+        raise optuna.TrialPruned("latency predicted over budget")
+
+    def _settle(self, trial: optuna.Trial, cand: Candidate, guess: Guess, cv_mean: float) -> tuple[float, str]:
+        """Pareto, after training: a net that a measured net beats on score even at the low end of its predicted
+        latency cannot reach the front, and keeps its prediction (labelled predicted); any other is measured."""
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            a = t.user_attrs
+            if a.get("latency_is_predicted") or "cv_mean" not in a or "latency_ms" not in a:
+                continue
+            if (a["cv_mean"] >= cv_mean and a["latency_ms"] <= guess.lo_ms
+                    and (a["cv_mean"] > cv_mean or a["latency_ms"] < guess.lo_ms)):
+                trial.set_user_attr("latency_ms", guess.median_ms)
+                trial.set_user_attr("latency_source", "predicted")
+                trial.set_user_attr("latency_is_predicted", True)
+                return guess.median_ms, f"{guess.median_ms:.2f} ms predicted (dominated by trial {t.number})"
+        latency, _, _, lat_txt = self._measured(trial, cand)
+        return latency, lat_txt
+
+    def _measured(self, trial: optuna.Trial, cand: Candidate) -> tuple[float, int, int, str]:
+        """Export and time `cand`; prune it when the device fails or it is over the budget."""
+        scfg = self.cfg.search
         try:
             with self.gate.measuring() if self.gate is not None else nullcontext():
                 blob, m, params, macs = measure_candidate(
@@ -693,7 +797,8 @@ class Objective:
         trial.set_user_attr("macs", macs)
         trial.set_user_attr("latency", m.to_dict())
         trial.set_user_attr("latency_source", m.source)
-        trial.set_user_attr("measure_size", timed_size(cand.arch, cand.tile, self.cfg.device.measure_size))
+        size = timed_size(cand.arch, cand.tile, self.cfg.device.measure_size)
+        trial.set_user_attr("measure_size", size)
         trial.set_user_attr("precision", self.cfg.device.precision)
         trial.set_user_attr("device", m.device)
         trial.set_user_attr("fingerprint_id", m.fingerprint_id)
@@ -710,6 +815,7 @@ class Objective:
                            f"(last: {m.message}); {failure_hint(m, self.cfg.export.opset)}")
             raise optuna.TrialPruned(m.message)
         self.failures = 0
+        self._learn(cand, blob, m, size)
         latency = float(m.median_ms)
         trial.set_user_attr("latency_ms", latency)
         lat_txt = f"{latency:.2f} ms{' int8' if self.int8 else ''} ({m.source}{', cached' if m.cached else ''})"
@@ -724,14 +830,13 @@ class Objective:
                            f"{budget:g} ms on {m.device}; raise --latency-budget-ms or allow smaller nets")
             raise optuna.TrialPruned("latency over budget")
         self.streak = 0
-        pareto = scfg.objective == "pareto"
-        head = f"{_size(params, macs)}  {lat_txt}"
-        if self.late():  # measuring took the last of the time
-            trial.set_user_attr("pruned_reason", "deadline")
-            trial.set_user_attr("epochs_trained", 0)
-            self._say(trial, cand, f"{head}  not trained: the time limit is up (a rerun trains it)")
-            raise optuna.TrialPruned("the time limit is up")
+        return latency, params, macs, lat_txt
 
+    def _train(self, trial: optuna.Trial, cand: Candidate, latency: float, params: int, macs: int, head: str,
+               deferred: Guess | None) -> float | tuple[float, float]:
+        """Cross-validate `cand`, reporting to the pruner; `deferred`: its latency is settled afterwards."""
+        scfg = self.cfg.search
+        pareto = scfg.objective == "pareto"
         data = self.task.data[cand.tile]
         s = self.train_settings(cand.tile)
         folds = self.cfg.train.folds
@@ -777,6 +882,9 @@ class Objective:
             trial.set_user_attr("stopped_by", "deadline")
         trial.set_user_attr("epochs_trained", self.epochs_done)
         cv_mean, cv_std = float(np.mean(scores)), float(np.std(scores))
+        if deferred is not None:
+            latency, lat_txt = self._settle(trial, cand, deferred, cv_mean)
+            head = f"{_size(params, macs)}  {lat_txt}"
         trial.set_user_attr("fold_scores", [float(v) for v in scores])
         trial.set_user_attr("cv_mean", cv_mean)
         trial.set_user_attr("cv_score", cv_mean)
@@ -799,12 +907,14 @@ class Objective:
         learns the same from a repeat as from the first look."""
         for key in ("params", "macs", "latency", "latency_ms", "latency_source", "measure_size", "precision", "device",
                     "fingerprint_id", "fold_scores", "cv_mean", "cv_score", "cv_std", "penalty_value", "pruned_reason",
-                    "stopped_by"):
+                    "stopped_by", "latency_predicted_ms", "latency_predicted_lo_ms", "latency_predicted_hi_ms",
+                    "latency_is_predicted"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
         trial.set_user_attr("same_as_trial", twin.number)
         a = twin.user_attrs
-        head = f"{_size(a['params'], a['macs'])}  {a['latency_ms']:.2f} ms"
+        lat = f"{a['latency_ms']:.2f} ms" if "latency_ms" in a else f"{a['latency_predicted_ms']:.2f} ms predicted"
+        head = f"{_size(a['params'], a['macs'])}  {lat}{' predicted' if a.get('latency_is_predicted') else ''}"
         if twin.state == TrialState.PRUNED:
             self._say(trial, cand, f"{head}  pruned, as its twin trial {twin.number}")
             raise optuna.TrialPruned(f"same architecture as pruned trial {twin.number}")
@@ -1212,7 +1322,8 @@ def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
     # A repeat holds its twin's values; the first look at a net is the one to name.
     if cfg.objective == "penalty":
         return max(done, key=lambda t: t.value)
-    front = [t for t in study.best_trials if not is_repeat(t)]
+    # A net whose latency is only predicted was beaten by a measured one (Objective._settle): never chosen.
+    front = [t for t in study.best_trials if not is_repeat(t) and not t.user_attrs.get("latency_is_predicted")]
     return max(front, key=lambda t: t.user_attrs.get("penalty_value", -math.inf))
 
 
@@ -1226,7 +1337,10 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
         "completed": sum(t.state == TrialState.COMPLETE for t in distinct),
         "partial": sum(t.state == TrialState.COMPLETE and t.user_attrs.get("stopped_by") == "deadline"
                        for t in distinct),
-        "over_budget": sum(t.user_attrs.get("pruned_reason") == "latency_budget" for t in distinct),
+        "over_budget": sum(t.user_attrs.get("pruned_reason") in OVER_BUDGET for t in distinct),
+        # Of those, dropped on the predictor's word, and trained nets whose latency is only predicted.
+        "predicted_over_budget": sum(t.user_attrs.get("pruned_reason") == "predicted_over_budget" for t in distinct),
+        "latency_predicted": sum(bool(t.user_attrs.get("latency_is_predicted")) for t in distinct),
         "repeats": sum(is_repeat(t) for t in finished_trials(study)),
         "unmeasured": sum(unmeasured(t) for t in finished_trials(study)),
         "cut_by_deadline": sum(cut_by_deadline(t) for t in finished_trials(study)),
@@ -1234,8 +1348,10 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def pareto_summary(study: optuna.Study) -> list[dict[str, Any]]:
-    """The completed trials that no other trial beats on both score and latency, each net once."""
-    done = [t for t in distinct_trials(study) if t.state == TrialState.COMPLETE]
+    """The completed trials that no other trial beats on both score and latency, each net once. Nets with a
+    predicted latency are left out: a measured net beats each of them (Objective._settle)."""
+    done = [t for t in distinct_trials(study) if t.state == TrialState.COMPLETE
+            and not t.user_attrs.get("latency_is_predicted")]
     front = pareto_front([(t.user_attrs["cv_mean"], t.user_attrs["latency_ms"]) for t in done])
     return [
         {"trial": t.number, "arch": t.user_attrs["arch"], "cv_mean": t.user_attrs["cv_mean"],

@@ -1,0 +1,271 @@
+"""A latency predictor learned from the device's own measurements (issue #26).
+
+Pure functions and one small model: `features` describes a net at an input size with quantities a reader can
+check against autoseg.unet (per-level MACs, parameters and activation bytes, the conv and upsampling kinds, the
+level count and the input pixels); `LatencyPredictor` learns median latency from measured records of ONE device
+fingerprint, settings and precision, and says how far to trust itself (cross-validated error and spread).
+
+Reading the measurements from the latency cache is autoseg.latency_history's job; using the prediction in the
+search is autoseg.search's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from autoseg.unet import MAX_LEVELS, Arch, _double_conv_macs
+
+MIN_MEASUREMENTS = 15  # below this the cross-validation says nothing: measure as before
+USABLE_WITHIN = 0.8  # cross-validated share within ±10 % needed before a prediction may drop a net
+CV_FOLDS = 5
+# The uncertainty band is the spread of the cross-validated log residuals between these quantiles: a net is
+# dropped only when even the low end of its band is over the budget, so about 2.5 % of the nets dropped would
+# have measured under it, if the residuals of new nets look like those of the nets held out.
+LO_Q, HI_Q = 0.025, 0.975
+BYTES_PER_VALUE = 4  # fp32 activations; for int8 the factor is a constant of the fit, absorbed by the model
+
+
+def feature_names() -> list[str]:
+    names = []
+    for i in range(MAX_LEVELS):
+        names += [f"macs_l{i}", f"params_l{i}", f"act_bytes_l{i}"]
+    names += ["separable", "bilinear", "levels", "input_pixels", "macs", "macs_depthwise", "params", "act_bytes",
+              "ops"]
+    return names
+
+
+def _conv_params(cin: int, cout: int, k: int, conv: str) -> int:
+    """Weights of one double conv plus its two BatchNorms (scale and shift after folding)."""
+    total = 0
+    for c in (cin, cout):
+        total += c * k * k + c * cout if conv == "separable" else c * cout * k * k
+    return total + 2 * 2 * cout
+
+
+def _double_conv_acts(cin: int, cout: int, conv: str) -> tuple[int, int]:
+    """Values written per output pixel by one double conv, and its conv ops (depthwise counted apart)."""
+    if conv == "separable":
+        return cin + cout + cout + cout, 4
+    return 2 * cout, 2
+
+
+def features(arch: Arch, tile_hw: int | tuple[int, int], in_channels: int = 3, num_classes: int = 2) -> np.ndarray:
+    """The net timed on a (1, in_channels, h, w) input, as a vector named by feature_names().
+
+    Level i holds the encoder's double conv there (after the max-pool), the decoder's upsampling into it, the
+    concat and the decoder's double conv (and the head at level 0). MACs sum to unet.count_macs."""
+    h, w = (tile_hw, tile_hw) if isinstance(tile_hw, int) else tile_hw
+    c, k, n = arch.channels, arch.kernels, arch.levels
+    sep = arch.conv == "separable"
+    px = [(h >> i) * (w >> i) for i in range(n)]
+    macs, params, acts = [0.0] * MAX_LEVELS, [0.0] * MAX_LEVELS, [0.0] * MAX_LEVELS
+    ops = 0
+    dw_macs = 0.0
+    prev = in_channels
+    for i in range(n):
+        if i:
+            acts[i] += prev * px[i]  # max-pool output
+            ops += 1
+        macs[i] += px[i] * _double_conv_macs(prev, c[i], k[i], arch.conv)
+        params[i] += _conv_params(prev, c[i], k[i], arch.conv)
+        a, o = _double_conv_acts(prev, c[i], arch.conv)
+        acts[i] += a * px[i]
+        ops += o
+        if sep:
+            dw_macs += px[i] * (prev + c[i]) * k[i] * k[i]
+        prev = c[i]
+    for i in range(n - 1):
+        if arch.upsample == "transpose":
+            macs[i] += px[i] * c[i + 1] * c[i]
+            params[i] += 4 * c[i + 1] * c[i] + c[i]
+            acts[i] += c[i] * px[i]
+            ops += 1
+        else:  # 1x1 conv at the coarse level, then the resize
+            macs[i] += px[i + 1] * c[i + 1] * c[i]
+            params[i] += c[i + 1] * c[i] + c[i]
+            acts[i] += c[i] * (px[i + 1] + px[i])
+            ops += 2
+        acts[i] += 2 * c[i] * px[i]  # concat
+        ops += 1
+        macs[i] += px[i] * _double_conv_macs(2 * c[i], c[i], k[i], arch.conv)
+        params[i] += _conv_params(2 * c[i], c[i], k[i], arch.conv)
+        a, o = _double_conv_acts(2 * c[i], c[i], arch.conv)
+        acts[i] += a * px[i]
+        ops += o
+        if sep:
+            dw_macs += px[i] * 3 * c[i] * k[i] * k[i]
+    macs[0] += px[0] * c[0] * num_classes
+    params[0] += c[0] * num_classes + num_classes
+    acts[0] += num_classes * px[0]
+    ops += 1
+    acts = [a * BYTES_PER_VALUE for a in acts]
+    row: list[float] = []
+    for i in range(MAX_LEVELS):
+        row += [macs[i], params[i], acts[i]]
+    row += [float(sep), float(arch.upsample == "bilinear"), float(n), float(h * w), sum(macs), dw_macs,
+            sum(params), sum(acts), float(ops)]
+    return np.asarray(row, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class LatencyRecord:
+    """One clean measurement: a net, the input it was timed at, its median latency."""
+
+    arch: Arch
+    size: tuple[int, int]  # (h, w) of the timed input
+    latency_ms: float
+    in_channels: int = 3
+    num_classes: int = 2
+
+    def x(self) -> np.ndarray:
+        return features(self.arch, self.size, self.in_channels, self.num_classes)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Cross-validated accuracy of a fit: share of held-out nets within ±10 %, and their MAPE (%)."""
+
+    n: int
+    within_10: float
+    mape: float
+
+    def text(self) -> str:
+        return f"{self.within_10:.0%} within ±10 %, MAPE {self.mape:.1f} % (cross-validated on {self.n} nets)"
+
+
+def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
+    p, m = np.asarray(predicted, float), np.asarray(measured, float)
+    rel = np.abs(p - m) / m
+    return Accuracy(len(m), float(np.mean(rel <= 0.10)) if len(m) else 0.0,
+                    float(100 * np.mean(rel)) if len(m) else math.inf)
+
+
+# Two models, the better by cross-validation kept at each fit (both fit in milliseconds on 200 nets):
+# - "cost": latency = a*dense MACs + b*depthwise MACs + c*activation bytes + d*ops + e, all >= 0, fitted on
+#   relative error. A CPU's time is roughly work plus memory traffic plus per-op overhead, so this form holds
+#   from 15 points on and extrapolates to nets larger than any measured (trees cannot: they predict a constant
+#   past the largest net seen, which is exactly where the budget is).
+# - "loglinear": ridge on log features -> log latency, per level; it catches what the cost model's sums miss
+#   (a level whose tensors outgrow the cache) once there are enough points.
+# Gradient boosting was not used: with 15-60 points its quantile models are too coarse to drop anything safely.
+_COST = ("macs", "macs_depthwise", "act_bytes", "ops")
+
+
+def _cost_columns(x: np.ndarray) -> np.ndarray:
+    names = feature_names()
+    cols = [x[:, names.index(n)] for n in _COST]
+    dense = cols[0] - cols[1]
+    return np.column_stack([dense, cols[1], cols[2], cols[3]])
+
+
+class _CostModel:
+    def fit(self, x: np.ndarray, y: np.ndarray) -> _CostModel:
+        from sklearn.linear_model import LinearRegression
+
+        z = _cost_columns(x)
+        self.scale = np.maximum(z.max(axis=0), 1.0)
+        self.model = LinearRegression(positive=True).fit(z / self.scale, y, sample_weight=1.0 / y**2)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(self.model.predict(_cost_columns(x) / self.scale), 1e-6)
+
+
+class _LogLinear:
+    def fit(self, x: np.ndarray, y: np.ndarray) -> _LogLinear:
+        from sklearn.linear_model import RidgeCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13))).fit(np.log1p(x), np.log(y))
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.exp(self.model.predict(np.log1p(x)))
+
+
+MODELS = {"cost": _CostModel, "loglinear": _LogLinear}
+
+
+def _out_of_fold(kind: str, x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import KFold
+
+    pred = np.empty_like(y)
+    for train, test in KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(x):
+        pred[test] = MODELS[kind]().fit(x[train], y[train]).predict(x[test])
+    return pred
+
+
+class LatencyPredictor:
+    """Median latency (ms) of a net on one device, settings and precision, with a band from cross-validation.
+
+    `fit(records)`; then `predict(arch, size) -> (median_ms, lo_ms, hi_ms)`; `cv` is the held-out accuracy
+    and `usable` says whether it is good enough to drop nets on."""
+
+    def __init__(self, min_measurements: int = MIN_MEASUREMENTS, usable_within: float = USABLE_WITHIN,
+                 seed: int = 0) -> None:
+        self.min_measurements = min_measurements
+        self.usable_within = usable_within
+        self.seed = seed
+        self.n = 0
+        self.kind: str | None = None
+        self.cv: Accuracy | None = None
+        self.band = (0.0, 0.0)  # log-residual quantiles (LO_Q, HI_Q) of the held-out predictions
+        self._model: _CostModel | _LogLinear | None = None
+        self._io = (3, 2)
+
+    def fit(self, records: Sequence[LatencyRecord]) -> LatencyPredictor:
+        recs = [r for r in records if r.latency_ms > 0 and math.isfinite(r.latency_ms)]
+        self.n = len(recs)
+        if self.n < max(3, CV_FOLDS):  # nothing to cross-validate
+            self._model, self.cv, self.kind = None, None, None
+            return self
+        x = np.stack([r.x() for r in recs])
+        y = np.array([r.latency_ms for r in recs])
+        best: tuple[tuple[float, float], str, np.ndarray] | None = None
+        for kind in MODELS:
+            oof = _out_of_fold(kind, x, y, CV_FOLDS, self.seed)
+            acc = accuracy(oof, y)
+            score = (acc.within_10, -acc.mape)
+            if best is None or score > best[0]:
+                best = (score, kind, oof)
+        assert best is not None
+        _, self.kind, oof = best
+        self.cv = accuracy(oof, y)
+        resid = np.log(y) - np.log(oof)
+        self.band = (float(np.quantile(resid, LO_Q)), float(np.quantile(resid, HI_Q)))
+        self._model = MODELS[self.kind]().fit(x, y)
+        self._io = (recs[-1].in_channels, recs[-1].num_classes)
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        return self._model is not None
+
+    @property
+    def usable(self) -> bool:
+        """Enough measurements, and cross-validated accurate enough to drop a net on its prediction."""
+        return (self.fitted and self.n >= self.min_measurements and self.cv is not None
+                and self.cv.within_10 >= self.usable_within)
+
+    def why_not(self) -> str:
+        """Why the predictor is not used for dropping ('' when it is)."""
+        if self.n < self.min_measurements or not self.fitted:
+            return f"{self.n} measurements of this device, settings and precision, {self.min_measurements} needed"
+        if self.cv is not None and self.cv.within_10 < self.usable_within:
+            return f"its cross-validated accuracy is {self.cv.text()}, under the {self.usable_within:.0%} needed"
+        return ""
+
+    def predict(self, arch: Arch, size: int | tuple[int, int], in_channels: int | None = None,
+                num_classes: int | None = None) -> tuple[float, float, float]:
+        """(median_ms, lo_ms, hi_ms) for `arch` timed at `size` (side, or (h, w))."""
+        if self._model is None:
+            raise RuntimeError("LatencyPredictor.predict before a fit with enough records")
+        ic = self._io[0] if in_channels is None else in_channels
+        nc = self._io[1] if num_classes is None else num_classes
+        med = float(self._model.predict(features(arch, size, ic, nc)[None, :])[0])
+        return med, med * math.exp(min(self.band[0], 0.0)), med * math.exp(max(self.band[1], 0.0))
