@@ -484,8 +484,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = resolve_model(args.model, args.int8)
     summary = predict_folder(model, args.images, args.out, mode=args.predict_mode or ev.mode, overlap=overlap,
                              batch=ev.batch, write_overlay=args.overlay, progress=progress_enabled())
-    print(f"{summary['images']} mask(s) in {args.out} ({summary['encoding']}); pixels: "
-          f"{class_share_text(summary['class_share'])}")
+    mode = args.predict_mode or ev.mode
+    print(f"{summary['images']} mask(s) in {args.out} ({summary['encoding']}); mode {mode}"
+          f"{f', overlap {overlap:g}' if mode != 'whole' else ''}; pixels: {class_share_text(summary['class_share'])}")
     return 0
 
 

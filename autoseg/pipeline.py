@@ -207,9 +207,11 @@ def same_test_data(run: RunDir, stage: DataStage) -> bool:
 # ------------------------------------------------------------------ search
 
 
-def data_stage(cfg: Config, run: RunDir, progress: bool = False) -> tuple[DataStage, dict[int, RepSet], SearchTask]:
-    """Images split, representatives chosen (cached under RUN/index) and their arrays: what the trials train on."""
-    stage = prepare_data(cfg, progress)
+def data_stage(cfg: Config, run: RunDir, progress: bool = False, stage: DataStage | None = None
+               ) -> tuple[DataStage, dict[int, RepSet], SearchTask]:
+    """Images split, representatives chosen (cached under RUN/index) and their arrays: what the trials train on.
+    `stage`: prepare_data's, when the caller has it already."""
+    stage = stage or prepare_data(cfg, progress)
     if len(stage.train_ids) == 0:
         raise InputError(
             f"{cfg.data.images}: no training images left after the test split; lower data.test_fraction"
@@ -305,8 +307,9 @@ def ship_trial(cfg: Config, run: RunDir, number: int, progress: bool = False,
                          "pick a trial of the report's table")
     with run_lock(run):
         check_data_folders(cfg, run, given)
-        stage, _, task = data_stage(cfg, run, progress)
-        check_data_digest(cfg, run, stage)
+        stage = prepare_data(cfg, progress)
+        check_data_digest(cfg, run, stage)  # before any work on data that may not be the run's
+        stage, _, task = data_stage(cfg, run, progress, stage)
         card = finalize(cfg, run, stage, task, trial, progress, folder=run.trial(number))
         if number != trial.number:
             card["same_as_trial"] = trial.number

@@ -16,11 +16,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -218,6 +220,17 @@ def config_fingerprint(cfg: Config) -> dict[str, Any]:
     # Part of the space though not a config key: a study sampled with other steps cannot take more trials.
     flat["search.space.channel_steps"] = list(CHANNEL_STEPS)
     return _meaningful(flat)
+
+
+# Input paths, resolved by load_config since runs became portable; studies made before saved them as given.
+_PATH_KEYS = ("data.images", "data.masks", "data.test_images", "data.test_masks", "reps.embedder_weights")
+
+
+def _resolved(flat: dict[str, Any]) -> dict[str, Any]:
+    """A study's saved config with relative input paths resolved as load_config resolves them now (against the
+    working directory), so that a run made before resumes from where it was started."""
+    return {k: os.fsdecode(Path(v).expanduser().resolve()) if k in _PATH_KEYS and isinstance(v, str) else v
+            for k, v in flat.items()}
 
 
 def _meaningful(flat: dict[str, Any]) -> dict[str, Any]:
@@ -450,7 +463,7 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
     mine = config_fingerprint(cfg)
     theirs = study.user_attrs.get("config")
     if theirs is not None:  # keys that became resumable since the study was made
-        theirs = _meaningful(theirs)
+        theirs = _resolved(_meaningful(theirs))
     if existed and theirs is not None and theirs != mine:
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         space = [k for k in changed if k.startswith("search.space.")]

@@ -166,3 +166,92 @@ def test_trial_onnx_files_carry_the_final_models_metadata(started):
               .metadata_props}
     assert chosen["arch"] == final["arch"] and chosen["tile"] == final["tile"]
     assert chosen["input_multiple"] == final["input_multiple"]
+
+
+def test_a_study_made_before_paths_were_resolved_resumes_from_where_it_started(tmp_path, monkeypatch):
+    from autoseg.config import load_config
+    from autoseg.rundir import RunDir
+    from autoseg.search import open_study
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"data.images": "data/images", "data.masks": "data/masks", "out": "run"})
+    run = RunDir(cfg.out).prepare()
+    study = open_study(run, cfg)
+    saved = dict(study.user_attrs["config"])
+    assert saved["data.images"] == str(tmp_path.resolve() / "data" / "images")
+    saved["data.images"], saved["data.masks"] = "data/images", "data/masks"  # as older runs saved them
+    study.set_user_attr("config", saved)
+    open_study(run, cfg)  # the same data: no "made with a different config"
+
+
+def test_predict_takes_its_eval_settings_from_config_and_flags_win(started, tmp_path):
+    images = started / "data" / "images"
+    (tmp_path / "window.yml").write_text("eval:\n  mode: window\n  window_overlap: 0.75\n")
+    runs = {
+        "config": ["--config", "window.yml"],
+        "flags": ["--eval-mode", "window", "--overlap", "0.75"],
+        "config_then_flag": ["--config", "window.yml", "--eval-mode", "whole"],
+        "whole": ["--eval-mode", "whole"],
+    }
+    said = {}
+    for name, extra in runs.items():
+        proc = autoseg("predict", started, "--images", images, "--out", name, *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert len(list((tmp_path / name).glob("*.png"))) == 6
+        said[name] = proc.stdout.split("; ")[1]
+    assert said == {"config": "mode window, overlap 0.75", "flags": "mode window, overlap 0.75",
+                    "config_then_flag": "mode whole", "whole": "mode whole"}
+    (tmp_path / "bad.yml").write_text("eval:\n  mode: sideways\n")
+    one_line_error(autoseg("predict", started, "--images", images, "--out", "x", "--config", "bad.yml", cwd=tmp_path),
+                   2, "eval.mode", "sideways")
+
+
+def test_json_written_by_the_run_and_the_cli_has_snake_case_keys(started, tmp_path):
+    """Keys a program reads are snake_case; prose is for report.md/html. Dicts keyed by data (tile sizes,
+    class names) are data, not keys."""
+    data_keyed = {"tiles", "reps", "cv_epochs", "class_share", "per_class"}
+
+    def keys(obj: object, parent: str = "") -> set[str]:
+        if isinstance(obj, dict):
+            found = set() if parent in data_keyed else set(obj)
+            return found.union(*(keys(v, k) for k, v in obj.items()))
+        if isinstance(obj, list):
+            return set().union(*(keys(v, parent) for v in obj))
+        return set()
+
+    files = [p for p in started.rglob("*.json")
+             if p.name != "report.json" and "data" not in p.relative_to(started).parts]  # data/: the demo's own
+    assert {"data.json", "model_card.json", "training.json", "metrics.json"} <= {p.name for p in files}
+    (tmp_path / "quick.yml").write_text("device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n"
+                                        "  max_busy_cores: null\n")
+    check = autoseg("device", "check", "--config", "quick.yml", "-q", cwd=tmp_path)
+    assert check.returncode == 0, check.stderr
+    found = keys(json.loads(check.stdout)).union(*(keys(json.loads(p.read_text())) for p in files))
+    assert found and not [k for k in found if not re.fullmatch(r"[a-z][a-z0-9_]*", k)]
+
+
+def test_a_runs_own_test_folders_that_moved_update_its_own_results(started, tmp_path):
+    from autoseg.config import DataConfig
+    from autoseg.data import dataset_digest, scan_dataset
+
+    run = _copy(started, tmp_path / "run")
+    test = tmp_path / "test"
+    for sub in ("images", "masks"):
+        (test / sub).mkdir(parents=True)
+        for p in sorted((run / "data" / sub).iterdir())[:2]:
+            shutil.copy(p, test / sub / p.name)
+    shutil.copy(run / "data" / "classes.json", test / "classes.json")
+    # As a search given --test-images/--test-masks leaves its config.yml and data.json
+    cfg = yaml.safe_load((run / "config.yml").read_text())
+    cfg["data"]["test_images"], cfg["data"]["test_masks"] = str(test / "images"), str(test / "masks")
+    (run / "config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    data = json.loads((run / "data.json").read_text())
+    data["test_digest"] = dataset_digest(scan_dataset(test / "images", test / "masks", DataConfig()))
+    (run / "data.json").write_text(json.dumps(data))
+    shutil.move(test, tmp_path / "moved")
+    new = tmp_path / "moved"
+    one_line_error(autoseg("eval", run, cwd=tmp_path), 2, "data.test_images", "--test-images DIR --test-masks DIR")
+    proc = autoseg("eval", run, "--test-images", new / "images", "--test-masks", new / "masks", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert str(run / "eval" / "metrics.json") in proc.stdout and not (run / "eval" / "other").exists()
+    assert len(json.loads((run / "eval" / "metrics.json").read_text())["per_image"]) == 2
