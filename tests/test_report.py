@@ -78,9 +78,13 @@ def add_complete(study: optuna.Study, attrs: dict) -> None:
     study.add_trial(trial)
 
 
-def make_run(root: Path, objective: str = "penalty", final: bool = True, mixed: bool = False) -> Path:
+def make_run(root: Path, objective: str = "penalty", final: bool = True, mixed: bool = False,
+             latency: dict[int, dict] | None = None, card_extra: dict | None = None,
+             search: dict | None = None) -> Path:
+    """A run directory as the pipeline leaves it. `latency` overrides trial N's latency record, `card_extra`
+    adds to the model card, `search` to config.yml's search section."""
     root.mkdir(parents=True, exist_ok=True)
-    cfg = {"out": str(root), "seed": 0, "search": {"objective": objective, "latency_budget_ms": 50.0},
+    cfg = {"out": str(root), "seed": 0, "search": {"objective": objective, "latency_budget_ms": 50.0, **(search or {})},
            "device": {"target": "pi@edge"}}
     (root / "config.yml").write_text(yaml.safe_dump(cfg))
     # Dataset.summary() plus what the pipeline adds (split stems, tile and rep counts per tile size)
@@ -104,6 +108,7 @@ def make_run(root: Path, objective: str = "penalty", final: bool = True, mixed: 
         source = "local" if mixed and i == 1 else "device"
         device = "local" if source == "local" else "pi@edge:22"
         attrs = _attrs(arch, tile, params, macs, ms, cv, source, device)
+        attrs["latency"].update((latency or {}).get(i, {}))
         if source == "local":
             attrs["fingerprint_id"] = attrs["latency"]["fingerprint_id"] = "0123456789abcdef"
             attrs["latency"]["fingerprint"] = {**FP, "machine": "x86_64", "cpu_model": "Xeon"}
@@ -133,6 +138,7 @@ def make_run(root: Path, objective: str = "penalty", final: bool = True, mixed: 
                     "tile_passes": 12_800, "budget_tiles": 200_000, "best_step": 300, "best_val_miou": 0.58,
                     "stopped": "early_stop", "seconds": 95.0, "teacher": None}
         card["training"] = training
+        card.update(card_extra or {})
         (root / "best").mkdir()
         (root / "best" / "model_card.json").write_text(json.dumps(card))
         (root / "best" / "training.json").write_text(json.dumps({**training, "curve": curve}))

@@ -23,21 +23,30 @@ from autoseg.report.collect import (
     _class_names,
     _data_summary,
     _examples,
+    _export_summary,
     _other_evals,
     _per_class_iou,
     _pick_chosen,
     _read_json,
     _read_study,
+    _time_limit,
     _trial_row,
 )
-from autoseg.report.format import NA, _f, _num, _si
+from autoseg.report.format import NA, _num
 from autoseg.report.html import render_html
 from autoseg.report.markdown import render_markdown
 from autoseg.report.plots import plot_latency_vs_macs, plot_pareto, plot_per_class_iou, plot_training_curve
-from autoseg.report.provenance import OUTLIER_MIN_RATIO, _latency_provenance, _macs_outliers, fit_loglog
+from autoseg.report.provenance import (
+    OUTLIER_MIN_RATIO,
+    _latency_provenance,
+    _macs_outliers,
+    fit_loglog,
+    latency_flags,
+)
 from autoseg.rundir import fs_escape, write_text_atomic
 
-__all__ = ["_latency_provenance", "_trial_row", "fit_loglog", "render_html", "render_markdown", "write_report"]
+__all__ = ["_latency_provenance", "_trial_row", "fit_loglog", "latency_flags", "render_html", "render_markdown",
+           "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -153,28 +162,7 @@ def write_report(run_dir: Path) -> dict:
     examples = _examples(run_dir / "eval" / "examples")
     if not examples:
         missing.append(f"eval/examples/*.png: {NA}")
-    export = None
-    onnx = (card or {}).get("onnx")
-    if isinstance(onnx, dict):
-        export = {"file": onnx.get("path", "best/model.onnx"), "size": _si(onnx.get("size_bytes"), "B"),
-                  "size_bytes": onnx.get("size_bytes"), "opset": onnx.get("opset"),
-                  "parity_max_abs_diff (onnxruntime vs torch)": onnx.get("parity_max_abs_diff"),
-                  "nodes before → after simplify": (f"{onnx['nodes_before']} → {onnx['nodes_after']}"
-                                                    if "nodes_before" in onnx else None),
-                  "simplified": onnx.get("simplified")}
-        q = (card or {}).get("int8")
-        if isinstance(q, dict) and "error" in q:
-            export["int8 not exported"] = q["error"]
-        elif isinstance(q, dict):  # export.int8: the quantized model beside the float one
-            export.update({
-                "int8 file": q.get("path"), "int8 size": _si(q.get("size_bytes"), "B"),
-                "int8 test mIoU (float's)": f"{_f(q.get('test_miou'))} ({_f(card.get('test_miou'))})",
-                "int8 latency ms (float's), source": f"{_f(q.get('latency_ms'), '.2f')} "
-                f"({_f(q.get('fp32_latency_ms'), '.2f')}), {q.get('latency_source')} on {q.get('device')}",
-                "int8 argmax agreement with float, calibration tiles": _f(q.get("argmax_agreement"), '.4f'),
-                "int8 timing not done": q.get("latency_error"),
-            })
-        export = {k: v for k, v in export.items() if v is not None}
+    export = _export_summary(card)
 
     running = sum(r["state"] in ("RUNNING", "WAITING") for r in rows)
     # Nothing completed and nothing running: the search ended (or stopped) without a net to pick.
@@ -209,6 +197,7 @@ def write_report(run_dir: Path) -> dict:
         "model_card": card,
         "training": None if training is None else {**training, "curve": curve},
         "other_evals": others,
+        "time_limit": _time_limit(rows, config, study),
         "eval": {k: v for k, v in metrics.items() if k != "per_image"} if metrics else None,
         "plots": plots,
     })

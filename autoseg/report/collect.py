@@ -15,6 +15,7 @@ from typing import Any
 
 from autoseg.errors import InputError
 from autoseg.report.format import NA, _first, _num
+from autoseg.report.provenance import entry_flags, latency_flags
 from autoseg.rundir import StudyFileError, check_study_file, sqlite_ro_uri
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
     info["objective"] = info["user_attrs"].get("objective") or (
         "pareto" if len(info["directions"]) == 2 else "penalty")
     info["n_trials"] = len(trials)
-    info["states"] = dict(Counter(t.state.name for t in trials))
+    info["states"] = dict(Counter(t.state.name.lower() for t in trials))
     info["repeats"] = sum("same_as_trial" in t.user_attrs for t in trials)
     info["unmeasured"] = sum(t.user_attrs.get("pruned_reason") == "measure_failed" for t in trials)
     return info, trials
@@ -107,6 +108,11 @@ def _trial_row(t: Any) -> dict:
         new = "epochs_trained" in a
         note = (f"{note or 'pruned'} after fold {step if new else step + 1} "
                 f"({'objective so far' if new else 'running CV'} {running:.3f})")
+    if t.state.name == "COMPLETE" and a.get("stopped_by") == "deadline":
+        done = len(a["fold_scores"]) if isinstance(a.get("fold_scores"), list) else None
+        note = f"time limit: CV over {done} fold(s) only" if done else "time limit: CV over the folds done"
+    elif t.state.name == "PRUNED" and a.get("pruned_reason") == "deadline" and not steps:
+        note = "deadline: stopped before a fold finished (not counted; a rerun trains it)"
     if t.state.name == "FAIL":
         reason = getattr(t, "system_attrs", {}).get("fail_reason")
         note = note or (f"failed: {str(reason).splitlines()[0][:80]}" if reason else "failed")
@@ -130,6 +136,7 @@ def _trial_row(t: Any) -> dict:
         "measure_size": a.get("measure_size"),
         "precision": a.get("precision", "fp32"),
         "throttled": lat.get("throttled"),
+        "latency_flags": latency_flags(lat) if lat else [],
         "emulated": bool(lat.get("emulated") or (lat.get("fingerprint") or {}).get("emulated")),
         "providers_used": lat.get("providers_used"),
         "cached": lat.get("cached"),
@@ -137,6 +144,7 @@ def _trial_row(t: Any) -> dict:
         "cv_std": _num(a.get("cv_std")),
         "fold_scores": a.get("fold_scores"),
         "same_as_trial": a.get("same_as_trial"),
+        "stopped_by": a.get("stopped_by") or ("deadline" if a.get("pruned_reason") == "deadline" else None),
         "values": values,
         "pruned_reason": note,
         "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
@@ -223,7 +231,7 @@ def _data_summary(data: dict | None, names: list[str]) -> dict | None:
             if len(nums) == 1:
                 out[part] = next(iter(nums.values()))
             elif nums:
-                out[part] = {f"tile {k}": x for k, x in nums.items()}
+                out[part] = {f"tile_{k}": x for k, x in nums.items()}
         elif count(v) is not None:
             out[part] = count(v)
     for key in ("mean", "std"):
@@ -256,6 +264,9 @@ def _pick_chosen(rows: list[dict], objective: str, card: dict | None) -> dict | 
             "macs": card.get("macs"),
             "latency_ms": _first(_num(card.get("latency_ms")), best["latency_ms"] if best else None),
             "latency_source": card.get("latency_source"), "device": card.get("device"),
+            # The card's own record of its measurement, else the trial's (the same figure), else its stats.
+            "latency_flags": _first(entry_flags(card), best["latency_flags"] if best else None,
+                                    latency_flags({"stats": card.get("latency_stats")})),
             "cv_mean": _first(_num(card.get("cv_score")), best["cv_mean"] if best else None),
             "cv_std": _num(card.get("cv_std")),
             "test_miou": _num(card.get("test_miou")), "test_dice": _num(card.get("test_dice")),
@@ -267,7 +278,8 @@ def _pick_chosen(rows: list[dict], objective: str, card: dict | None) -> dict | 
     if not scored:
         return None
     best = max(scored, key=lambda r: r["values"][0])
-    keys = ("arch", "tile", "params", "macs", "latency_ms", "latency_source", "device", "cv_mean", "cv_std")
+    keys = ("arch", "tile", "params", "macs", "latency_ms", "latency_source", "device", "latency_flags", "cv_mean",
+            "cv_std")
     return {"trial": best["number"], "provisional": True, "from": "study (best objective so far)",
             **{k: best[k] for k in keys}}
 
@@ -297,4 +309,48 @@ def _examples(folder: Path) -> dict[str, bytes]:
             continue
         if b.startswith(PNG_MAGIC):
             out[p.name] = b
+    return out
+
+
+def _time_limit(rows: list[dict], config: dict | None, study: dict | None) -> dict | None:
+    """What search.max_minutes did to the search (None without a limit): the trials it trained on fewer
+    folds (stopped_by "deadline"), the ones it stopped before a fold (pruned_reason "deadline"), and
+    whether it ended the search before the asked number of nets."""
+    scfg = (config or {}).get("search") or {}
+    limit = _num(scfg.get("max_minutes"))
+    partial = [r["number"] for r in rows if r["state"] == "COMPLETE" and r["stopped_by"] == "deadline"
+               and r["same_as_trial"] is None]
+    cut = [r["number"] for r in rows if r["state"] == "PRUNED" and r["stopped_by"] == "deadline"]
+    if limit is None and not partial and not cut:
+        return None
+    # The nets the search counts (search.trial_counts): finished, not repeats, measured, not cut before a fold.
+    looked = sum(r["state"] in ("COMPLETE", "PRUNED") and r["same_as_trial"] is None and r["stopped_by"] is None
+                 for r in rows) + len(partial) - ((study or {}).get("unmeasured") or 0)
+    asked = scfg.get("trials") if isinstance(scfg.get("trials"), int) else None
+    running = any(r["state"] in ("RUNNING", "WAITING") for r in rows)
+    short = bool(partial or cut) or (not running and asked is not None and 0 < looked < asked and limit is not None)
+    return {"max_minutes": limit, "trials_asked": asked, "nets_looked_at": looked,
+            "partial_trials": partial, "cut_trials": cut, "cut_short": short, "search_running": running}
+
+
+def _export_summary(card: dict | None) -> dict | None:
+    """The exported model (and its int8 twin) from the model card, in snake_case keys; prose is the renderers'."""
+    onnx = (card or {}).get("onnx")
+    if not isinstance(onnx, dict):
+        return None
+    out: dict[str, Any] = {
+        "file": onnx.get("path", "best/model.onnx"), "size_bytes": onnx.get("size_bytes"), "opset": onnx.get("opset"),
+        "parity_max_abs_diff": onnx.get("parity_max_abs_diff"), "onnx_nodes_before": onnx.get("nodes_before"),
+        "onnx_nodes_after": onnx.get("nodes_after"), "simplified": onnx.get("simplified")}
+    q = (card or {}).get("int8")
+    if isinstance(q, dict) and "error" in q:
+        out["int8"] = {"error": q["error"]}
+    elif isinstance(q, dict):  # export.int8: the quantized model beside the float one, timed beside it
+        out["int8"] = {
+            "file": q.get("path"), "size_bytes": q.get("size_bytes"), "test_miou": _num(q.get("test_miou")),
+            "fp32_test_miou": _num((card or {}).get("test_miou")), "latency_ms": _num(q.get("latency_ms")),
+            "latency_flags": entry_flags(q) or [], "fp32_latency_ms": _num(q.get("fp32_latency_ms")),
+            "fp32_latency_flags": entry_flags(q, "fp32_") or [], "latency_source": q.get("latency_source"),
+            "device": q.get("device"), "argmax_agreement": _num(q.get("argmax_agreement")),
+            "latency_error": q.get("latency_error")}
     return out

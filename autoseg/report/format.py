@@ -58,3 +58,8 @@ def _objective_cell(r: dict, objective: str) -> str:
 def _where(source: Any, device: Any) -> str:
     src, dev = str(source or "–"), str(device or "")
     return src if dev in ("", src) else f"{src} {dev}"
+
+
+def _flagged(text: str, flags: Any) -> str:
+    """A latency figure with why it is not a clean one next to it: "8.5 ⚠ busy: others used 1.3 cores"."""
+    return f"{text} ⚠ {'; '.join(flags)}" if flags and text != "–" else text

@@ -13,6 +13,7 @@ from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
     SHIP_NOTE,
+    _export_rows,
     _fp_rows,
     _other_rows,
     _ship_command,
@@ -151,7 +152,7 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
 
     B.append("<h2>Export</h2>")
     if rep["export"]:
-        B += [_html_table(["field", "value"], [[k, str(v)] for k, v in rep["export"].items()]),
+        B += [_html_table(["field", "value"], _export_rows(rep["export"])),
               '<p class="source">From best/model_card.json["onnx"].</p>']
     else:
         B.append(_na("ONNX export"))

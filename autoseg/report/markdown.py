@@ -11,6 +11,7 @@ from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
     SHIP_NOTE,
+    _export_rows,
     _fp_rows,
     _other_rows,
     _ship_command,
@@ -101,7 +102,7 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
     L += ["## Export", ""]
     e = rep["export"]
     if e:
-        L += _md_table(["field", "value"], [[k, str(v)] for k, v in e.items()])
+        L += _md_table(["field", "value"], _export_rows(e))
     else:
         L += [f"ONNX export: {NA}.", ""]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,78 @@ import numpy as np
 
 # Label a latency-vs-MACs outlier only when it is this far off the fit: smaller gaps are measurement noise.
 OUTLIER_MIN_RATIO = 1.25
+
+# Judging a measurement recorded before measurements carried their own "flags" (autoseg.latency sets them
+# now, with the same limits and wording): the figure is not a clean one when other processes kept more
+# cores busy than this, when p90 is this many times the median (a quiet CPU stays within ~1.2x), when the
+# SoC warmed this much while timing, or when the device throttled or was emulated.
+BUSY_CORES = 0.5
+NOISY_P90_RATIO = 1.5
+NOISY_MIN_RUNS = 10  # fewer runs: their p90 says nothing about noise
+TEMP_RISE_C = 5.0
+MAX_LISTED = 8  # flagged trials named in a warning; the table has them all
+EMULATED = "emulated"  # a flag of its own: it has its own warning, and is not "unreliable timing" but no timing
+_BUSY_NOTE = re.compile(r"device busy: others used ([0-9.]+) cores")
+
+
+def latency_flags(m: Any) -> list[str]:
+    """Why a latency measurement (Measurement.to_dict()) is not a clean figure; [] for a clean one.
+
+    A record with "flags" is taken at its word. An older one is judged from what it holds: the "device
+    busy" note the search added to its message, cpu_others, throttled, the temperatures, emulated, and
+    p90 against the median. A failed measurement has no figure, so nothing to flag.
+    """
+    if not isinstance(m, dict):
+        return []
+    if isinstance(m.get("flags"), list | tuple):
+        return [str(f) for f in m["flags"]]
+    if m.get("error") not in (None, 0, "OK"):
+        return []
+    flags = []
+    busy = _BUSY_NOTE.search(str(m.get("message") or ""))
+    others = _real(m.get("cpu_others"))
+    if busy:
+        flags.append(f"busy: others used {float(busy.group(1)):.1f} cores")
+    elif others is not None and others > BUSY_CORES:
+        flags.append(f"busy: others used {others:.1f} cores")
+    elif "device busy" in str(m.get("message") or ""):
+        flags.append("busy")
+    stats = m.get("stats") if isinstance(m.get("stats"), dict) else {}
+    median, p90, count = _real(stats.get("median_ms")), _real(stats.get("p90_ms")), _real(stats.get("count"))
+    if median and p90 is not None and (count is None or count >= NOISY_MIN_RUNS) and p90 / median > NOISY_P90_RATIO:
+        flags.append(f"noisy: p90/median {p90 / median:.1f}")
+    if m.get("throttled") is True:
+        flags.append("throttled")
+    before, after = _real(m.get("temp_before_c")), _real(m.get("temp_after_c"))
+    if before is not None and after is not None and after - before > TEMP_RISE_C:
+        flags.append(f"temperature rose {after - before:.1f} °C")
+    fp = m.get("fingerprint") if isinstance(m.get("fingerprint"), dict) else {}
+    if m.get("emulated") or fp.get("emulated"):
+        flags.append(EMULATED)
+    return flags
+
+
+def entry_flags(entry: Any, prefix: str = "") -> list[str] | None:
+    """The flags a model-card entry holds for its `prefix`latency: a list under `prefix`latency_flags, or a
+    whole measurement under `prefix`latency; None when it holds neither (a card from before flags)."""
+    if not isinstance(entry, dict):
+        return None
+    v = entry.get(f"{prefix}latency_flags")
+    if isinstance(v, list | tuple):
+        return [str(x) for x in v]
+    m = entry.get(f"{prefix}latency")
+    return latency_flags(m) if isinstance(m, dict) else None
+
+
+def unreliable(flags: Sequence[str]) -> list[str]:
+    """The flags that make a timing unreliable (all but "emulated", which is warned about on its own)."""
+    return [f for f in flags if f != EMULATED]
+
+
+def _real(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v) if math.isfinite(v) else None
 
 
 def fit_loglog(x: Sequence[float], y: Sequence[float]) -> dict | None:
@@ -70,10 +143,13 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
     if card and card.get("latency_source") and sources and card["latency_source"] not in sources:
         warnings.append(f"The final net's latency source ({card['latency_source']}) differs from the "
                         f"trials' ({', '.join(sources)}).")
-    throttled = [r["number"] for r in measured if r["throttled"] is True]
-    if throttled:
-        warnings.append(f"{len(throttled)} measurement(s) ran while the device reported thermal throttling "
-                        f"(trials {', '.join(map(str, throttled[:10]))}): those latencies are inflated.")
+    flagged = [(r.get("number"), f) for r in measured if (f := unreliable(r.get("latency_flags") or []))]
+    if flagged:
+        shown = "; ".join(f"#{n} {', '.join(f)}" for n, f in flagged[:MAX_LISTED])
+        more = f"; and {len(flagged) - MAX_LISTED} more (see the trials table)" if len(flagged) > MAX_LISTED else ""
+        warnings.append(f"{len(flagged)} of {len(measured)} latency figure(s) were measured while the device was "
+                        f"busy, throttled or noisy, and may be inflated: {shown}{more}. Rank those nets with care, "
+                        "or measure again on a quiet device.")
     emulated = [r["number"] for r in measured if r.get("emulated")]
     if emulated:
         fp = next((e["fingerprint"] for e in fps.values() if e["fingerprint"].get("emulated")), {})
@@ -83,6 +159,7 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
     return {
         "sources": sources,
         "devices": devices,
+        "flagged_trials": [n for n, _ in flagged],
         "emulated": bool(emulated),
         "mixed": len(sources) > 1 or len(devices) > 1,
         "cached": sum(1 for r in measured if r["cached"]),
