@@ -160,3 +160,13 @@ def test_no_time_limit_line_without_a_limit(busy_run, tmp_path):
     run = make_run(tmp_path / "run")
     assert write_report(run)["time_limit"] is None
     assert "Time limit" not in (run / "report.md").read_text()
+
+
+def test_the_pareto_table_marks_a_flagged_figure(busy_run):
+    run, rep = busy_run
+    flagged = [n for n in rep["pareto_front"] if n in rep["latency"]["flagged_trials"]]
+    assert flagged
+    md = (run / "report.md").read_text()
+    section = md.split("## Pareto front")[1].split("## Trials")[0]
+    row = next(x for x in section.splitlines() if x.startswith(f"| {flagged[0]} |"))
+    assert "⚠" in row

@@ -96,3 +96,14 @@ def test_the_chosen_net_label_stays_inside_the_pareto_axes():
     box = note.get_bbox_patch().get_window_extent(renderer)
     assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
     assert not box.overlaps(ax.title.get_window_extent(renderer))
+
+
+def test_points_with_flagged_latency_are_ringed_and_named_in_the_legend():
+    pts = [_point(i, ms, 0.5 + 0.05 * i) for i, ms in enumerate([1.0, 2.0, 3.0])]
+    pts[1]["latency_flags"] = ["busy: others used 1.3 cores"]
+    pts[2]["latency_flags"] = ["emulated"]  # warned about on its own, not ringed
+    fig = pareto_figure(pts, [0, 1, 2], None, "latency, ms", None, False)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "latency flagged: busy/noisy/throttled (1)" in labels
+    clean = pareto_figure(pts[:1], [0], None, "latency, ms", None, False)
+    assert not any("flagged" in t.get_text() for t in clean.axes[0].get_legend().get_texts())

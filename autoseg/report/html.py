@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autoseg.report.format import NA, _f, _ms, _pct, _si
+from autoseg.report.format import NA, _f, _flagged, _ms, _pct, _si
 from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
@@ -99,7 +99,8 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
     if rep["pareto_front"]:
         front = {r["number"]: r for r in rep["trials"]}
         B += [_html_table(["#", "arch", "latency ms", "CV", "ship it"], [
-            [str(n), str(front[n]["arch"]), _ms(front[n]["latency_ms"]), _f(front[n]["cv_mean"]),
+            [str(n), str(front[n]["arch"]),
+             _flagged(_ms(front[n]["latency_ms"]), front[n].get("latency_flags")), _f(front[n]["cv_mean"]),
              _ship_command(rep, n)] for n in rep["pareto_front"]]),
             f'<p class="source">{_h(SHIP_NOTE.replace("`", ""))}</p>']
     else:

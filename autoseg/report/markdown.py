@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from autoseg.report.format import NA, _f, _ms, _pct, _si
+from autoseg.report.format import NA, _f, _flagged, _ms, _pct, _si
 from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
@@ -48,7 +48,7 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
         L += [p["source"], ""]
         L += _md_table(["#", "arch", "tile", "params", "MACs", "latency ms", "CV ± std", "ship it"],
                        [[str(n), str(front[n]["arch"]), str(front[n]["tile"]), _si(front[n]["params"]),
-                         _si(front[n]["macs"]), _ms(front[n]["latency_ms"]),
+                         _si(front[n]["macs"]), _flagged(_ms(front[n]["latency_ms"]), front[n].get("latency_flags")),
                          f"{_f(front[n]['cv_mean'])} ± {_f(front[n]['cv_std'])}",
                          f"`{_ship_command(rep, n)}`"] for n in rep["pareto_front"]])
         L += [SHIP_NOTE, ""]

@@ -95,6 +95,14 @@ def _keep_inside(fig: Any, ax: Any, notes: list[Any], margin_px: float = 3.0) ->
             note.xyann = (note.xyann[0] + dx * pt, note.xyann[1] + dy * pt)
 
 
+def _ring_flagged(ax: Any, pts: list[dict], x: str, y: str) -> None:
+    """A red ring around each point whose latency was measured on a busy, throttled or noisy device."""
+    bad = [p for p in pts if [f for f in p.get("latency_flags") or [] if f != "emulated"]]
+    if bad:
+        ax.scatter([p[x] for p in bad], [p[y] for p in bad], s=150, facecolors="none", edgecolors="#c62828",
+                   linewidths=1.4, zorder=6, label=f"latency flagged: busy/noisy/throttled ({len(bad)})")
+
+
 def _offset(x: float, xs: Sequence[float], log_x: bool) -> tuple[tuple[int, int], str]:
     """Put a label on the side of the point with more room."""
     lo, hi = min(xs), max(xs)
@@ -126,6 +134,7 @@ def pareto_figure(pts: list[dict], front: list[int], chosen: dict | None, xlabel
         label = f"completed trials ({len(sel)})" if g is None else f"{g} latency ({len(sel)} trials)"
         ax.scatter([p["latency_ms"] for p in sel], [p["cv_mean"] for p in sel], s=30, c="#a8a8a8",
                    marker=markers.get(g or "", "o"), label=label, zorder=2)
+    _ring_flagged(ax, pts, "latency_ms", "cv_mean")
     fx = [xs[i] for i in front]
     fy = [ys[i] for i in front]
     ax.step(fx, fy, where="post", color="#1f6fb4", lw=1.4, alpha=0.8, zorder=3)
@@ -180,6 +189,7 @@ def latency_vs_macs_figure(pts: list[dict], fit: dict | None, outliers: list[dic
         label = f"{state.lower()}{', ' + src if src else ''} ({len(sel)})"
         ax.scatter([p["macs"] for p in sel], [p["latency_ms"] for p in sel], s=30, alpha=0.85,
                    c=colours.get(state, "#777777"), marker=markers.get(src, "o"), label=label, zorder=3)
+    _ring_flagged(ax, pts, "macs", "latency_ms")
     ax.set_xscale("log")
     ax.set_yscale("log")
     # Plain labels: "0.8" ms, not "8 x 10^-1", on the narrow ranges small nets span; MACs as "20M".
