@@ -1,16 +1,23 @@
-"""Pictures a person looks at: colourised masks and image | truth | prediction strips."""
+"""Pictures a person looks at: colourised masks, overlays, and captioned image | truth | prediction strips."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from autoseg.data import Dataset
 from autoseg.rundir import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from autoseg.data import Dataset
+
+# Class colours over the image: strong enough to read against a busy photo, with each region's border drawn
+# in full colour. A class whose colour is pure black (background in VOC-style palettes) leaves the image as is.
+OVERLAY_ALPHA = 0.6
 
 
 def palette(num_classes: int, colors: Sequence[Sequence[int]] | None = None) -> np.ndarray:
@@ -58,8 +65,95 @@ def _nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return a[ys[:, None], xs[None, :]]
 
 
+def class_edges(ids: np.ndarray, above: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) bool: pixels whose class differs from the pixel left of them or above them.
+
+    `above` is the row just above `ids` when `ids` is a band of a larger image (None at the top), so
+    edges drawn band by band equal the whole image's.
+    """
+    edge = np.zeros(ids.shape, dtype=bool)
+    edge[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    edge[1:] |= ids[1:] != ids[:-1]
+    if above is not None and len(ids):
+        edge[0] |= ids[0] != above
+    return edge
+
+
+def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA,
+            above: np.ndarray | None = None) -> np.ndarray:
+    """The image with the class colours blended over it and every region's border in full colour, RGB uint8.
+
+    Pixels of a class coloured pure black keep the image (blending black only darkens it); `above` as in
+    class_edges.
+    """
+    rgb = (np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image).astype(np.float32)
+    col = colorize(ids, pal)
+    tint = np.where(col.any(axis=2, keepdims=True), alpha, 0.0).astype(np.float32)
+    mixed = (1 - tint) * rgb + tint * col.astype(np.float32)
+    edge = class_edges(ids, above) & col.any(axis=2)
+    mixed[edge] = col[edge]
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def classes_shown(*masks: np.ndarray) -> list[int]:
+    """The class ids present in any of `masks` (IGNORE = -1 included when present), sorted."""
+    return sorted(set().union(*(np.unique(m).tolist() for m in masks)))
+
+
+PANEL_TITLES = ("image", "truth", "prediction")
+_FONT_PX = 14
+
+
+def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:  # Pillow's own scalable font (no file is read or downloaded); a bitmap one without FreeType
+        return ImageFont.load_default(size=px)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def example_strip(image: np.ndarray, mask: np.ndarray, pred: np.ndarray, pal: np.ndarray,
+                  names: Sequence[str]) -> np.ndarray:
+    """image | ground truth | prediction side by side, each panel captioned, over a legend of the classes
+    shown (their colour and name; "ignored" for IGNORE). RGB uint8."""
+    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
+    h, w = mask.shape
+    gap = np.full((h, _GAP, 3), 255, dtype=np.uint8)
+    panels = np.concatenate([rgb, gap, colorize(mask, pal), gap, colorize(pred, pal)], axis=1)
+    font = _font(_FONT_PX)
+    line = _FONT_PX + 8
+    shown = classes_shown(mask, pred)
+    entries = [("ignored" if c < 0 else names[c] if c < len(names) else f"class {c}",
+                tuple(int(v) for v in pal[c if c >= 0 else len(pal) - 1])) for c in shown]
+    # Legend entries wrap to as many rows as the strip's width needs.
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [line + 4 + int(probe.textlength(name, font=font)) + 14 for name, _ in entries]
+    rows, x = 1, 6
+    for wd in widths:
+        if x + wd > panels.shape[1] and x > 6:
+            rows, x = rows + 1, 6
+        x += wd
+    canvas = Image.new("RGB", (panels.shape[1], line + h + 4 + rows * line), (255, 255, 255))
+    canvas.paste(Image.fromarray(panels), (0, line))
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(PANEL_TITLES):
+        f, px = font, _FONT_PX
+        while px > 8 and draw.textlength(title, font=f) > w - 2:  # a narrow panel: a smaller caption
+            px -= 1
+            f = _font(px)
+        cx = i * (w + _GAP) + w / 2
+        draw.text((cx - draw.textlength(title, font=f) / 2, 3), title, fill=(20, 20, 20), font=f)
+    x, y = 6, line + h + 4
+    for (name, colour), wd in zip(entries, widths, strict=True):
+        if x + wd > canvas.width and x > 6:
+            x, y = 6, y + line
+        draw.rectangle((x, y + 3, x + line - 6, y + line - 3), fill=colour, outline=(60, 60, 60))
+        draw.text((x + line, y + 3), name, fill=(20, 20, 20), font=font)
+        x += wd
+    return np.asarray(canvas)
+
+
 def write_example(ds: Dataset, i: int, image: np.ndarray, mask: np.ndarray, pred: np.ndarray, folder: Path) -> Path:
-    """image | ground truth | prediction of test image `i` as one PNG in `folder`.
+    """image | ground truth | prediction of test image `i` as one PNG in `folder`, captioned, with a legend.
 
     A strip wider than MAX_STRIP_WIDTH is scaled down panel by panel (nearest neighbour) before it is
     drawn, so a big test image costs a small picture, not three copies of itself.
@@ -70,9 +164,7 @@ def write_example(ds: Dataset, i: int, image: np.ndarray, mask: np.ndarray, pred
         scale = (MAX_STRIP_WIDTH - 2 * _GAP) / (3 * w)
         sh, sw = max(1, round(h * scale)), max(1, int(w * scale))
         image, mask, pred = (_nearest(a, sh, sw) for a in (image, mask, pred))
-    rgb = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
-    gap = np.full((rgb.shape[0], _GAP, 3), 255, dtype=np.uint8)
-    strip = np.concatenate([rgb, gap, colorize(mask, pal), gap, colorize(pred, pal)], axis=1)
+    strip = example_strip(image, mask, pred, pal, ds.class_map.names)
     path = folder / f"{ds.pairs[i].stem}.png"
     buf = io.BytesIO()
     Image.fromarray(strip).save(buf, format="PNG")

@@ -20,6 +20,7 @@ import yaml
 from autoseg.errors import InputError
 from autoseg.pareto import pareto_front
 from autoseg.report.collect import (
+    _class_colours,
     _class_names,
     _data_summary,
     _examples,
@@ -193,6 +194,7 @@ def write_report(run_dir: Path) -> dict:
         "macs_fit": {"n": len(mpts), "fit": fit, "outliers": outliers},
         "per_class_iou": per_class,
         "examples": list(examples),
+        "class_colours": _class_colours(data_raw, names),
         "export": export,
         "model_card": card,
         "training": None if training is None else {**training, "curve": curve},

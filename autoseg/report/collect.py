@@ -354,3 +354,20 @@ def _export_summary(card: dict | None) -> dict | None:
             "device": q.get("device"), "argmax_agreement": _num(q.get("argmax_agreement")),
             "latency_error": q.get("latency_error")}
     return out
+
+
+def _class_colours(data: Any, names: list[str]) -> list[dict]:
+    """The colour each class has in the example strips (visual.palette of the dataset's class map)."""
+    from autoseg.visual import palette
+
+    data = data if isinstance(data, dict) else {}
+    cmap = data.get("class_map") if isinstance(data.get("class_map"), dict) else {}
+    n = len(names) or (data.get("num_classes") if isinstance(data.get("num_classes"), int) else 0)
+    if not n:
+        return []
+    colors = cmap.get("colors") if isinstance(cmap.get("colors"), list) else None
+    try:
+        pal = palette(n, colors)
+    except (TypeError, ValueError):  # a damaged class map: the strips' colours cannot be told
+        return []
+    return [{"name": names[i] if i < len(names) else f"class {i}", "rgb": pal[i].tolist()} for i in range(n)]

@@ -44,6 +44,7 @@ img.plot{max-width:100%;border:1px solid #eee}
 .examples{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}
 .examples figure{margin:0}.examples img{width:100%;border:1px solid #ddd}
 figcaption{font-size:12px;color:#555}
+.legend{font-size:12.5px}.sw{display:inline-block;width:12px;height:12px;border:1px solid #555;margin:0 4px -1px 8px}
 details{margin:6px 0}summary{cursor:pointer;color:#1f6fb4}
 pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:12px;border-radius:4px}
 code{background:#f2f2f2;padding:0 3px;border-radius:3px}
@@ -131,10 +132,15 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
     else:
         B.append(_na("Per-class IoU"))
     if examples:
+        if rep.get("class_colours"):
+            B.append('<p class="legend">Class colours: ' + "".join(
+                f'<span class="sw" style="background:rgb({",".join(map(str, c["rgb"]))})"></span>{_h(c["name"])} '
+                for c in rep["class_colours"]) + "</p>")
         B.append('<div class="examples">' + "".join(
-            f"<figure>{_img(png, name, 'ex')}<figcaption>{_h(name)}</figcaption></figure>"
+            f"<figure>{_img(png, name, 'ex')}<figcaption>{_h(name)}: image | truth | prediction</figcaption></figure>"
             for name, png in examples.items()) + "</div>")
-        B.append('<p class="source">Test examples from eval/examples/ (written by eval).</p>')
+        B.append('<p class="source">Test examples from eval/examples/ (written by eval): the test image, its '
+                 "ground-truth mask and the final net's prediction, in the class colours above.</p>")
     else:
         B.append(_na("Test examples"))
 

@@ -85,8 +85,11 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
     else:
         L += [f"Per-class IoU: {NA}.", ""]
     ex = rep["examples"]
-    L += [f"Test examples: {', '.join('eval/examples/' + e for e in ex)} (embedded in report.html)."
-          if ex else f"Test examples: {NA}.", ""]
+    L += [f"Test examples (image | truth | prediction): {', '.join('eval/examples/' + e for e in ex)} "
+          "(embedded in report.html)." if ex else f"Test examples: {NA}.", ""]
+    if ex and rep.get("class_colours"):
+        L += ["Class colours: " + ", ".join(f"{c['name']} rgb{tuple(c['rgb'])}" for c in rep["class_colours"]) + ".",
+              ""]
 
     if rep.get("other_evals"):
         L += ["## Evaluations on other images", "", OTHER_SOURCE, ""]
