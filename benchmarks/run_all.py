@@ -32,6 +32,8 @@ SUITE = [
      "predict: peak RSS by image size (2000², 6000x4000, 10000²), vs the whole-image accumulator"),
     ("benchmarks.bench_quality", ["--quick"], "quality.md",
      "the shipped net: trained on the representatives vs on all training images; peak RSS vs dataset size"),
+    ("benchmarks.bench_predictor", ["--quick"], "predictor.md",
+     "latency predictor: held-out accuracy vs MACs-only, learning curve, measurements saved in a budgeted search"),
 ]
 
 
