@@ -312,3 +312,33 @@ def test_a_measurement_records_its_net_for_later_runs(tmp_path):
     assert measured == 2 and len(h.records) == 2 and h.unknown == 0
     assert {r.arch.key() for r in h.records} == {t.user_attrs["arch"] for t in study.trials}
     assert optuna  # the storage is Optuna's own SQLite
+
+
+# ------------------------------------------------------------------------------------------- the report
+
+
+def test_the_report_counts_measured_and_predicted_nets_and_labels_every_predicted_figure(tmp_path):
+    from autoseg.report import write_report
+
+    run, study, _, _ = search(tmp_path, trials=5, seeded=40, **{"search.objective": "pareto"})
+    predicted = {t.number for t in study.trials if t.user_attrs.get("latency_is_predicted")}
+    firsts = {n for n in predicted if "same_as_trial" not in study.trials[n].user_attrs}  # a repeat counts once
+    rep = write_report(run.root)
+    s = rep["latency_predictor"]
+    assert s["latency_predicted"] == len(firsts) and s["measured"] >= 1 and s["checked"] >= 1
+    assert s["mape"] > 0 and len(s["pairs"]) == s["checked"]  # fast nets predicted at >= 500 ms: far off
+    assert not predicted & set(rep["pareto_front"]) and rep["plots"]["predicted"]["available"]
+    md = (run.root / "report.md").read_text()
+    assert "## Latency predictor" in md and f"{s['measured']} nets measured" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip().rstrip(" ★◆").isdigit()]
+    for n in predicted:
+        row = next(ln for ln in rows if ln.split("|")[1].strip().rstrip(" ★◆") == str(n))
+        assert "(predicted)" in row
+    html = (run.root / "report.html").read_text()
+    assert "Predicted vs measured latency" in html
+
+    run2, _, _, _ = search(tmp_path / "drop", trials=2, seeded=40, **{"search.latency_budget_ms": 100.0})
+    rep2 = write_report(run2.root)
+    assert rep2["latency_predictor"]["dropped_on_prediction"] == 2 and rep2["latency_predictor"]["measured"] == 0
+    md2 = (run2.root / "report.md").read_text()
+    assert md2.count("(predicted)") >= 2 and "predicted_over_budget" in md2

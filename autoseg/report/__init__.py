@@ -37,6 +37,7 @@ from autoseg.report.format import NA, _num
 from autoseg.report.html import render_html
 from autoseg.report.markdown import render_markdown
 from autoseg.report.plots import plot_latency_vs_macs, plot_pareto, plot_per_class_iou, plot_training_curve
+from autoseg.report.predicted import plot_predicted_vs_measured, predictor_summary
 from autoseg.report.provenance import (
     OUTLIER_MIN_RATIO,
     _latency_provenance,
@@ -105,7 +106,7 @@ def write_report(run_dir: Path) -> dict:
 
     # A repeated net (same_as_trial) is its twin's point again: plotted and listed once.
     pts = [r for r in rows if r["state"] == "COMPLETE" and r["cv_mean"] is not None
-           and r["latency_ms"] is not None and r["same_as_trial"] is None]
+           and r["latency_ms"] is not None and r["same_as_trial"] is None and not r["latency_predicted"]]
     front_idx = pareto_front([(p["cv_mean"], p["latency_ms"]) for p in pts])
     budget = _num(((config or {}).get("search") or {}).get("latency_budget_ms"))
     pngs: dict[str, bytes] = {}
@@ -123,7 +124,15 @@ def write_report(run_dir: Path) -> dict:
            f"{chosen.get('arch')}" if chosen else "")
         + (f", dashed = latency budget {budget:g} ms" if budget else "") + ".")}
 
-    mpts = [r for r in rows if (_num(r["macs"]) or 0) > 0 and (r["latency_ms"] or 0) > 0 and r["same_as_trial"] is None]
+    mpts = [r for r in rows if (_num(r["macs"]) or 0) > 0 and (r["latency_ms"] or 0) > 0 and r["same_as_trial"] is None
+            and not r["latency_predicted"]]
+    predictor = predictor_summary(rows)
+    if predictor and predictor["pairs"]:
+        pngs["predicted"] = plot_predicted_vs_measured(predictor["pairs"])
+    plots["predicted"] = {"available": "predicted" in pngs, "source": (
+        "Trials whose latency the predictor (search.predict_latency) predicted before they were measured: "
+        "predicted median (trial attr latency_predicted_ms) against the measurement (latency.stats)."
+        if "predicted" in pngs else NA)}
     fit = fit_loglog([p["macs"] for p in mpts], [p["latency_ms"] for p in mpts]) if mpts else None
     outliers = _macs_outliers(mpts, fit) if fit else []
     if fit:
@@ -192,6 +201,7 @@ def write_report(run_dir: Path) -> dict:
         "pareto_front": [pts[i]["number"] for i in front_idx],
         "chosen": chosen,
         "macs_fit": {"n": len(mpts), "fit": fit, "outliers": outliers},
+        "latency_predictor": predictor,
         "per_class_iou": per_class,
         "examples": list(examples),
         "class_colours": _class_colours(data_raw, names),

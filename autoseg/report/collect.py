@@ -140,6 +140,11 @@ def _trial_row(t: Any) -> dict:
         "emulated": bool(lat.get("emulated") or (lat.get("fingerprint") or {}).get("emulated")),
         "providers_used": lat.get("providers_used"),
         "cached": lat.get("cached"),
+        # Issue #26: the latency predictor's figure (before measuring), and whether latency_ms is only predicted.
+        "latency_predicted": bool(a.get("latency_is_predicted")),
+        "latency_predicted_ms": _num(a.get("latency_predicted_ms")),
+        "latency_predictor": a.get("latency_predictor"),
+        "predicted_over_budget": a.get("pruned_reason") == "predicted_over_budget",
         "cv_mean": cv,
         "cv_std": _num(a.get("cv_std")),
         "fold_scores": a.get("fold_scores"),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.report.format import NA, _f, _flagged, _ms, _pct, _si
+from autoseg.report.predicted import summary_line
 from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
@@ -124,6 +125,13 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
         B += [_img(pngs["macs"], "Latency vs MACs"), f'<p class="source">{_h(rep["plots"]["macs"]["source"])}</p>']
     else:
         B.append(_na("Latency vs MACs (needs 3+ measured trials of different size)"))
+
+    if rep.get("latency_predictor"):
+        B += ["<h2>Latency predictor</h2>", f"<p>{_h(summary_line(rep['latency_predictor']))} Figures marked "
+              "(predicted) in the tables were not measured.</p>"]
+        if "predicted" in pngs:
+            B += [_img(pngs["predicted"], "Predicted vs measured latency"),
+                  f'<p class="source">{_h(rep["plots"]["predicted"]["source"])}</p>']
 
     B.append("<h2>Final net on the test images</h2>")
     if "per_class_iou" in pngs:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.report.format import NA, _f, _flagged, _ms, _pct, _si
+from autoseg.report.predicted import summary_line
 from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
@@ -75,6 +76,10 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
         L += ["" if m["outliers"] else "No trial is more than 1.25× off the MACs fit.", ""]
     else:
         L += [f"Latency vs MACs: {NA} (needs 3+ measured trials of different size).", ""]
+
+    if rep.get("latency_predictor"):
+        L += ["## Latency predictor", "", summary_line(rep["latency_predictor"]), "",
+              "Figures marked (predicted) in the tables were not measured.", ""]
 
     L += ["## Final net on the test images", ""]
     pc = rep["per_class_iou"]

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from autoseg.report.format import NA, _f, _flagged, _ms, _objective_cell, _si, _where
+from autoseg.report.predicted import predicted_cell
 from autoseg.report.provenance import unreliable
 
 
@@ -42,7 +43,7 @@ def _trial_table(rows: list[dict], objective: str, front: set[int], chosen: int 
         note = "; ".join(filter(None, [
             f"repeat of #{r['same_as_trial']}" if r["same_as_trial"] is not None else "", r["pruned_reason"],
             f"latency ⚠ {', '.join(flags)}" if flags and r["latency_ms"] is not None else ""]))
-        lat = _ms(r["latency_ms"]) + (" ⚠" if flags and r["latency_ms"] is not None else "")
+        lat = predicted_cell(r, _ms) or _ms(r["latency_ms"]) + (" ⚠" if flags and r["latency_ms"] is not None else "")
         cells = [f"{r['number']}{mark}", r["state"].lower(), str(r["arch"] or "–"), str(r["tile"] or "–"),
                  _si(r["params"]), _si(r["macs"]), lat, _ms(r["latency_p90_ms"]), cv,
                  _objective_cell(r, objective), note]
