@@ -277,6 +277,9 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             card = finalize(cfg, run, stage, task, best, progress, device=device, settings=settings)
             card["pareto_front"] = pareto_summary(study)
             card["trials"] = trial_counts(study)
+            predictor = _predictor_card(study)
+            if predictor:
+                card["latency_predictor"] = predictor
             write_json_atomic(run.best / "model_card.json", card)  # the float net is done: keep its card
             if cfg.export.int8 or cfg.device.precision == "int8":
                 card["int8"] = int8_variant(cfg, run, stage, task, card, device, settings, progress)
@@ -734,8 +737,20 @@ def _trials_summary(n: dict[str, int] | None) -> list[str]:
         return []
     repeats = f"; {n['repeats']} repeated proposal(s) reused" if n["repeats"] else ""
     failed = f"; {n['unmeasured']} the device could not measure" if n.get("unmeasured") else ""
+    guessed = f" ({n['predicted_over_budget']} predicted, not measured)" if n.get("predicted_over_budget") else ""
     return [f"  searched:  {n['distinct']} distinct nets ({n['completed']} trained, {n['over_budget']} over the "
-            f"latency budget, {n['distinct'] - n['completed'] - n['over_budget']} pruned otherwise){repeats}{failed}"]
+            f"latency budget{guessed}, {n['distinct'] - n['completed'] - n['over_budget']} pruned otherwise)"
+            f"{repeats}{failed}"]
+
+
+def _predictor_card(study: Any) -> dict[str, Any] | None:
+    """The model card's account of the latency predictor (issue #26): nets measured and predicted, and its error
+    on the nets it predicted before they were measured; None when no predictor was fitted."""
+    from autoseg.report.collect import _trial_row
+    from autoseg.report.predicted import predictor_summary
+
+    s = predictor_summary([_trial_row(t) for t in study.get_trials(deepcopy=False)])
+    return None if s is None else {k: v for k, v in s.items() if k != "pairs"}
 
 
 def _int8_summary(q: dict[str, Any] | None) -> list[str]:
