@@ -214,7 +214,8 @@ class DeviceConfig:
     cooldown_s: float = field(default=0.0, metadata=_min(0.0))
     max_model_mb: float = field(default=256.0, metadata=_min(0.0, strict=True))
     # Other processes keeping more than this many cores busy make a latency suspect: it is measured again
-    # after busy_wait_s, and if still busy kept but not cached. null switches the check off.
+    # after busy_wait_s, and if still busy kept but not cached. null switches off the load checks, busy and
+    # noisy (p90/median or CV too wide) alike; throttling, warming and emulation are flagged regardless.
     max_busy_cores: float | None = field(default=0.5, metadata=_min(0.0))
     busy_wait_s: float = field(default=5.0, metadata=_min(0.0))
     # Input size for latency measurement; null means the tile size.
