@@ -4,6 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
+# Where the pin alone would fetch the CUDA build (PyPI on Linux x86):
+# make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 
 .PHONY: demo test test-all test-e2e arm64-device lint bench clean sshd chromium
 # The emulated arm64 device of the end-to-end tests (a Debian arm64 root, about 1 GB), outside the checkout.
@@ -13,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# Pin torch first: any other spec pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
