@@ -28,12 +28,11 @@ from autoseg.data import ClassMap, ImageRows, list_images
 from autoseg.errors import InputError
 from autoseg.infer import MODES, ort_runner, predict_labels, whole_pixel_limit
 from autoseg.rundir import write_bytes_atomic
-from autoseg.visual import colorize, palette
-from edge_agent.predict import PngRows  # the device agent's band-wise PNG writer: one for host and device
+from autoseg.visual import palette
+from edge_agent.predict import PngRows, overlay  # the device agent's PNG writer and overlay: one for both
 
 log = logging.getLogger(__name__)
 
-OVERLAY_ALPHA = 0.45
 REQUIRED_KEYS = ("classes", "mean", "std", "tile")
 
 
@@ -177,13 +176,6 @@ def encode_mask(ids: np.ndarray, cmap: ClassMap | None, dtype: type[np.unsignedi
     return raw.astype(dtype or (np.uint8 if raw.max(initial=0) < 256 else np.uint16))
 
 
-def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The image with the class colours blended over it, RGB uint8."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-    mixed = (1 - alpha) * rgb.astype(np.float32) + alpha * colorize(ids, pal).astype(np.float32)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-
-
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     """A temp file beside `path`, renamed over it when the block ends without error (as write_bytes_atomic)."""
@@ -262,6 +254,7 @@ def predict_folder(
                 png = PngRows(f, w, h, *fmt)
                 bands = predict_labels(run, image, info.mean, info.std, mode, info.tile, overlap, batch,
                                        info.multiple, limit)
+                above = None  # the band before's last row: its borders drawn as on the whole image
                 for y0, ids in bands:
                     if ids.max(initial=0) >= k:
                         raise InputError(f"{model}: the net outputs more classes than its metadata 'classes' names "
@@ -269,7 +262,9 @@ def predict_folder(
                     counts += np.bincount(ids.ravel(), minlength=k)
                     png.write(encode_mask(ids, info.class_map, fmt[1]))
                     if shown is not None:
-                        shown.paste(Image.fromarray(overlay(image[y0 : y0 + ids.shape[0]], ids, pal)), (0, y0))
+                        part = overlay(image[y0 : y0 + ids.shape[0]], ids, pal, above=above)
+                        shown.paste(Image.fromarray(part), (0, y0))
+                        above = ids[-1].copy() if len(ids) else above
                 png.close()
         if shown is not None:
             _save_atomic(shown, out / f"{path.stem}_overlay.jpg")

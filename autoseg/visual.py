@@ -1,4 +1,4 @@
-"""Pictures a person looks at: colourised masks, overlays, and captioned image | truth | prediction strips."""
+"""Pictures a person looks at: colourised masks and captioned image | truth | prediction strips."""
 
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ from autoseg.rundir import write_bytes_atomic
 
 if TYPE_CHECKING:
     from autoseg.data import Dataset
-
-# Class colours over the image: strong enough to read against a busy photo, with each region's border drawn
-# in full colour. A class whose colour is pure black (background in VOC-style palettes) leaves the image as is.
-OVERLAY_ALPHA = 0.6
 
 
 def palette(num_classes: int, colors: Sequence[Sequence[int]] | None = None) -> np.ndarray:
@@ -63,36 +59,6 @@ def _nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
     ys = ((np.arange(h) + 0.5) * a.shape[0] / h).astype(np.intp)
     xs = ((np.arange(w) + 0.5) * a.shape[1] / w).astype(np.intp)
     return a[ys[:, None], xs[None, :]]
-
-
-def class_edges(ids: np.ndarray, above: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) bool: pixels whose class differs from the pixel left of them or above them.
-
-    `above` is the row just above `ids` when `ids` is a band of a larger image (None at the top), so
-    edges drawn band by band equal the whole image's.
-    """
-    edge = np.zeros(ids.shape, dtype=bool)
-    edge[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    edge[1:] |= ids[1:] != ids[:-1]
-    if above is not None and len(ids):
-        edge[0] |= ids[0] != above
-    return edge
-
-
-def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA,
-            above: np.ndarray | None = None) -> np.ndarray:
-    """The image with the class colours blended over it and every region's border in full colour, RGB uint8.
-
-    Pixels of a class coloured pure black keep the image (blending black only darkens it); `above` as in
-    class_edges.
-    """
-    rgb = (np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image).astype(np.float32)
-    col = colorize(ids, pal)
-    tint = np.where(col.any(axis=2, keepdims=True), alpha, 0.0).astype(np.float32)
-    mixed = (1 - tint) * rgb + tint * col.astype(np.float32)
-    edge = class_edges(ids, above) & col.any(axis=2)
-    mixed[edge] = col[edge]
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def classes_shown(*masks: np.ndarray) -> list[int]:

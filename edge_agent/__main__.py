@@ -101,7 +101,7 @@ def _predict(args: argparse.Namespace) -> int:
     log = logging.getLogger("edge_agent.predict")
     try:
         summary = predict_folder(args.model, args.images, args.out, mode=args.mode, overlap=args.overlap,
-                                 batch=args.batch, values=args.values, overlay=args.overlay, threads=args.threads,
+                                 batch=args.batch, values=args.values, write_overlay=args.overlay, threads=args.threads,
                                  providers=args.providers, log=log.info)
     except PredictError as e:
         print(f"edge-agent: {e}", file=sys.stderr)

@@ -33,7 +33,8 @@ WHOLE_MAX_PIXELS = 2048 * 2048
 WHOLE_MAX_BYTES = 512 * 2**20
 WIDTH_GUESS = 64  # first-level channels assumed when the net's are not known (the default space's widest)
 BAND_BYTES = 8 * 2**20  # logits handed out (and reduced by argmax) at a time; the ring of window sums is apart
-OVERLAY_ALPHA = 0.45
+# Strong enough to read the classes at a glance; each region's border is drawn in full colour on top.
+OVERLAY_ALPHA = 0.6
 MAX_PIXELS = 1 << 28  # as autoseg.data's default image limit (16384 x 16384)
 
 RunFn = Callable[[np.ndarray], np.ndarray]
@@ -41,6 +42,39 @@ RunFn = Callable[[np.ndarray], np.ndarray]
 
 class PredictError(Exception):
     """Bad input (model, image, folder): one line for the user, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------- overlay
+
+
+def class_edges(ids: np.ndarray, above: Optional[np.ndarray] = None) -> np.ndarray:
+    """(H, W) bool: pixels whose class differs from the pixel left of them or above them.
+
+    `above` is the row just above `ids` when `ids` is a band of a larger image (None at the top), so
+    edges drawn band by band equal the whole image's.
+    """
+    edge = np.zeros(ids.shape, dtype=bool)
+    edge[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    edge[1:] |= ids[1:] != ids[:-1]
+    if above is not None and len(ids):
+        edge[0] |= ids[0] != above
+    return edge
+
+
+def overlay(image: np.ndarray, ids: np.ndarray, pal: np.ndarray, alpha: float = OVERLAY_ALPHA,
+            above: Optional[np.ndarray] = None) -> np.ndarray:
+    """The image with the class colours blended over it and every region's border in full colour, RGB uint8.
+
+    Pixels of a class coloured pure black keep the image (blending black only darkens it); `above` as in
+    class_edges. The host's reports and `autoseg predict --overlay` draw with this same function.
+    """
+    rgb = (np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image).astype(np.float32)
+    col = np.asarray(pal, dtype=np.uint8)[ids]
+    tint = np.where(col.any(axis=2, keepdims=True), alpha, 0.0).astype(np.float32)
+    mixed = (1 - tint) * rgb + tint * col.astype(np.float32)
+    edge = class_edges(ids, above) & col.any(axis=2)
+    mixed[edge] = col[edge]
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -679,7 +713,7 @@ def _finish(f: IO[bytes], tmp: str, path: str) -> None:
 
 
 def predict_folder(model: str, images: str, out: str, mode: str = "auto", overlap: float = 0.5, batch: int = 8,
-                   values: str = "ids", overlay: bool = False, threads: Optional[int] = None,
+                   values: str = "ids", write_overlay: bool = False, threads: Optional[int] = None,
                    providers: Sequence[str] = ("CPUExecutionProvider",),
                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Label every image of `images`, writing `<stem>.png` (and `<stem>_overlay.png`) to `out`; the summary."""
@@ -736,7 +770,8 @@ def predict_folder(model: str, images: str, out: str, mode: str = "auto", overla
         stem = os.path.splitext(os.path.basename(path))[0]
         image = read_image(path, channels)
         h, w = image.shape[:2]
-        shown = np.empty((h, w, 3), np.uint8) if overlay else None
+        shown = np.empty((h, w, 3), np.uint8) if write_overlay else None
+        shown_ids_above = None  # the last row of the band before: borders across bands as on the whole image
         target = os.path.join(out, stem + ".png")
         f, tmp = _atomic_open(target)
         try:
@@ -751,10 +786,9 @@ def predict_folder(model: str, images: str, out: str, mode: str = "auto", overla
                 counts += np.bincount(ids.ravel(), minlength=k)
                 png.write(encode_mask(ids, info, values, fmt[1]))
                 if shown is not None:
-                    part = image[y0 : y0 + ids.shape[0]]
-                    rgb = np.repeat(part, 3, axis=2) if part.shape[2] == 1 else part
-                    mixed = (1 - OVERLAY_ALPHA) * rgb.astype(np.float32) + OVERLAY_ALPHA * pal[ids].astype(np.float32)
-                    shown[y0 : y0 + ids.shape[0]] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+                    above = shown_ids_above if y0 else None
+                    shown[y0 : y0 + ids.shape[0]] = overlay(image[y0 : y0 + ids.shape[0]], ids, pal, above=above)
+                    shown_ids_above = ids[-1].copy() if len(ids) else shown_ids_above
                 t0 = time.perf_counter()
             png.close()
             _finish(f, tmp, target)

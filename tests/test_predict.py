@@ -20,9 +20,10 @@ from autoseg.data import MAX_PIXELS_ENV, ClassMap, read_image
 from autoseg.errors import InputError
 from autoseg.export import export_final
 from autoseg.infer import normalize, ort_runner, predict
-from autoseg.predict import PngRows, encode_mask, mask_format, model_info, overlay, predict_folder
+from autoseg.predict import PngRows, encode_mask, mask_format, model_info, predict_folder
 from autoseg.unet import Arch, build_unet
 from autoseg.visual import palette
+from edge_agent.predict import overlay
 
 ARCH = Arch((3, 3), (4, 8))
 COLOURS = ((0, 0, 0), (200, 30, 30), (30, 200, 30))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoseg.visual import PANEL_TITLES, class_edges, classes_shown, example_strip, overlay, palette
+from autoseg.visual import PANEL_TITLES, classes_shown, example_strip, palette
+from edge_agent.predict import class_edges, overlay
 
 NAMES = ["background", "road", "tree", "car"]
 

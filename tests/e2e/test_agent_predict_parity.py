@@ -95,3 +95,20 @@ def test_masks_equal_those_of_autoseg_predict(tmp_path: Path) -> None:
             want = np.asarray(Image.open(tmp_path / f"host-{mode}" / name))
             got = np.asarray(Image.open(tmp_path / f"agent-{mode}" / name))
             np.testing.assert_array_equal(got, want)
+
+
+def test_the_agents_overlay_drawn_band_by_band_is_the_hosts_whole_image_overlay(tmp_path: Path) -> None:
+    # One overlay function for the report, `autoseg predict --overlay` and the device; borders across bands too.
+    from autoseg.visual import palette as host_palette
+
+    blob = seg_model(classes=4, tile=16)
+    (tmp_path / "m.onnx").write_bytes(blob)
+    image = np.random.default_rng(7).integers(0, 256, (70, 45, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    agent.predict_folder(str(tmp_path / "m.onnx"), str(tmp_path / "in"), str(tmp_path / "out"), mode="window",
+                         write_overlay=True)
+    ids = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    shown = np.asarray(Image.open(tmp_path / "out" / "a_overlay.png").convert("RGB"))
+    np.testing.assert_array_equal(shown, agent.overlay(image, ids, host_palette(4)))
+    assert agent.class_edges(ids).any()  # the image has borders to draw
