@@ -83,7 +83,7 @@ def test_the_sdist_holds_the_tests_and_everything_they_import(sdist: tuple[Path,
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"LICENSE", "README.md", "Makefile", "pyproject.toml", "tests/conftest.py", "tests/sshd_server.py",
             "tests/onnx_models.py", "tests/e2e/conftest.py", "tests/e2e/arm64_device.sh",
-            "edge_agent/pyproject.toml"} <= names
+            "edge_agent/pyproject.toml", "edge_agent/LICENSE"} <= names
     src = top.parent.parent / "src"
     assert _sources(src, "tests", "autoseg", "edge_agent") <= names  # every test, helper and module
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
@@ -114,7 +114,7 @@ def test_the_host_wheel_is_autoseg_edge_with_the_agent_inside(host_wheel: tuple[
     # autoseg imports the agent's window blending and PNG writer, and uploads its sources to devices.
     assert {f"edge_agent/{p.name}" for p in (REPO / "edge_agent").glob("*.py")} <= names
     assert {"autoseg/cli.py", "autoseg/infer.py", "autoseg/predict.py"} <= names
-    assert "edge_agent/pyproject.toml" not in names
+    assert "edge_agent/pyproject.toml" not in names and "edge_agent/LICENSE" not in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
     assert "autoseg = autoseg.cli:main" in entry and "edge-agent = edge_agent.__main__:main" in entry
 
@@ -125,6 +125,9 @@ def test_the_agents_own_wheel_needs_numpy_and_onnxruntime_only(agent_wheel: tupl
     assert meta["Requires-Python"] == ">=3.8"
     assert sorted(r for r in meta.get_all("Requires-Dist") if "extra ==" not in r) == ["numpy", "onnxruntime"]
     assert "edge_agent/predict.py" in names and not [n for n in names if n.startswith("autoseg/")]
+    # The same licence as the host's (a copy: setuptools takes licence files from the package's own folder).
+    assert (REPO / "edge_agent" / "LICENSE").read_bytes() == (REPO / "LICENSE").read_bytes()
+    assert any(n.endswith(".dist-info/LICENSE") or n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 def _vermin() -> str:
