@@ -84,6 +84,25 @@ def test_an_outlier_label_stays_inside_the_axes_and_off_the_title():
             (note.get_text(), box, inside)
 
 
+def test_labels_of_nearby_outliers_do_not_cover_each_other():
+    # Two small nets both faster than MACs predict, close together: their labels used to be drawn on each other.
+    pts = [_point(i, ms, 0.6, macs) for i, (ms, macs) in enumerate(
+        [(2.0, 2e7), (4.0, 3e7), (12.0, 3.5e7), (15.0, 1.6e8), (40.0, 4e8), (300.0, 2e9)])]
+    fit = fit_loglog([p["macs"] for p in pts], [p["latency_ms"] for p in pts])
+    outliers = [{"trial": 0, "arch": "k3-3_c8-16_standard_transpose", "macs": 2e7, "latency_ms": 2.0, "ratio": 0.66},
+                {"trial": 1, "arch": "k3-3-3_c8-16-32_standard_transpose", "macs": 3e7, "latency_ms": 4.0,
+                 "ratio": 0.7}]
+    fig = latency_vs_macs_figure(pts, fit, outliers, "latency, ms")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    inside = ax.get_window_extent(renderer)
+    boxes = [t.get_bbox_patch().get_window_extent(renderer) for t in ax.texts if t.get_text().startswith("#")]
+    assert len(boxes) == 2 and not boxes[0].overlaps(boxes[1])
+    for box in boxes:
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+
+
 def test_the_chosen_net_label_stays_inside_the_pareto_axes():
     pts = [_point(i, ms, cv) for i, (ms, cv) in enumerate([(1.0, 0.5), (2.0, 0.6), (3.0, 0.7), (4.0, 0.95)])]
     chosen = {"trial": 3, "latency_ms": 4.0, "cv_mean": 0.95, "provisional": False}

@@ -63,15 +63,15 @@ def _keep_inside(fig: Any, ax: Any, notes: list[Any], margin_px: float = 3.0) ->
     """Move annotation labels that would leave the axes (over the title, off the figure) back inside.
 
     A label that overflows a side is first mirrored to the other side of its point; what still
-    overflows is then shifted in. Needs a draw to know the text sizes, so only figures with labels pay it.
+    overflows is then shifted in; labels that cover each other are then moved apart vertically. Needs a draw
+    to know the text sizes, so only figures with labels pay it.
     """
     if not notes:
         return
     pt = 72.0 / fig.dpi  # offsets are in points, extents in pixels
 
     def overflow(note: Any, renderer: Any) -> tuple[float, float]:
-        box = note.get_bbox_patch().get_window_extent(renderer) if note.get_bbox_patch() \
-            else note.get_window_extent(renderer)
+        box = _box(note, renderer)
         frame = ax.get_window_extent(renderer)
         dx = max(0.0, frame.x0 + margin_px - box.x0) - max(0.0, box.x1 - (frame.x1 - margin_px))
         dy = max(0.0, frame.y0 + margin_px - box.y0) - max(0.0, box.y1 - (frame.y1 - margin_px))
@@ -93,6 +93,26 @@ def _keep_inside(fig: Any, ax: Any, notes: list[Any], margin_px: float = 3.0) ->
         dx, dy = overflow(note, renderer)
         if dx or dy:
             note.xyann = (note.xyann[0] + dx * pt, note.xyann[1] + dy * pt)
+    # Labels of nearby points: each moves up or down off the ones placed before it, where it stays inside.
+    fig.canvas.draw()
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for note in notes:
+        box = _box(note, renderer)
+        for other in placed:
+            if not box.overlaps(other):
+                continue
+            up = other.y1 + margin_px - box.y0
+            down = other.y0 - margin_px - box.y1
+            shift = up if box.y1 + up <= frame.y1 - margin_px or box.y0 + down < frame.y0 + margin_px else down
+            note.xyann = (note.xyann[0], note.xyann[1] + shift * pt)
+            box = box.translated(0, shift)
+        placed.append(box)
+
+
+def _box(note: Any, renderer: Any) -> Any:
+    patch = note.get_bbox_patch()
+    return patch.get_window_extent(renderer) if patch else note.get_window_extent(renderer)
 
 
 def _ring_flagged(ax: Any, pts: list[dict], x: str, y: str) -> None:
