@@ -22,8 +22,8 @@ from typing import Any
 import paramiko
 
 from autoseg.config import DeviceConfig
+from autoseg.devices import DeviceRefused, SSHDevice
 from autoseg.errors import AutosegError, DeviceUnreachable, InputError
-from autoseg.latency import DeviceRefused, SSHDevice
 from autoseg.rundir import write_bytes_atomic
 
 log = logging.getLogger(__name__)

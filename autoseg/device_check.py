@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from autoseg.config import DeviceConfig
+from autoseg.devices import MeasureError, failure_hint, open_device, settings_from_config
 from autoseg.export import int8_bytes, onnx_bytes
-from autoseg.latency import MeasureError, failure_hint, open_device, settings_from_config
 from autoseg.search import trained_like_batchnorm
 from autoseg.unet import Arch, build_unet
 

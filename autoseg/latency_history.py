@@ -1,6 +1,6 @@
 """What the latency cache knows about nets: the measurements a LatencyPredictor learns from.
 
-The cache (autoseg.latency.LatencyCache) keys a measurement by graph hash, device fingerprint id and settings
+The cache (autoseg.devices.LatencyCache) keys a measurement by graph hash, device fingerprint id and settings
 (with the input shape); a graph hash does not say which net it was. So the search records, beside the cache's
 own table in the same SQLite file, the architecture of each graph it timed (table `latency_arch`). Joining the
 two gives, for one fingerprint, settings and precision, every clean measurement of a known net, from this

@@ -28,6 +28,16 @@ from autoseg import __version__
 from autoseg.checkpoint import load_if_key, save_checkpoint
 from autoseg.config import DATA_PATHS, Config, config_to_dict
 from autoseg.data import Dataset, dataset_digest, scan_dataset, split_by_image
+from autoseg.devices import (
+    Device,
+    Measurement,
+    MeasureSettings,
+    measure_quiet,
+    open_device,
+    passing,
+    settings_from_config,
+    unreliable_note,
+)
 from autoseg.errors import InputError
 from autoseg.export import ExportInfo, export_final, model_metadata, quantize_int8
 from autoseg.final_train import (
@@ -44,16 +54,6 @@ from autoseg.final_train import (
 )
 from autoseg.gate import Gate
 from autoseg.infer import evaluate, ort_runner
-from autoseg.latency import (
-    Device,
-    Measurement,
-    MeasureSettings,
-    measure_quiet,
-    open_device,
-    passing,
-    settings_from_config,
-    unreliable_note,
-)
 from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
 from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
 from autoseg.search import (

@@ -32,10 +32,11 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.config import Config, SearchConfig, SpaceConfig, config_to_dict
+from autoseg.devices import Device, MeasureError, MeasureSettings, failure_hint, passing
+from autoseg.devices.cache import _graph_hash
 from autoseg.errors import DeviceUnreachable, InputError
 from autoseg.export import annotate, int8_bytes, model_metadata, onnx_bytes
 from autoseg.gate import Gate
-from autoseg.latency import Device, MeasureError, MeasureSettings, _graph_hash, failure_hint, passing
 from autoseg.latency_history import Guess, Learner, remember_arch
 from autoseg.pareto import pareto_front
 from autoseg.predictor import LatencyRecord

@@ -23,8 +23,8 @@ import torch
 
 from autoseg import errors
 from autoseg.config import Config
+from autoseg.devices import open_device, settings_from_config
 from autoseg.gate import Gate
-from autoseg.latency import open_device, settings_from_config
 from autoseg.rundir import RunDir
 from autoseg.search import Objective, SearchClock, SearchTask, distinct_trials, load_study, run_trials
 

@@ -36,8 +36,8 @@ import torch
 
 from autoseg.config import DeviceConfig
 from autoseg.deploy import _put_verified, _sha256
+from autoseg.devices import LocalDevice, MeasureError, MeasureSettings, SSHDevice
 from autoseg.export import int8_bytes, onnx_bytes
-from autoseg.latency import LocalDevice, MeasureError, MeasureSettings, SSHDevice
 from autoseg.rundir import write_text_atomic
 from autoseg.search import trained_like_batchnorm
 from autoseg.unet import Arch, build_unet, count_macs, count_params

@@ -39,9 +39,9 @@ import paramiko
 import psutil
 
 from autoseg.config import DeviceConfig
+from autoseg.devices import AGENT_ROOT_ENV, Device, LocalDevice, MeasureError, MeasureSettings, SSHDevice
+from autoseg.devices import settings_from_config as _settings_from_config
 from autoseg.export import onnx_bytes
-from autoseg.latency import AGENT_ROOT_ENV, Device, LocalDevice, MeasureError, MeasureSettings, SSHDevice
-from autoseg.latency import settings_from_config as _settings_from_config
 from autoseg.rundir import write_text_atomic
 from autoseg.unet import Arch, build_unet, count_macs, count_params
 

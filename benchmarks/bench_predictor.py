@@ -43,8 +43,9 @@ import optuna
 import torch
 
 from autoseg.config import load_config
+from autoseg.devices import CachedDevice, open_device, settings_from_config
+from autoseg.devices.cache import _graph_hash
 from autoseg.export import onnx_bytes
-from autoseg.latency import CachedDevice, _graph_hash, open_device, settings_from_config
 from autoseg.latency_history import remember_arch
 from autoseg.predictor import MIN_MEASUREMENTS, LatencyPredictor, LatencyRecord, accuracy, feature_names
 from autoseg.rundir import RunDir, write_text_atomic

@@ -62,8 +62,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 import autoseg
 from autoseg.config import Config, TrainConfig, load_config
+from autoseg.devices import LocalDevice, MeasureError, open_device, settings_from_config
 from autoseg.errors import AutosegError
-from autoseg.latency import LocalDevice, MeasureError, open_device, settings_from_config
 from autoseg.pipeline import DataStage, class_weights, finalize, prepare_data, run_search, select_reps
 from autoseg.reps import rep_arrays
 from autoseg.rundir import RunDir, write_text_atomic

@@ -38,7 +38,7 @@ MAX_DEPTH = 32
 # Refuse measurement inputs above this many elements (1 GiB of float32) rather than exhaust RAM.
 MAX_INPUT_ELEMENTS = 1 << 28
 
-# Defaults for the optional measure fields (same values as autoseg.latency.MeasureSettings).
+# Defaults for the optional measure fields (same values as autoseg.devices.MeasureSettings).
 MEASURE_DEFAULTS: Dict[str, Any] = {
     "threads": None,
     "providers": ["CPUExecutionProvider"],

@@ -23,8 +23,8 @@ from sshd_server import SSHServer, unavailable_reason
 from test_agent_hardening import HeldLock
 from test_latency import FAST, SHAPE, make_ssh_device
 
+from autoseg.devices import DeviceBusy, DeviceRefused, MeasureError, SSHDevice
 from autoseg.errors import InputError
-from autoseg.latency import DeviceBusy, DeviceRefused, MeasureError, SSHDevice
 from edge_agent import protocol
 
 pytestmark = pytest.mark.ssh
@@ -51,7 +51,7 @@ def chatty_sshd(tmp_path: Path):
 
 def test_a_shell_rc_that_prints_is_skipped_and_logged(chatty_sshd, ssh_device_config, agent_root, tiny_onnx,
                                                       caplog):
-    caplog.set_level(logging.WARNING, logger="autoseg.latency")
+    caplog.set_level(logging.WARNING, logger="autoseg.devices")
     with make_ssh_device(ssh_device_config(chatty_sshd), agent_root) as dev:
         m = dev.measure(tiny_onnx, SHAPE, FAST)
         assert m.error == MeasureError.OK and m.source == "device", m.message
@@ -107,7 +107,7 @@ def test_an_agent_outside_the_protocol_is_named_not_a_crash(sshd_server, ssh_dev
 
 def test_a_busy_device_says_so_and_gives_up_after_the_timeout(sshd_server, ssh_device_config, agent_root, tiny_onnx,
                                                               caplog):
-    caplog.set_level(logging.WARNING, logger="autoseg.latency")
+    caplog.set_level(logging.WARNING, logger="autoseg.devices")
     held = HeldLock(agent_root / "measure.lock")  # another search's measurement holds the device
     try:
         with make_ssh_device(ssh_device_config(sshd_server), agent_root) as dev:

@@ -20,8 +20,8 @@ from test_search import TINY, Recorder, run_search, tiny_task
 
 from autoseg.config import TrainConfig, load_config
 from autoseg.demo_data import generate_demo
+from autoseg.devices import open_device, settings_from_config
 from autoseg.errors import InputError
-from autoseg.latency import open_device, settings_from_config
 from autoseg.report import _trial_row
 from autoseg.rundir import RunDir
 from autoseg.search import (

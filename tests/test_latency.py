@@ -1,4 +1,4 @@
-"""autoseg.latency on real components: in-process onnxruntime and a real OpenSSH server on 127.0.0.1.
+"""autoseg.devices on real components: in-process onnxruntime and a real OpenSSH server on 127.0.0.1.
 
 Budget: < 60 s in total, about 30 s on 2 idle cores (tiny model, warmup 1, min_runs 3, min_seconds 0.02;
 1 s measurements are interrupted on purpose). SSH tests carry the `ssh` marker and skip when /usr/sbin/sshd is absent.
@@ -25,8 +25,7 @@ from onnx_models import conv_relu_onnx
 from sshd_server import keygen
 
 from autoseg.config import DeviceConfig
-from autoseg.errors import DeviceUnreachable, InputError
-from autoseg.latency import (
+from autoseg.devices import (
     AGENT_ROOT_ENV,
     CachedDevice,
     DeviceRefused,
@@ -36,13 +35,14 @@ from autoseg.latency import (
     Measurement,
     MeasureSettings,
     SSHDevice,
-    _graph_hash,
     failure_hint,
     measure_each,
     open_device,
     parse_target,
     settings_from_config,
 )
+from autoseg.devices.cache import _graph_hash
+from autoseg.errors import DeviceUnreachable, InputError
 from edge_agent.fingerprint import fingerprint_id
 
 FAST = MeasureSettings(warmup=1, min_runs=3, min_seconds=0.02)

@@ -11,21 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from autoseg import latency
-from autoseg.latency import (
+from autoseg.devices import (
     CachedDevice,
     LatencyCache,
     LocalDevice,
     MeasureError,
     Measurement,
     MeasureSettings,
-    _graph_hash,
+    flag,
     measure_quiet,
     measurement_flags,
     unreliable_note,
 )
+from autoseg.devices import measure as measure_module
+from autoseg.devices.cache import _graph_hash
 from autoseg.pipeline import _int8_summary, chosen_latency, summary_lines
-from edge_agent.fingerprint import throttled_between
+from edge_agent.fingerprint import fingerprint_id, throttled_between
 
 FAST = MeasureSettings(warmup=1, min_runs=3, min_seconds=0.02)
 SHAPE = (1, 3, 32, 32)
@@ -165,7 +166,7 @@ def test_an_emulated_figure_is_flagged_but_cached(tiny_onnx):
 
 def test_a_noisy_entry_cached_before_flags_existed_is_measured_again(tiny_onnx):
     dev = CachedDevice(Fed(0), LatencyCache(":memory:"))
-    fid = latency._fp.fingerprint_id(dev.fingerprint())
+    fid = fingerprint_id(dev.fingerprint())
     key = f"{FAST.key()}|shape=1x3x32x32"
     old = Measurement(MeasureError.OK, "", NOISY, "local", "local", dev.fingerprint(), fid, None, None, None).to_dict()
     del old["flags"]
@@ -175,7 +176,7 @@ def test_a_noisy_entry_cached_before_flags_existed_is_measured_again(tiny_onnx):
 
 
 def test_measure_quiet_waits_for_a_quiet_device(tiny_onnx, monkeypatch):
-    monkeypatch.setattr(latency, "QUIET_FIRST_PAUSE_S", 0.01)
+    monkeypatch.setattr(measure_module, "QUIET_FIRST_PAUSE_S", 0.01)
     fed = Fed(2, others=1.3)  # fp32 busy in round 1, int8 busy in round 1: quiet from round 2
     dev = CachedDevice(fed, LatencyCache(":memory:"))
     timed, lost = measure_quiet(dev, {"fp32": tiny_onnx, "int8": tiny_onnx}, SHAPE, FAST, max_wait_s=5.0)
@@ -184,7 +185,7 @@ def test_measure_quiet_waits_for_a_quiet_device(tiny_onnx, monkeypatch):
 
 
 def test_measure_quiet_gives_up_after_its_wait_and_keeps_the_flags(tiny_onnx, monkeypatch):
-    monkeypatch.setattr(latency, "QUIET_FIRST_PAUSE_S", 0.02)
+    monkeypatch.setattr(measure_module, "QUIET_FIRST_PAUSE_S", 0.02)
     fed = Fed(99, others=1.3)
     timed, lost = measure_quiet(CachedDevice(fed, LatencyCache(":memory:")), {"chosen net": tiny_onnx}, SHAPE, FAST,
                                 max_wait_s=0.05)
@@ -218,13 +219,13 @@ def test_summary_flags_the_chosen_nets_latency():
 
 def search_attrs(stats: dict, others: float) -> dict:
     m = Measurement(MeasureError.OK, "", stats, "local", "local", {}, "ab" * 8, 40.0, 40.0, False, cpu_others=others)
-    m = latency.flag(m, 0.5)
+    m = flag(m, 0.5)
     return {"latency": m.to_dict(), "latency_ms": m.median_ms, "latency_source": "local", "device": "local",
             "measure_size": 32}
 
 
 def test_chosen_latency_times_a_flagged_search_figure_again(tiny_onnx, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(latency, "QUIET_FIRST_PAUSE_S", 0.01)
+    monkeypatch.setattr(measure_module, "QUIET_FIRST_PAUSE_S", 0.01)
     graph = tmp_path / "model.onnx"
     graph.write_bytes(tiny_onnx)
     attrs = search_attrs(NOISY, 1.3)

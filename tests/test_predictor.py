@@ -15,8 +15,8 @@ import torch
 from optuna.trial import TrialState
 
 from autoseg.config import load_config
+from autoseg.devices import LatencyCache, LocalDevice, MeasureSettings, open_device, settings_from_config
 from autoseg.export import onnx_bytes
-from autoseg.latency import LatencyCache, LocalDevice, MeasureSettings, open_device, settings_from_config
 from autoseg.latency_history import Learner, load_history, remember_arch
 from autoseg.predictor import MIN_MEASUREMENTS, LatencyPredictor, LatencyRecord, accuracy, feature_names, features
 from autoseg.rundir import RunDir

@@ -21,8 +21,8 @@ import pytest
 from optuna.trial import TrialState
 
 from autoseg.config import TrainConfig, load_config
+from autoseg.devices import open_device, settings_from_config
 from autoseg.errors import InputError
-from autoseg.latency import open_device, settings_from_config
 from autoseg.rundir import RunDir
 from autoseg.search import (
     STUDY_NAME,

@@ -13,7 +13,7 @@ import numpy as np
 # Label a latency-vs-MACs outlier only when it is this far off the fit: smaller gaps are measurement noise.
 OUTLIER_MIN_RATIO = 1.25
 
-# Judging a measurement recorded before measurements carried their own "flags" (autoseg.latency sets them
+# Judging a measurement recorded before measurements carried their own "flags" (autoseg.devices sets them
 # now, with the same limits and wording): the figure is not a clean one when other processes kept more
 # cores busy than this, when p90 is this many times the median (a quiet CPU stays within ~1.2x), when the
 # SoC warmed this much while timing, or when the device throttled or was emulated.

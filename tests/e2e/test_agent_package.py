@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import edge_agent
-from autoseg.latency import _agent_files
+from autoseg.devices.deploy_agent import agent_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,6 +40,6 @@ def test_the_wheel_needs_numpy_and_onnxruntime_only(tmp_path: Path) -> None:
 
 def test_the_host_still_uploads_the_sources_alone() -> None:
     # SFTP deployment needs no package: autoseg sends the agent's .py files, never the packaging file.
-    files = _agent_files()
+    files = agent_files()
     assert "pyproject.toml" not in files and "predict.py" in files
     assert set(files) == {p.name for p in (REPO / "edge_agent").glob("*.py")}

@@ -26,7 +26,7 @@ from PIL import Image
 
 from autoseg.config import DeviceConfig
 from autoseg.demo_data import generate_demo
-from autoseg.latency import CachedDevice, LatencyCache, LocalDevice, MeasureSettings, SSHDevice
+from autoseg.devices import CachedDevice, LatencyCache, LocalDevice, MeasureSettings, SSHDevice
 from edge_agent import __version__ as AGENT_VERSION
 from edge_agent.fingerprint import fingerprint, fingerprint_id
 

@@ -1,0 +1,107 @@
+"""Opening the configured device (open_device, the search's entry point) and timing a run's last figures:
+measure_each (a device lost midway costs the numbers, not the run) and measure_quiet (waits for a quiet device).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from autoseg.config import DeviceConfig
+from autoseg.devices.cache import CachedDevice, LatencyCache
+from autoseg.devices.local import LocalDevice
+from autoseg.devices.records import (
+    DEFAULT_MAX_BUSY_CORES,
+    Device,
+    DeviceRefused,
+    Measurement,
+    MeasureSettings,
+    flag,
+    passing,
+    unquiet,
+)
+from autoseg.devices.ssh import SSHDevice
+from autoseg.errors import DeviceUnreachable
+
+log = logging.getLogger(__name__)
+
+
+def open_device(cfg: DeviceConfig, cache_path: Path | None = None) -> Device:
+    """The configured device, wrapped in a latency cache (in memory when cache_path is None).
+
+    An unreachable SSH device is replaced by LocalDevice when cfg.fallback == "local"; refusals
+    (host key, login, missing packages on the device) always raise.
+    """
+    dev: Device
+    if cfg.target == "local":
+        dev = LocalDevice(cfg.max_busy_cores)
+    else:
+        try:
+            dev = SSHDevice(cfg)
+        except DeviceRefused:
+            raise
+        except DeviceUnreachable as e:
+            if cfg.fallback != "local":
+                raise
+            log.warning("%s; falling back to local measurement, results are labelled source=local", e)
+            dev = LocalDevice(cfg.max_busy_cores)
+    cache = LatencyCache(cache_path if cache_path is not None else ":memory:")
+    return CachedDevice(dev, cache, max_busy_cores=cfg.max_busy_cores, busy_wait_s=cfg.busy_wait_s)
+
+
+def measure_each(
+    device: Device, models: Mapping[str, bytes], shape: tuple[int, ...], settings: MeasureSettings
+) -> tuple[dict[str, Measurement], str | None]:
+    """Each model timed in turn on one device, and why the rest were not: a device lost midway.
+
+    For timings taken after the models are saved, where losing the device should cost the numbers,
+    not the run.
+    """
+    timed: dict[str, Measurement] = {}
+    for key, blob in models.items():
+        try:
+            timed[key] = device.measure(blob, shape, settings)
+        except DeviceUnreachable as e:
+            log.warning("%s; %s and later models left untimed", e, key)
+            return timed, str(e)
+    return timed, None
+
+
+QUIET_WAIT_S = 30.0  # DeviceConfig.quiet_wait_s' default: the longest wait for a quiet device at the end of a run
+QUIET_FIRST_PAUSE_S = 2.0  # then 4, 8, 16 s: a burst of other work is waited out, a long job is not
+
+
+def measure_quiet(
+    device: Device, models: Mapping[str, bytes], shape: tuple[int, ...], settings: MeasureSettings,
+    max_wait_s: float = QUIET_WAIT_S,
+) -> tuple[dict[str, Measurement], str | None]:
+    """measure_each, repeated with back-off while any figure carries a flag a wait can clear, for at most
+    max_wait_s of waiting. For the figures a run ends with: the chosen net's, and int8 against float.
+
+    Every model is timed again each round, so a comparison's two figures are taken alike; each keeps its
+    quietest one. Flags stay on what never got quiet. The cache is bypassed: its own retry would wait
+    beyond max_wait_s, and these models are timed once anyway.
+    """
+    limit = device.max_busy_cores if isinstance(device, CachedDevice) else DEFAULT_MAX_BUSY_CORES
+    inner: Device = device.inner if isinstance(device, CachedDevice) else device
+    timed, lost = measure_each(inner, models, shape, settings)
+    timed = {k: flag(m, limit) for k, m in timed.items()}
+    waited, pause = 0.0, QUIET_FIRST_PAUSE_S
+    while lost is None and waited < max_wait_s and any(passing(m.flags) for m in timed.values()):
+        pause = min(pause, max_wait_s - waited)
+        log.info("device %s: %s; waiting %.0f s for it to get quiet", device.name,
+                 "; ".join(dict.fromkeys(f for m in timed.values() for f in passing(m.flags))), pause)
+        time.sleep(pause)
+        waited, pause = waited + pause, pause * 2
+        again, lost = measure_each(inner, models, shape, settings)
+        for k, m in again.items():
+            m = flag(m, limit)
+            if unquiet(m) <= unquiet(timed[k]):
+                timed[k] = m
+    for k, m in timed.items():
+        if passing(m.flags):
+            log.warning("device %s: %s timed while %s (waited %.0f s): kept, marked unreliable", device.name, k,
+                        "; ".join(passing(m.flags)), waited)
+    return timed, lost
