@@ -8,7 +8,7 @@ TORCH   := torch==2.13.0
 # make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test test-all test-e2e arm64-device lint bench clean sshd chromium
+.PHONY: demo test test-all test-e2e arm64-device lint bench clean sshd postgres chromium
 # The emulated arm64 device of the end-to-end tests (a Debian arm64 root, about 1 GB), outside the checkout.
 ARM64_DIR ?= /var/tmp/autoseg-arm64
 
@@ -23,13 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/autoseg demo --out runs/demo
 
-test: $(STAMP) sshd
+test: $(STAMP) sshd postgres
 	$(BIN)/ruff check .
 	# edge_agent runs on the device's python: 3.8 (JetPack 5) and newer.
 	$(BIN)/vermin -q -t=3.8- --no-tips --violations edge_agent
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP) sshd chromium
+test-all: $(STAMP) sshd postgres chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m 'not e2e'
 
@@ -52,6 +52,10 @@ chromium:
 sshd:
 	@test -x /usr/sbin/sshd || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; }
 	@mkdir -p /run/sshd
+
+# The storage tests run a real PostgreSQL server on 127.0.0.1 (a throwaway cluster, tests/postgres.py).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

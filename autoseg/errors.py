@@ -19,3 +19,9 @@ class DeviceUnreachable(AutosegError):
     """The measurement device cannot be reached (or refused us)."""
 
     exit_code = 3
+
+
+class StorageUnreachable(AutosegError):
+    """The study's database server cannot be reached (after retries), or the connection to it was lost."""
+
+    exit_code = 3

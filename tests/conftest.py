@@ -1,4 +1,4 @@
-"""Shared fixtures: a real OpenSSH server on 127.0.0.1 and tiny ONNX models."""
+"""Shared fixtures: a real OpenSSH server and a real PostgreSQL server on 127.0.0.1, and tiny ONNX models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from onnx_models import conv_relu_onnx
+from postgres import PostgresServer
+from postgres import unavailable_reason as postgres_unavailable
 from sshd_server import SSHServer, unavailable_reason
 
 from autoseg.config import DeviceConfig
@@ -74,3 +76,22 @@ def ssh_device_config(tmp_path_factory: pytest.TempPathFactory) -> Callable[...,
         return DeviceConfig(**values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the whole session (initdb + pg_ctl in a temp dir, loopback port)."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh database (with the test user's password) on the session's server, dropped afterwards."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
