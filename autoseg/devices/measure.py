@@ -69,7 +69,7 @@ def measure_each(
     return timed, None
 
 
-QUIET_WAIT_S = 30.0  # DeviceConfig.quiet_wait_s' default: the longest wait for a quiet device at the end of a run
+QUIET_WAIT_S = 30.0  # the longest wait for a quiet device at the end of a run (not configurable: a bound, not a knob)
 QUIET_FIRST_PAUSE_S = 2.0  # then 4, 8, 16 s: a burst of other work is waited out, a long job is not
 
 
