@@ -221,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=None, help="where runs are kept (default: a temp dir)")
+    p.add_argument("--final-tiles", type=int, default=None,
+                   help="crops of (b) and the reference (default: the product's own default; --quick: 3200)")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference U-Net (the longest training)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     b = QUICK if args.quick else FULL
+    if args.final_tiles is not None:
+        b = dataclasses.replace(b, final_tiles=args.final_tiles)
+    if args.no_reference:
+        b = dataclasses.replace(b, reference=False)
     info = machine_info()
     names = (args.datasets or "drone").split(",")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_quality_"))
