@@ -42,6 +42,7 @@ _FLAG_KEYS = {
     "latency_budget_ms": "search.latency_budget_ms",
     "max_minutes": "search.max_minutes",
     "workers": "search.workers",
+    "storage": "search.storage",
     "alpha": "search.alpha",
     "measure_size": "device.measure_size",
     "precision": "device.precision",
@@ -114,6 +115,16 @@ def _add_moved_data(p: argparse.ArgumentParser, test: bool = False) -> None:
         p.add_argument("--test-masks", help="where their masks are now")
 
 
+def _add_storage(p: argparse.ArgumentParser, later: bool = False) -> None:
+    if later:
+        p.add_argument("--storage", metavar="URL", help="the study's database URL with its password, when the run's "
+                       "study is in a database (the run's config.yml keeps it with the password as ***)")
+        return
+    p.add_argument("--storage", metavar="URL", help="keep the Optuna study in this database instead of the run's "
+                   "study.db, so workers on other hosts and optuna-dashboard can share it: any SQLAlchemy URL, "
+                   "e.g. postgresql+psycopg://user:password@host:5432/dbname")
+
+
 def _add_opset(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset the nets are timed and exported at (default 17); "
                    "older onnxruntime on the device needs a lower one")
@@ -177,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also export an int8 model calibrated on the representative tiles")
     _add_opset(p)
     p.add_argument("--out", help="run directory (rerun the same command to resume)")
+    _add_storage(p)
     p.add_argument("--resume-anyway", action="store_true", help="resume a study made with another config")
 
     p = sub.add_parser("demo", help="generate the built-in demo data and run the whole pipeline on it")
@@ -208,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-mode", choices=["auto", "whole", "window"], help=EVAL_MODE_HELP)
     p.add_argument("--trial", type=int, help="test trial N's net, trained like the chosen one first if it is not "
                    "yet (into RUN/trials/N/)")
+    _add_storage(p, later=True)
 
     p = sub.add_parser("export", help="re-export a run's best net to a verified ONNX file")
     _add_common(p)
@@ -216,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moved_data(p, test=True)
     p.add_argument("--trial", type=int, help="ship trial N's net instead of the chosen one: trained like it, "
                    "exported, verified and tested into RUN/trials/N/ (see the report's Pareto table)")
+    _add_storage(p, later=True)
     _add_opset(p)
 
     p = sub.add_parser("predict", help="label a folder of new images with a run's model (no masks needed)")
@@ -234,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md/html/json for a run (finished or running)")
     _add_common(p)
     p.add_argument("run", type=Path, help="run directory")
+    _add_storage(p, later=True)
 
     p = sub.add_parser("config", help="show the resolved config of a search, or check a config file")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -492,12 +507,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from autoseg.report import write_report
+    from autoseg.storage import check_url
 
-    if not (args.run / "study.db").exists():
+    if args.storage is not None:
+        check_url(args.storage)
+    elif not (args.run / "study.db").exists() and not _saved_storage(args.run):
         raise InputError(f"{args.run}: no study.db here; give a run directory written by `autoseg search`")
-    write_report(args.run)
+    write_report(args.run, args.storage)
     print(f"{args.run / 'report.html'}")
     return 0
+
+
+def _saved_storage(run: Path) -> bool:
+    """Whether the run's config.yml keeps its study in a database (search.storage)."""
+    import yaml
+
+    from autoseg.report.collect import saved_storage
+
+    try:
+        saved = yaml.safe_load((run / "config.yml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return saved_storage(saved if isinstance(saved, dict) else None) is not None
 
 
 def cmd_device_check(args: argparse.Namespace) -> int:

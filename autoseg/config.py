@@ -45,6 +45,21 @@ def _all(pred: Callable[[Any], bool], phrase: str) -> dict:
     return {"check": (lambda vs: len(vs) > 0 and all(pred(v) for v in vs), phrase)}
 
 
+def _storage_url() -> dict:
+    # Checked when the tree is built (not as a `check`, which strings skip), and masked wherever it is written out.
+    def check(url: str) -> str:
+        from autoseg.storage import check_url
+
+        return check_url(url)
+
+    def mask(url: str) -> str:
+        from autoseg.storage import mask_url
+
+        return mask_url(url)
+
+    return {"validate": check, "mask": mask}
+
+
 @dataclass
 class DataConfig:
     images: Path | None = None
@@ -138,6 +153,10 @@ class SearchConfig:
     # auto: with a latency budget (or the Pareto objective), a net whose latency, predicted from this device's
     # earlier measurements (autoseg.predictor), is over the budget beyond doubt is not measured; off: measure all.
     predict_latency: Literal["auto", "off"] = "auto"
+    # Where the Optuna study lives: null is the run directory's study.db (SQLite). Any SQLAlchemy URL that Optuna's
+    # RDBStorage takes shares one study between workers on many hosts, PostgreSQL through psycopg 3:
+    # postgresql+psycopg://user:password@host:5432/dbname. Saved and shown with the password as ***.
+    storage: str | None = field(default=None, repr=False, metadata=_storage_url())  # repr: no password in logs
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 
@@ -364,7 +383,7 @@ def _absolute(cfg: Config) -> Config:
 def config_to_dict(cfg: Any) -> Any:
     """Plain YAML/JSON-ready form of the tree (paths become strings)."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {f.name: _masked(f, config_to_dict(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, Path):
         return str(cfg)
     if isinstance(cfg, list | tuple):
@@ -372,6 +391,12 @@ def config_to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: config_to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def _masked(f: dataclasses.Field, value: Any) -> Any:
+    """A secret (the storage URL's password) as *** in every written or printed form of the tree."""
+    mask = f.metadata.get("mask")
+    return mask(value) if mask is not None and isinstance(value, str) else value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -394,6 +419,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         check: Check | None = fields[name].metadata.get("check")
         if check is not None and v is not None and not isinstance(v, str) and not check[0](v):
             raise InputError(f"{key}: {check[1]}, got {_show(value)}")
+        validate = fields[name].metadata.get("validate")
+        if validate is not None and v is not None:
+            v = validate(v)  # raises InputError naming the key
         kwargs[name] = v
     return cls(**kwargs)
 

@@ -66,10 +66,12 @@ from autoseg.search import (
     pareto_summary,
     plan_search,
     run_trials,
+    study_storage,
     tile_choices,
     timed_size,
     trial_counts,
 )
+from autoseg.storage import describe, storage_errors
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import FOLD_TILE_PASSES, TrainSettings, cv_epochs, train_model, training_settings
 from autoseg.unet import Arch, build_unet
@@ -244,7 +246,9 @@ def run_lock(run: RunDir) -> Iterator[None]:
 def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False) -> dict[str, Any]:
     started = time.time()  # search.max_minutes counts from here
     run = RunDir(cfg.out).prepare()
-    with run_lock(run):
+    with run_lock(run), storage_errors(cfg.search.storage):
+        if cfg.search.storage is not None:  # a bad URL or password, or no server, fails before any work
+            study_storage(run, cfg.search.storage).engine.dispose()
         # Absolute paths (load_config resolved the data's): a copied or moved run still names its files.
         saved = {**config_to_dict(cfg), "out": os.fsdecode(run.root.resolve())}
         write_text_atomic(run.config, yaml.safe_dump(saved, sort_keys=False))
@@ -284,7 +288,7 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             if cfg.export.int8 or cfg.device.precision == "int8":
                 card["int8"] = int8_variant(cfg, run, stage, task, card, device, settings, progress)
                 write_json_atomic(run.best / "model_card.json", card)
-    _write_report(run)
+    _write_report(run, cfg.search.storage)
     return card
 
 
@@ -297,12 +301,15 @@ def ship_trial(cfg: Config, run: RunDir, number: int, progress: bool = False,
     from autoseg.rundir import check_study_file
     from autoseg.search import load_study
 
-    if not run.study_db.exists():
-        raise InputError(f"{run.study_db}: not found; is {run.root} a run directory written by `autoseg search`?")
-    check_study_file(run.study_db)
-    trials = {t.number: t for t in load_study(run, cfg, 0).trials}
+    if cfg.search.storage is None:
+        if not run.study_db.exists():
+            raise InputError(f"{run.study_db}: not found; is {run.root} a run directory written by `autoseg search`?")
+        check_study_file(run.study_db)
+    with storage_errors(cfg.search.storage):
+        trials = {t.number: t for t in load_study(run, cfg, 0).trials}
     if number not in trials:
-        raise InputError(f"--trial {number}: no such trial in {run.study_db} (trials 0-{max(trials, default=-1)})")
+        where = run.study_db if cfg.search.storage is None else describe(cfg.search.storage)
+        raise InputError(f"--trial {number}: no such trial in {where} (trials 0-{max(trials, default=-1)})")
     trial = trials[number]
     trial = trials.get(trial.user_attrs.get("same_as_trial"), trial)  # a repeat: its twin holds the attributes
     if "arch_dict" not in trial.user_attrs or "tile" not in trial.user_attrs:
@@ -697,10 +704,11 @@ def other_eval_folder(run: RunDir, images: Path, masks: Path) -> Path:
     return run.eval / "other" / f"{name}-{digest}"
 
 
-def _write_report(run: RunDir) -> None:
+def _write_report(run: RunDir, storage: str | None = None) -> None:
     from autoseg.report import write_report
 
-    write_report(run.root)
+    with storage_errors(storage):
+        write_report(run.root, storage)
 
 
 def summary_lines(card: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ trial a short calibration gives the ETA (plan_search).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -27,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-import sqlalchemy
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
@@ -41,6 +41,7 @@ from autoseg.latency_history import Guess, Learner, remember_arch
 from autoseg.pareto import pareto_front
 from autoseg.predictor import LatencyRecord
 from autoseg.rundir import RunDir, StudyFileError, check_study_file, write_bytes_atomic
+from autoseg.storage import GRACE_S, MAX_RETRY, describe, open_storage
 from autoseg.train import (
     TrainSettings,
     auto_batch_size,
@@ -82,6 +83,7 @@ _RESUMABLE_KEYS = {
     "search.max_minutes",
     "search.workers",
     "search.predict_latency",  # which nets are measured, not what a measured one means
+    "search.storage",  # where the study is, not what it holds (and a URL may carry a password)
     # Later trials are chosen or stopped otherwise; what a finished trial scored stays what it means.
     "search.pruner",
     "search.startup",
@@ -395,36 +397,44 @@ def startup_plan(cfg: Config) -> list[dict[str, Any]]:
     return [pool[j][1] for j in picks]
 
 
-def study_storage(run: RunDir) -> optuna.storages.RDBStorage:
-    # Parallel workers write to one SQLite file: wait for its lock instead of failing after 5 s.
-    storage = optuna.storages.RDBStorage(run.storage_url, engine_kwargs={"connect_args": {"timeout": 120}})
-    _lock_on_begin(storage.engine)
-    return storage
+def study_storage(run: RunDir, url: str | None = None) -> optuna.storages.RDBStorage:
+    """The study's storage: the run's study.db, or search.storage's database (see autoseg.storage)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the retry callback is "experimental"
+        retry = RedoStaleTrial(max_retry=MAX_RETRY)
+    return open_storage(url, run.storage_url, stale_callback=retry)
 
 
-def _lock_on_begin(engine: Any) -> None:
-    """Every transaction takes SQLite's write lock when it begins (SQLAlchemy's recipe for pysqlite).
+_Retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
-    Optuna reads a trial and then updates it (WAITING -> RUNNING) trusting SELECT ... FOR UPDATE, which
-    SQLite ignores: two workers could both take one requeued trial, and the second then failed to tell it.
-    """
 
-    @sqlalchemy.event.listens_for(engine, "connect")
-    def _no_pysqlite_transactions(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # the BEGIN below is the only one
+class RedoStaleTrial(_Retry):  # type: ignore[misc, valid-type]
+    """Optuna's retry of a trial whose worker stopped its heartbeat (killed, host lost), done as a resume redoes a
+    killed trial: the rerun (redo_of) takes the dead trial's place in the search, so its seed and any start plan are
+    the ones the dead trial had, and it counts once (the dead one is FAIL: never counted).
 
-    @sqlalchemy.event.listens_for(engine, "begin")
-    def _begin_immediate(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    The rerun starts clean: it carries redo_of, not the half-done trial's attributes (its latency, a pruned reason)."""
 
-    engine.dispose()  # connections opened while the storage set itself up lack the hooks
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        tried = len(trial.system_attrs.get("retry_history", [])) + 1
+        if self._max_retry is not None and tried > self._max_retry:
+            log.warning("trial %d: its worker stopped again (no heartbeat for %d s; %d times in all): its net is "
+                        "not run again", trial.number, GRACE_S, tried)
+            return
+        clean = copy.deepcopy(trial)
+        clean.user_attrs = {"redo_of": trial.number}
+        super().__call__(study, clean)
+        # Re-read just before writing: another worker may have added its own since.
+        done = set(study._storage.get_study_user_attrs(study._study_id).get("requeued", []))
+        study.set_user_attr("requeued", sorted(done | {trial.number}))
+        log.info("trial %d: its worker stopped (no heartbeat for %d s); it runs again", trial.number, GRACE_S)
 
 
 def load_study(run: RunDir, cfg: Config, worker: int) -> optuna.Study:
     """The study open_study made, as a parallel worker sees it (no checks, no requeueing: the first
     process did both before the workers started)."""
-    return optuna.load_study(study_name=STUDY_NAME, storage=study_storage(run), sampler=make_sampler(cfg, worker),
-                             pruner=make_pruner(cfg))
+    return optuna.load_study(study_name=STUDY_NAME, storage=study_storage(run, cfg.search.storage),
+                             sampler=make_sampler(cfg, worker), pruner=make_pruner(cfg))
 
 
 def pruner_kind(cfg: Config) -> str:
@@ -448,13 +458,21 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.Study:
     """Create the study, or resume it after checking it was made with the same config."""
     directions = ["maximize"] if cfg.search.objective == "penalty" else ["maximize", "minimize"]
-    try:
-        check_study_file(run.study_db, empty_ok=True)
-    except StudyFileError as e:
-        raise InputError(f"{e}; move it away (the search then starts a new study) or use a new --out") from None
-    existed = run.study_db.exists()
+    url = cfg.search.storage
+    # How messages name the study, and where a study made otherwise is not in the way.
+    where = str(run.study_db) if url is None else f"{describe(url)} (study {STUDY_NAME!r})"
+    fresh = "a new --out directory" if url is None else "another database in --storage"
+    if url is None:
+        try:
+            check_study_file(run.study_db, empty_ok=True)
+        except StudyFileError as e:
+            raise InputError(f"{e}; move it away (the search then starts a new study) or use a new --out") from None
+        existed = run.study_db.exists()
+    storage = study_storage(run, url)
+    if url is not None:
+        existed = STUDY_NAME in {s.study_name for s in storage.get_all_studies()}
     study = optuna.create_study(
-        storage=study_storage(run),
+        storage=storage,
         study_name=STUDY_NAME,
         directions=directions,
         sampler=make_sampler(cfg),
@@ -471,19 +489,19 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
         if space:
             # Optuna cannot add trials to a study whose parameters had other choices.
             raise InputError(
-                f"{run.study_db}: made with a different search space (changed: {', '.join(space[:5])}); "
-                "a study cannot change its space, so use a new --out directory"
+                f"{where}: made with a different search space (changed: {', '.join(space[:5])}); "
+                f"a study cannot change its space, so use {fresh}"
             )
         if not resume_anyway:
             raise InputError(
-                f"{run.study_db}: made with a different config (changed: {', '.join(changed[:5])}); "
-                "use a new --out directory, or --resume-anyway to continue this study"
+                f"{where}: made with a different config (changed: {', '.join(changed[:5])}); "
+                f"use {fresh}, or --resume-anyway to continue this study"
             )
-        log.warning("resuming %s despite config changes: %s", run.study_db, ", ".join(changed))
+        log.warning("resuming %s despite config changes: %s", where, ", ".join(changed))
     if [d.name.lower() for d in study.directions] != directions:
         raise InputError(
-            f"{run.study_db}: was made for objective "
-            f"{'pareto' if len(study.directions) == 2 else 'penalty'}; use a new --out for --objective "
+            f"{where}: was made for objective "
+            f"{'pareto' if len(study.directions) == 2 else 'penalty'}; use {fresh} for --objective "
             f"{cfg.search.objective}"
         )
     with warnings.catch_warnings():
@@ -499,19 +517,33 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
 
 def _requeue_interrupted(study: optuna.Study) -> None:
     """A trial left RUNNING by a kill, failed by a lost device, or stopped by the deadline before a fold
-    finished, is run again with the same params."""
+    finished, is run again with the same params.
+
+    In a study on a database server (heartbeat on) a RUNNING trial may be running on another host: only those
+    whose heartbeat stopped are failed, and RedoStaleTrial runs them again."""
+    heartbeat = getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
+    if heartbeat:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     done = set(study.user_attrs.get("requeued", []))
-    requeued = []
+    requeued, alive = [], []
     for t in study.get_trials(deepcopy=False):
         stale = t.state == TrialState.RUNNING
         lost = t.state == TrialState.FAIL and t.user_attrs.get("interrupted")
         if not (stale or lost or cut_by_deadline(t)) or t.number in done:
+            continue
+        if stale and heartbeat:
+            alive.append(t.number)
             continue
         if stale:
             # Only one search runs per run directory (see pipeline's lock), so RUNNING here means killed.
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"redo_of": t.number}, skip_if_exists=False)
         requeued.append(t.number)
+    if alive:
+        log.info("trial(s) %s are running in other workers (a worker that died is noticed within %d s, and its "
+                 "trial runs again)", ", ".join(map(str, alive)), GRACE_S)
     if requeued:
         log.info("resuming: trial(s) %s were interrupted and will run again", ", ".join(map(str, requeued)))
         study.set_user_attr("requeued", sorted(done | set(requeued)))
@@ -942,7 +974,8 @@ class Objective:
 
     def _stop(self, trial: optuna.Trial, message: str) -> None:
         """End the search after this trial with `message` for the user; the study stays for a rerun."""
-        self.stop_message = f"{message} (the study is kept in {self.run.study_db})"
+        kept = self.run.study_db if self.cfg.search.storage is None else describe(self.cfg.search.storage)
+        self.stop_message = f"{message} (the study is kept in {kept})"
         trial.study.stop()
 
     def _say(self, trial: optuna.Trial, cand: Candidate, text: str) -> None:

@@ -15,7 +15,8 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from autoseg.errors import InputError, StorageUnreachable
@@ -118,7 +119,7 @@ def describe(url: str) -> str:
 
 
 def open_storage(
-    url: str | None, default_sqlite: str, stale_callback: Callable[..., None] | None = None,
+    url: str | None, default_sqlite: str, stale_callback: Callable[..., None] | None = None, read_only: bool = False,
 ) -> Any:
     """The RDBStorage of `url`, or of `default_sqlite` (the run's own study.db URL) when url is None.
 
@@ -126,14 +127,17 @@ def open_storage(
     killed, and the resume runs it again). A given URL, shared by workers that may be on other hosts, runs the
     heartbeat and hands trials whose worker died to `stale_callback`. Connection failures are retried with
     backoff; then a server that cannot be reached is StorageUnreachable (exit 3), a bad URL or bad credentials
-    InputError (exit 2), one line each, the password masked."""
+    InputError (exit 2), one line each, the password masked. `read_only` (a report): PostgreSQL refuses the
+    session any write, and no tables are created."""
     import optuna
 
     if url is None:
         return _build(default_sqlite, {})
     target = _unmasked(url)
     kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
-    if stale_callback is not None:
+    if read_only:
+        kwargs = {"skip_table_creation": True, "read_only": True}
+    elif stale_callback is not None:
         params = inspect.signature(optuna.storages.RDBStorage).parameters
         # Optuna 4.9 renamed failed_trial_callback; older ones (>= 3.6) know only that name.
         name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
@@ -180,6 +184,8 @@ def _build(url: str, heartbeat: dict[str, Any]) -> Any:
     import optuna
     import sqlalchemy
 
+    heartbeat = dict(heartbeat)
+    read_only = heartbeat.pop("read_only", False)
     backend = _parse(url).get_backend_name()
     engine: dict[str, Any] = {}
     if backend == "sqlite":
@@ -190,6 +196,8 @@ def _build(url: str, heartbeat: dict[str, Any]) -> Any:
         engine["pool_pre_ping"] = True
         if backend in ("postgresql", "mysql"):
             engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+        if backend == "postgresql" and read_only:
+            engine["connect_args"]["options"] = "-c default_transaction_read_only=on"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
         warnings.simplefilter("ignore", FutureWarning)  # Optuna >= 4.9 deprecates the older callback's name
@@ -240,8 +248,10 @@ def _reason(e: BaseException, url: str | None) -> str:
     text = str(e) or type(e).__name__
     text = re.sub(r"\(Background on this error at: [^)]*\)", "", text)
     text = re.sub(r"^\([\w.]+\)\s*", "", text.strip())  # SQLAlchemy's "(psycopg.OperationalError) " prefix
+    # The first line says it; libpq's next ones are hints ("Is the server running ...?") or the same for IPv6.
+    text = next((line.strip() for line in text.splitlines() if line.strip()), "")
     # libpq: 'connection failed: connection to server at "h" (1.2.3.4), port 5432 failed: FATAL:  why'
-    m = re.search(r".*failed: (?:FATAL:\s*)?(.+)$", " ".join(text.split()))
+    m = re.search(r".*failed: (?:FATAL:\s*)?(.+)$", text)
     if m and "connection" in text[:60].lower():
         text = m.group(1)
     text = re.sub(r"^FATAL:\s*", "", text.strip())
@@ -264,3 +274,18 @@ def storage_failure(e: BaseException, url: str | None) -> Exception:
                                   "command when the server is back: the search resumes and the running trial "
                                   "is run again")
     return InputError(f"{KEY}: {shown}: {reason}")
+
+
+@contextmanager
+def storage_errors(url: str | None) -> Iterator[None]:
+    """Around work on a server-backed study: a database failure becomes one line (storage_failure), the password
+    masked. The run's own SQLite file (url None) keeps its errors as they were."""
+    if url is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        if is_storage_error(e):
+            raise storage_failure(e, url) from None
+        raise

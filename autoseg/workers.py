@@ -27,6 +27,7 @@ from autoseg.devices import open_device, settings_from_config
 from autoseg.gate import Gate
 from autoseg.rundir import RunDir
 from autoseg.search import Objective, SearchClock, SearchTask, distinct_trials, load_study, run_trials
+from autoseg.storage import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,13 @@ def _worker(index: int, cfg: Config, task: SearchTask, root: str, log_level: int
     torch.set_num_threads(threads_per_worker(cfg.search.workers, cfg.train.threads))
     run = RunDir(Path(root))
     try:
-        study = load_study(run, cfg, index)
-        with closing(open_device(cfg.device, run.latency_cache)) as device:
-            objective = Objective(cfg, task, device, settings_from_config(cfg.device, cfg.seed), run,
-                                  worker=index, gate=Gate(run.root))
-            ready.release()
-            run_trials(study, objective, cfg.search.trials, False, deadline=deadline)
+        with storage_errors(cfg.search.storage):  # a database failure: one line, the password masked
+            study = load_study(run, cfg, index)
+            with closing(open_device(cfg.device, run.latency_cache)) as device:
+                objective = Objective(cfg, task, device, settings_from_config(cfg.device, cfg.seed), run,
+                                      worker=index, gate=Gate(run.root))
+                ready.release()
+                run_trials(study, objective, cfg.search.trials, False, deadline=deadline)
     except errors.AutosegError as e:
         queue.put((type(e).__name__, str(e)))
         sys.exit(e.exit_code)

@@ -32,6 +32,7 @@ from autoseg.report.collect import (
     _read_study,
     _time_limit,
     _trial_row,
+    saved_storage,
 )
 from autoseg.report.format import NA, _num
 from autoseg.report.html import render_html
@@ -68,8 +69,11 @@ def _clean(o: Any) -> Any:
     return str(o)
 
 
-def write_report(run_dir: Path) -> dict:
-    """Write RUN/report.md, RUN/report.html and RUN/report.json; return the JSON dict."""
+def write_report(run_dir: Path, storage: str | None = None) -> dict:
+    """Write RUN/report.md, RUN/report.html and RUN/report.json; return the JSON dict.
+
+    `storage`: the study's database URL (search.storage); default the one the run's config.yml names (its password
+    masked: libpq's PGPASSWORD or ~/.pgpass give it), else the run's study.db."""
     from autoseg import __version__
 
     run_dir = Path(run_dir)
@@ -92,7 +96,7 @@ def write_report(run_dir: Path) -> dict:
     metrics = _read_json(run_dir / "eval" / "metrics.json", missing)
     card = card if isinstance(card, dict) else None
     metrics = metrics if isinstance(metrics, dict) else None
-    study, trials = _read_study(run_dir / "study.db", missing)
+    study, trials = _read_study(run_dir / "study.db", missing, storage or saved_storage(config))
     objective = study["objective"] if study else "penalty"
 
     rows = [_trial_row(t) for t in trials]

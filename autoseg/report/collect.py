@@ -51,8 +51,20 @@ def _sqlite_ro_storage(db: Path) -> Any:
     return optuna.storages.RDBStorage(url, skip_table_creation=True, engine_kwargs={"creator": connect})
 
 
-def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
-    """(study summary, frozen trials), or (None, []) with a note when there is no readable study."""
+def saved_storage(config: dict | None) -> str | None:
+    """search.storage of a run's config.yml (its password masked), or None: the run's own study.db."""
+    search = (config or {}).get("search")
+    url = search.get("storage") if isinstance(search, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+def _read_study(db: Path, notes: list[str], url: str | None = None) -> tuple[dict | None, list[Any]]:
+    """(study summary, frozen trials), or (None, []) with a note when there is no readable study.
+
+    `url`: the study is in that database (search.storage), read over a read-only session; a server that cannot be
+    reached, or refuses the credentials, is an error (exit 3 or 2), not a note."""
+    if url is not None:
+        return _read_rdb_study(url, notes)
     if not db.exists():
         notes.append(f"study.db: {NA} (the search has not started)")
         return None, []
@@ -67,11 +79,6 @@ def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
         storage = _sqlite_ro_storage(db)
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
         trials = study.get_trials(deepcopy=False)
-        info = {
-            "name": STUDY_NAME,
-            "directions": [d.name.lower() for d in study.directions],
-            "user_attrs": dict(study.user_attrs),
-        }
     except Exception as e:  # a half-created or foreign database is "not available", not a crash
         log.warning("cannot read the study in %s: %s", db, e)
         notes.append(f"study.db: {NA} (cannot read study {STUDY_NAME!r}: {type(e).__name__})")
@@ -80,6 +87,32 @@ def _read_study(db: Path, notes: list[str]) -> tuple[dict | None, list[Any]]:
         if storage is not None:
             storage.remove_session()
             storage.engine.dispose()
+    return _summary(study, trials)
+
+
+def _read_rdb_study(url: str, notes: list[str]) -> tuple[dict | None, list[Any]]:
+    import optuna
+
+    from autoseg.storage import describe, open_storage
+
+    storage = open_storage(url, "", read_only=True)
+    try:
+        if STUDY_NAME not in {s.study_name for s in storage.get_all_studies()}:
+            notes.append(f"study: {NA} (no study {STUDY_NAME!r} in {describe(url)} yet: the search has not started)")
+            return None, []
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        return _summary(study, study.get_trials(deepcopy=False))
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+
+
+def _summary(study: Any, trials: list[Any]) -> tuple[dict, list[Any]]:
+    info = {
+        "name": STUDY_NAME,
+        "directions": [d.name.lower() for d in study.directions],
+        "user_attrs": dict(study.user_attrs),
+    }
     info["objective"] = info["user_attrs"].get("objective") or (
         "pareto" if len(info["directions"]) == 2 else "penalty")
     info["n_trials"] = len(trials)
