@@ -212,8 +212,9 @@ class Agent:
         body["lock_wait_s"] = waited
         if waited > 0.5:
             log.info("waited %.1f s for another measurement on this device", waited)
-        log.info("measured %s %s: median %.3f ms over %d runs", model.model_id, req["shape"],
-                 body["stats"]["median_ms"], body["stats"]["count"])
+        # The span (epoch seconds) lets whoever shares the device check from this log that no two timings overlapped.
+        log.info("measured %s %s: median %.3f ms over %d runs, timed %.3f-%.3f", model.model_id, req["shape"],
+                 body["stats"]["median_ms"], body["stats"]["count"], *body["timed_span"])
         return body
 
     def unload(self, model_id: str) -> Dict[str, Any]:

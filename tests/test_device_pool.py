@@ -1,0 +1,253 @@
+"""The device pool (#25) against three real sshds on 127.0.0.1, each standing for one device, and the real agent.
+
+Every device's agent logs to a file of its own (through the device python below, keyed by the sshd's port), and
+each timing is checked from those logs: two processes sharing the pool never time two models at once on one
+device. Each process has its own agent folder, so the agent's own lock does not serialise them: only the lease
+does. Budget: < 40 s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from onnx_models import conv_relu_onnx
+from sshd_server import SSHServer, unavailable_reason
+
+from autoseg.config import DeviceConfig
+from autoseg.devices import MeasureError, MeasureSettings
+from autoseg.devices.pool import DevicePool, LeaseBoard
+from autoseg.errors import DeviceUnreachable, InputError
+
+pytestmark = pytest.mark.ssh
+
+SHAPE = (1, 3, 32, 32)
+FAST = MeasureSettings(warmup=1, min_runs=3, min_seconds=0.02)
+# Each log line of a timing: "edge_agent[pid] INFO measured m-... [1, 3, 32, 32]: ... timed 1.000-2.000"
+TIMED = re.compile(r"edge_agent\[(\d+)\] INFO measured .* timed ([\d.]+)-([\d.]+)$")
+
+# The device python: the venv's, logging the agent's stderr to agent-<sshd port>.log; a port listed in
+# i686-ports runs under `setarch i686`, a device of another architecture.
+DEVICE_PYTHON = """\
+#!/bin/sh
+port="${{SSH_CONNECTION##* }}"
+log="{logs}/agent-$port.log"
+if grep -qx "$port" "{logs}/i686-ports" 2>/dev/null; then
+    exec setarch i686 {python} "$@" 2>>"$log"
+fi
+exec {python} "$@" 2>>"$log"
+"""
+
+
+class Devices:
+    """sshds sharing one user key, their known_hosts, and the device python that logs per device."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True)
+        self.python = root / "device-python"
+        self.python.write_text(DEVICE_PYTHON.format(logs=self.logs, python=sys.executable))
+        self.python.chmod(0o755)
+        self.known_hosts = root / "known_hosts"
+        self.known_hosts.write_text("")
+        self.servers: list[SSHServer] = []
+        self.extra: list[SSHServer] = []
+
+    def add(self, keep: bool = True) -> SSHServer:
+        """One more device; keep=False for one a test stops (then it is not among `servers`)."""
+        key = self.servers[0].user_key if self.servers else None
+        n = len(self.servers) + len(self.extra)
+        server = SSHServer(self.root / f"sshd{n}", user_key=key).start()
+        (self.servers if keep else self.extra).append(server)
+        with self.known_hosts.open("a") as f:
+            f.write(server.known_hosts_line())
+        return server
+
+    def config(self, **overrides: object) -> DeviceConfig:
+        values: dict = {
+            "python": str(self.python), "identity_file": self.servers[0].user_key, "known_hosts": self.known_hosts,
+            "connect_timeout_s": 5.0, "reconnect_attempts": 1, "warmup": 1, "min_runs": 3, "min_seconds": 0.02,
+            "max_busy_cores": None,
+        }
+        values.update(overrides)
+        return DeviceConfig(**values)
+
+    def spans(self) -> dict[int, list[tuple[float, float]]]:
+        """Per sshd port: the (start, end) of every timing, read from that device's agent log."""
+        out: dict[int, list[tuple[float, float]]] = {}
+        for path in self.logs.glob("agent-*.log"):
+            port = int(path.stem.split("-")[1])
+            for line in path.read_text(errors="replace").splitlines():
+                m = TIMED.search(line)
+                if m:
+                    out.setdefault(port, []).append((float(m.group(2)), float(m.group(3))))
+        return out
+
+    def stop(self) -> None:
+        for s in self.servers + self.extra:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def devices(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devices]:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    d = Devices(tmp_path_factory.mktemp("pool"))
+    for _ in range(3):
+        d.add()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def agent_root_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "agent"
+    monkeypatch.setenv("AUTOSEG_AGENT_ROOT", str(root))
+    return root
+
+
+def open_pool(devices: Devices, servers: list[SSHServer], lease_url: str, **cfg: object) -> DevicePool:
+    pool = DevicePool.open(devices.config(**cfg), [s.target for s in servers], lease_url)
+    assert isinstance(pool, DevicePool)
+    for d in pool._members:
+        d._backoff_base_s = 0.05  # keep reconnects fast
+    return pool
+
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from autoseg.config import DeviceConfig
+    from autoseg.devices import MeasureSettings
+    from autoseg.devices.pool import DevicePool
+    sys.path.insert(0, {tests!r})
+    from onnx_models import conv_relu_onnx
+
+    cfg = DeviceConfig(**{cfg!r})
+    settings = MeasureSettings(warmup=1, min_runs=3, min_seconds=0.15)
+    out = []
+    with DevicePool.open(cfg, {targets!r}, {url!r}) as pool:
+        for n in range({count}):
+            m = pool.measure(conv_relu_onnx(seed=n), (1, 3, 32, 32), settings)
+            out.append([m.error.name, m.device, m.source, m.message])
+    print(json.dumps(out))
+""")
+
+
+def test_two_processes_share_the_pool_and_never_time_at_once_on_one_device(devices: Devices, tmp_path: Path):
+    cfg = devices.config()
+    plain = {"python": cfg.python, "identity_file": str(cfg.identity_file), "known_hosts": str(cfg.known_hosts),
+             "connect_timeout_s": 5.0, "reconnect_attempts": 1, "max_busy_cores": None}
+    targets = [s.target for s in devices.servers]
+    url = f"sqlite:///{tmp_path / 'leases.db'}"
+    LeaseBoard(url).close()  # the table exists before both start (each would create it otherwise)
+    before = devices.spans()
+    script = WORKER.format(tests=str(Path(__file__).parent), cfg=plain, targets=targets, url=url, count=4)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "AUTOSEG_AGENT_ROOT": str(tmp_path / f"agent-{name}")})
+             for name in ("a", "b")]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    assert all(r[0] == "OK" and r[2] == "device" for res in results for r in res), results
+    assert len({r[1] for res in results for r in res}) > 1  # the measurements spread over the pool
+
+    spans = {port: sorted(set(s) - set(before.get(port, []))) for port, s in devices.spans().items()}
+    assert sum(len(s) for s in spans.values()) == 8  # each model timed once, by the agents' own account
+    assert sum(1 for s in spans.values() if s) > 1  # on more than one device
+    for port, timed in spans.items():
+        for (_, end), (start, _) in itertools.pairwise(timed):
+            assert end <= start, f"device on port {port} timed two models at once: {timed}"
+
+
+def test_a_device_that_dies_mid_study_is_dropped_and_the_rest_go_on(devices: Devices, tmp_path: Path,
+                                                                    agent_root_env: Path, caplog):
+    caplog.set_level(logging.WARNING, logger="autoseg.devices")
+    doomed = devices.add(keep=False)
+    try:
+        with open_pool(devices, [devices.servers[0], devices.servers[1], doomed],
+                       f"sqlite:///{tmp_path / 'leases.db'}") as pool:
+            first = [pool.measure(conv_relu_onnx(seed=n), SHAPE, FAST) for n in range(3)]
+            assert {m.device for m in first} == {s.target for s in (*devices.servers[:2], doomed)}  # all used
+            doomed.stop()  # powered off: its sessions die with it
+            later = [pool.measure(conv_relu_onnx(seed=n), SHAPE, FAST) for n in range(3, 7)]
+            assert all(m.error == MeasureError.OK and m.source == "device" for m in later), later
+            assert doomed.target not in {m.device for m in later}
+            assert pool.devices == [s.target for s in devices.servers[:2]]
+            # Measurements keep the device that measured them and share the pool's fingerprint class id.
+            assert len({m.fingerprint_id for m in first + later}) == 1
+    finally:
+        doomed.stop()
+    dropped = [r.getMessage() for r in caplog.records if "taken out of the pool" in r.getMessage()]
+    assert len(dropped) == 1 and doomed.target in dropped[0] and "2 devices left" in dropped[0]
+
+
+def test_the_last_device_lost_follows_device_fallback(devices: Devices, tmp_path: Path, agent_root_env: Path):
+    doomed = devices.add(keep=False)
+    try:
+        strict = open_pool(devices, [doomed], f"sqlite:///{tmp_path / 'a.db'}")
+        lenient = open_pool(devices, [doomed], f"sqlite:///{tmp_path / 'b.db'}", fallback="local")
+        with strict, lenient:
+            doomed.stop()
+            with pytest.raises(DeviceUnreachable, match=r"all 1 devices were lost.*--fallback local") as e:
+                strict.measure(conv_relu_onnx(), SHAPE, FAST)
+            assert e.value.exit_code == 3
+            m = lenient.measure(conv_relu_onnx(), SHAPE, FAST)
+            assert m.error == MeasureError.OK and m.source == "local" and lenient.source == "local"
+    finally:
+        doomed.stop()
+
+
+def test_a_device_of_another_kind_is_refused_in_one_line(devices: Devices, tmp_path: Path, agent_root_env: Path):
+    odd = devices.servers[2]
+    (devices.logs / "i686-ports").write_text(f"{odd.port}\n")
+    try:
+        with pytest.raises(InputError) as e:
+            DevicePool.open(devices.config(), [s.target for s in devices.servers], f"sqlite:///{tmp_path / 'l.db'}")
+    finally:
+        (devices.logs / "i686-ports").unlink()
+    msg = str(e.value)
+    assert e.value.exit_code == 2 and "\n" not in msg
+    assert f"device {odd.target} is not of the pool's kind" in msg and "arch 'i686'" in msg, msg
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def lease_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'leases.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_leases_exclude_each_other_expire_and_are_released(lease_url: str):
+    a, b = LeaseBoard(lease_url, ttl_s=0.5), LeaseBoard(lease_url, ttl_s=0.5)
+    try:
+        a.add(["pi1", "pi2"])
+        b.add(["pi1", "pi2"])  # a second process adding the same rows is harmless
+        assert a.take("pi1", "host-a:1")
+        assert not b.take("pi1", "host-b:2")  # held
+        assert b.take("pi2", "host-b:2")  # another device is free
+        assert a.renew("pi1", "host-a:1") and not b.renew("pi1", "host-b:2")
+        assert b.holders() == {"pi1": "host-a:1", "pi2": "host-b:2"}
+        a.release("pi1", "host-a:1")
+        assert b.take("pi1", "host-b:3")
+        time.sleep(0.7)  # host-b died: its leases expire
+        assert a.take("pi1", "host-a:4") and a.take("pi2", "host-a:4")
+        assert not b.renew("pi1", "host-b:3")
+        b.release("pi2", "host-b:2")  # a late release does not free what another took since
+        assert a.holders()["pi2"] == "host-a:4"
+    finally:
+        a.close()
+        b.close()
