@@ -96,7 +96,8 @@ def _add_reps(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="local, user@host, user@host:port or a ~/.ssh/config Host alias")
+    p.add_argument("--device", help="local, user@host, user@host:port or a ~/.ssh/config Host alias; several "
+                   "devices of one kind as a pool: pi1,pi2,pi3")
     p.add_argument("--device-python", help="python on the device that has numpy and onnxruntime")
     p.add_argument("--trust-new-host", action="store_true", default=None, help="accept and record an unknown host key")
     p.add_argument("--fallback", choices=["none", "local"], help="measure locally if the device is lost")
@@ -297,6 +298,11 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     ):
         if getattr(args, flag, None):
             out[key] = True
+    if "device.target" in out:  # --device wins over the config's target and targets alike
+        given = str(out["device.target"])
+        out["device.targets"] = given.split(",") if "," in given else []
+        if "," in given:
+            out["device.target"] = "local"
     return out
 
 

@@ -60,6 +60,25 @@ def _storage_url() -> dict:
     return {"validate": check, "mask": mask}
 
 
+def _device_targets() -> dict:
+    # Checked when the tree is built: a `check` would also refuse the empty list, which means "use device.target".
+    def check(targets: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for i, t in enumerate(targets):
+            if not t.strip():
+                raise InputError(f"device.targets[{i}]: empty; give each device as user@host[:port] or an ssh Host "
+                                 "(--device pi1,pi2,pi3)")
+            if t.strip() == "local":
+                raise InputError(f"device.targets[{i}]: 'local' cannot be pooled; measure locally with "
+                                 "--device local alone")
+            if t.strip() in seen:
+                raise InputError(f"device.targets[{i}]: {t!r} is listed twice; give each device once")
+            seen.add(t.strip())
+        return [t.strip() for t in targets]
+
+    return {"validate": check}
+
+
 @dataclass
 class DataConfig:
     images: Path | None = None
@@ -223,6 +242,9 @@ class TrainConfig:
 class DeviceConfig:
     # "local", "user@host", "user@host:port" or a Host alias from ~/.ssh/config.
     target: str = "local"
+    # Several devices of one kind (same SoC, onnxruntime, threads) sharing the measurements (autoseg.devices.pool);
+    # when given, replaces target. `--device pi1,pi2,pi3` sets it.
+    targets: list[str] = field(default_factory=list, metadata=_device_targets())
     python: str = "python3"
     trust_new_host: bool = False
     fallback: Literal["none", "local"] = "none"

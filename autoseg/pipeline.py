@@ -265,7 +265,7 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
                      "" if cfg.train.epochs else f" (about {FOLD_TILE_PASSES} tiles per fold; --epochs sets it)")
 
         settings = settings_from_config(cfg.device, cfg.seed)
-        with closing(open_device(cfg.device, run.latency_cache)) as device:
+        with closing(open_device(cfg.device, run.latency_cache, cfg.search.storage)) as device:
             log.info("measuring %slatency on %s (%s)", "int8 " if cfg.device.precision == "int8" else "",
                      device.name, device.source)
             study = open_study(run, cfg, resume_anyway)

@@ -222,6 +222,8 @@ def config_fingerprint(cfg: Config) -> dict[str, Any]:
     flat = _flatten(config_to_dict(cfg))
     # Part of the space though not a config key: a study sampled with other steps cannot take more trials.
     flat["search.space.channel_steps"] = list(CHANNEL_STEPS)
+    if not flat.get("device.targets"):  # no pool: a study made before device.targets existed resumes
+        flat.pop("device.targets", None)
     return _meaningful(flat)
 
 

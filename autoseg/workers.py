@@ -63,7 +63,7 @@ def _worker(index: int, cfg: Config, task: SearchTask, root: str, log_level: int
     try:
         with storage_errors(cfg.search.storage):  # a database failure: one line, the password masked
             study = load_study(run, cfg, index)
-            with closing(open_device(cfg.device, run.latency_cache)) as device:
+            with closing(open_device(cfg.device, run.latency_cache, cfg.search.storage)) as device:
                 objective = Objective(cfg, task, device, settings_from_config(cfg.device, cfg.seed), run,
                                       worker=index, gate=Gate(run.root))
                 ready.release()

@@ -8,6 +8,7 @@ does. Budget: < 40 s.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import logging
@@ -24,10 +25,12 @@ import pytest
 from onnx_models import conv_relu_onnx
 from sshd_server import SSHServer, unavailable_reason
 
-from autoseg.config import DeviceConfig
+from autoseg.cli import overrides_from
+from autoseg.config import DeviceConfig, load_config
 from autoseg.devices import MeasureError, MeasureSettings
 from autoseg.devices.pool import DevicePool, LeaseBoard
 from autoseg.errors import DeviceUnreachable, InputError
+from autoseg.search import config_fingerprint
 
 pytestmark = pytest.mark.ssh
 
@@ -211,17 +214,57 @@ def test_the_last_device_lost_follows_device_fallback(devices: Devices, tmp_path
         doomed.stop()
 
 
-def test_a_device_of_another_kind_is_refused_in_one_line(devices: Devices, tmp_path: Path, agent_root_env: Path):
+def autoseg(*args: object, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoseg", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_device_check_over_a_pool_and_a_device_of_another_kind_refused_in_one_line(devices: Devices, tmp_path):
+    env = {**os.environ, "AUTOSEG_AGENT_ROOT": str(tmp_path / "agent")}
+    flags = ["--device", ",".join(s.target for s in devices.servers), "--device-python", devices.python,
+             "--known-hosts", devices.known_hosts, "--identity-file", devices.servers[0].user_key]
+    fast = tmp_path / "fast.yml"
+    fast.write_text("device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.0\n  max_busy_cores: null\n")
+    proc = autoseg("device", "check", "--config", fast, *flags, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["source"] == "device" and report["fingerprint"]["pool"] == [s.target for s in devices.servers]
+
     odd = devices.servers[2]
     (devices.logs / "i686-ports").write_text(f"{odd.port}\n")
     try:
-        with pytest.raises(InputError) as e:
-            DevicePool.open(devices.config(), [s.target for s in devices.servers], f"sqlite:///{tmp_path / 'l.db'}")
+        proc = autoseg("device", "check", "-q", *flags, env=env)
     finally:
         (devices.logs / "i686-ports").unlink()
-    msg = str(e.value)
-    assert e.value.exit_code == 2 and "\n" not in msg
-    assert f"device {odd.target} is not of the pool's kind" in msg and "arch 'i686'" in msg, msg
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"device {odd.target} is not of the pool's kind" in lines[0] and "arch 'i686'" in lines[0], lines
+
+
+@pytest.mark.parametrize(("given", "problem"), [
+    (["pi1", "pi1"], "device.targets[1]: 'pi1' is listed twice"),
+    (["pi1", " "], "device.targets[1]: empty"),
+    (["pi1", "local"], "device.targets[1]: 'local' cannot be pooled"),
+    (["pi1", 3], "device.targets[1]"),
+    ("pi1", "device.targets: must be a list"),
+])
+def test_device_targets_are_checked_at_the_door(given: object, problem: str):
+    with pytest.raises(InputError, match=re.escape(problem)):
+        load_config(overrides={"device.targets": given})
+
+
+def test_device_flag_takes_a_list_and_wins_over_the_config(tmp_path: Path):
+    yml = tmp_path / "c.yml"
+    yml.write_text("device:\n  targets: [pi1, pi2]\n")
+    assert load_config(yml).device.targets == ["pi1", "pi2"]
+    pool = load_config(yml, overrides_from(argparse.Namespace(device="a@h:1, b@h:2,c")))
+    assert pool.device.targets == ["a@h:1", "b@h:2", "c"] and pool.device.target == "local"
+    one = load_config(yml, overrides_from(argparse.Namespace(device="pi9")))
+    assert one.device.targets == [] and one.device.target == "pi9"
+    # No pool: the study's config is what it was before device.targets existed, so older runs resume.
+    assert "device.targets" not in config_fingerprint(one)
+    assert config_fingerprint(pool)["device.targets"] == ["a@h:1", "b@h:2", "c"]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -251,3 +294,33 @@ def test_leases_exclude_each_other_expire_and_are_released(lease_url: str):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.slow
+def test_a_search_with_two_workers_measures_on_the_pool(devices: Devices, tmp_path: Path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from autoseg.demo_data import generate_demo
+
+    images, masks = generate_demo(tmp_path / "demo", n_images=5, size=64, seed=2)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(
+        "search:\n  space:\n    levels: [1, 2]\n    kernels: [3]\n    channels: [4, 8]\n"
+        "device:\n  warmup: 0\n  min_runs: 3\n  min_seconds: 0.05\n  max_busy_cores: null\ntrain:\n  threads: 1\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "AUTOSEG_AGENT_ROOT": str(tmp_path / "agent")}
+    proc = autoseg("search", "--config", cfg, "--images", images, "--masks", masks, "--out", out, "--trials", "4",
+                   "--tile", "32", "--num-reps", "12", "--folds", "2", "--epochs", "1", "--final-epochs", "1",
+                   "--final-tiles", "64", "--workers", "2",
+                   "--device", ",".join(s.target for s in devices.servers), "--device-python", devices.python,
+                   "--known-hosts", devices.known_hosts, "--identity-file", devices.servers[0].user_key, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "device_leases.db").exists()
+    study = optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}")
+    trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert trials and all(t.user_attrs["latency_source"] == "device" for t in trials)
+    assert {t.user_attrs["device"] for t in trials} <= {s.target for s in devices.servers}
+    for port, timed in devices.spans().items():
+        for (_, end), (start, _) in itertools.pairwise(sorted(timed)):
+            assert end <= start, f"device on port {port} timed two models at once: {timed}"

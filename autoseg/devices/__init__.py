@@ -6,14 +6,15 @@ Both sides run the same `edge_agent.bench` code, so local and device numbers are
 
 records: settings, results, flags, the Device protocol; local: LocalDevice; ssh: SSHDevice and its agent
 protocol; ssh_config: target, ssh config and host keys; ssh_link: the connection and short commands;
-deploy_agent: device python check and agent upload; cache: LatencyCache, CachedDevice; measure: open_device,
-measure_each, measure_quiet.
+deploy_agent: device python check and agent upload; cache: LatencyCache, CachedDevice; pool: DevicePool, several
+devices of one kind leased measurement by measurement; measure: open_device, measure_each, measure_quiet.
 """
 
 from autoseg.devices.cache import CachedDevice, LatencyCache
 from autoseg.devices.deploy_agent import AGENT_ROOT_ENV
 from autoseg.devices.local import LocalDevice
 from autoseg.devices.measure import measure_each, measure_quiet, open_device
+from autoseg.devices.pool import DevicePool
 from autoseg.devices.records import (
     Device,
     DeviceBusy,
@@ -36,6 +37,7 @@ __all__ = [
     "CachedDevice",
     "Device",
     "DeviceBusy",
+    "DevicePool",
     "DeviceRefused",
     "LatencyCache",
     "LocalDevice",

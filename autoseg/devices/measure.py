@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from autoseg.config import DeviceConfig
 from autoseg.devices.cache import CachedDevice, LatencyCache
 from autoseg.devices.local import LocalDevice
+from autoseg.devices.pool import DevicePool
 from autoseg.devices.records import (
     DEFAULT_MAX_BUSY_CORES,
     Device,
@@ -28,14 +30,19 @@ from autoseg.errors import DeviceUnreachable
 log = logging.getLogger(__name__)
 
 
-def open_device(cfg: DeviceConfig, cache_path: Path | None = None) -> Device:
+def open_device(cfg: DeviceConfig, cache_path: Path | None = None, storage: str | None = None) -> Device:
     """The configured device, wrapped in a latency cache (in memory when cache_path is None).
 
-    An unreachable SSH device is replaced by LocalDevice when cfg.fallback == "local"; refusals
-    (host key, login, missing packages on the device) always raise.
+    Several device.targets make a DevicePool, whose leases live in the study's database server (`storage`, the
+    search.storage URL) or else in a SQLite file beside the cache. An unreachable SSH device is replaced by
+    LocalDevice when cfg.fallback == "local"; refusals (host key, login, missing packages on the device) always raise.
     """
     dev: Device
-    if cfg.target == "local":
+    if len(cfg.targets) > 1:
+        dev = DevicePool.open(cfg, cfg.targets, lease_url(cache_path, storage))
+    elif cfg.targets:
+        return open_device(replace(cfg, target=cfg.targets[0], targets=[]), cache_path, storage)
+    elif cfg.target == "local":
         dev = LocalDevice(cfg.max_busy_cores)
     else:
         try:
@@ -49,6 +56,19 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None) -> Device:
             dev = LocalDevice(cfg.max_busy_cores)
     cache = LatencyCache(cache_path if cache_path is not None else ":memory:")
     return CachedDevice(dev, cache, max_busy_cores=cfg.max_busy_cores, busy_wait_s=cfg.busy_wait_s)
+
+
+def lease_url(cache_path: Path | None, storage: str | None) -> str:
+    """Where a pool's leases live: the study's server when it has one (every worker reaches it), else a SQLite
+    file in the run directory, else (no run: `device check`) this process's memory."""
+    if storage is not None and not storage.startswith("sqlite"):
+        return storage
+    if cache_path is not None and str(cache_path) != ":memory:":
+        return f"sqlite:///{Path(cache_path).parent / LEASES_FILE}"
+    return "sqlite://"
+
+
+LEASES_FILE = "device_leases.db"
 
 
 def measure_each(

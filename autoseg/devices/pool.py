@@ -201,7 +201,7 @@ class DevicePool:
 
             make_device = SSHDevice
         # Members never fall back on their own: losing one is the pool's business.
-        configs = [replace(cfg, target=t, fallback="none") for t in targets]
+        configs = [replace(cfg, target=t, targets=[], fallback="none") for t in targets]
         with ThreadPoolExecutor(max_workers=len(configs)) as ex:
             futures = [ex.submit(make_device, c) for c in configs]
         members: list[Device] = []
