@@ -324,3 +324,16 @@ def test_a_search_with_two_workers_measures_on_the_pool(devices: Devices, tmp_pa
     for port, timed in devices.spans().items():
         for (_, end), (start, _) in itertools.pairwise(sorted(timed)):
             assert end <= start, f"device on port {port} timed two models at once: {timed}"
+
+
+def test_leases_live_with_the_study_server_or_in_the_run_directory(tmp_path: Path):
+    from autoseg.devices.measure import lease_url
+
+    server = "postgresql+psycopg://me:secret@db:5432/study"
+    assert lease_url(tmp_path / "latency_cache.db", server) == server
+    # Read back from a run's config.yml: no password, libpq finds it (PGPASSWORD, ~/.pgpass).
+    assert lease_url(tmp_path / "latency_cache.db", "postgresql+psycopg://me:***@db:5432/study") == \
+        "postgresql+psycopg://me@db:5432/study"
+    assert lease_url(tmp_path / "latency_cache.db", None) == f"sqlite:///{tmp_path / 'device_leases.db'}"
+    assert lease_url(tmp_path / "latency_cache.db", "sqlite:////elsewhere/study.db") == \
+        f"sqlite:///{tmp_path / 'device_leases.db'}"

@@ -58,17 +58,19 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None, storage: str 
     return CachedDevice(dev, cache, max_busy_cores=cfg.max_busy_cores, busy_wait_s=cfg.busy_wait_s)
 
 
+LEASES_FILE = "device_leases.db"
+
+
 def lease_url(cache_path: Path | None, storage: str | None) -> str:
     """Where a pool's leases live: the study's server when it has one (every worker reaches it), else a SQLite
     file in the run directory, else (no run: `device check`) this process's memory."""
     if storage is not None and not storage.startswith("sqlite"):
-        return storage
+        from autoseg.storage import _unmasked  # a URL read back from config.yml: the password from PGPASSWORD
+
+        return _unmasked(storage)
     if cache_path is not None and str(cache_path) != ":memory:":
         return f"sqlite:///{Path(cache_path).parent / LEASES_FILE}"
     return "sqlite://"
-
-
-LEASES_FILE = "device_leases.db"
 
 
 def measure_each(
