@@ -530,7 +530,8 @@ def pca(z: np.ndarray, dims: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     mean = z.mean(axis=0, dtype=np.float64)
     if z.shape[1] <= dims:
         return mean, np.eye(z.shape[1])
-    fit = PCA(n_components=dims, svd_solver="auto", random_state=seed).fit(z)
+    # A tiny dataset has fewer tiles than axes asked for: they span no more than that many.
+    fit = PCA(n_components=min(dims, len(z)), svd_solver="auto", random_state=seed).fit(z)
     return fit.mean_.astype(np.float64), fit.components_.T.astype(np.float64)
 
 

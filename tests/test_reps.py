@@ -344,6 +344,9 @@ def test_pca_finds_the_strong_axes_and_kmeans_is_fixed_by_the_seed():
     assert comp.shape == (40, 3) and np.allclose(mean, z.mean(axis=0), atol=1e-3)
     assert np.allclose(np.abs(np.linalg.svd(comp.T @ basis)[1]), 1.0, atol=1e-3)  # same subspace
     assert np.array_equal(pca(z[:, :3], 8)[1], np.eye(3))  # fewer features than dims: kept as they are
+    few = z[:5]  # fewer tiles than dims (a tiny dataset): as many axes as they span, no error
+    mean, comp = pca(few, 8)
+    assert comp.shape == (z.shape[1], 5) and np.isfinite(comp).all()
 
     blobs = (rng.normal(size=(6, 5)) * 10)[rng.integers(6, size=600)] + rng.normal(size=(600, 5))
     labels, centres = kmeans(blobs.astype(np.float32), 6, seed=1)
