@@ -337,3 +337,21 @@ def test_leases_live_with_the_study_server_or_in_the_run_directory(tmp_path: Pat
     assert lease_url(tmp_path / "latency_cache.db", None) == f"sqlite:///{tmp_path / 'device_leases.db'}"
     assert lease_url(tmp_path / "latency_cache.db", "sqlite:////elsewhere/study.db") == \
         f"sqlite:///{tmp_path / 'device_leases.db'}"
+
+
+def test_the_report_names_the_pool_and_does_not_call_its_devices_mixed():
+    import optuna
+    from test_report import NETS, _attrs
+
+    from autoseg.report import _latency_provenance, _trial_row
+
+    trials = [optuna.trial.create_trial(value=0.5, user_attrs=_attrs(*net, device=f"pi@pi{i % 2}:22"))
+              for i, net in enumerate(NETS)]
+    lat = _latency_provenance([_trial_row(t) for t in trials], trials, None, None)
+    assert lat["pooled"] and not lat["mixed"] and lat["warnings"] == []
+    assert lat["devices"] == ["pi@pi0:22", "pi@pi1:22"]  # which device measured what stays in each row
+    assert lat["axis_label"] == "latency at 64x64 px on a pool of 2 alike devices (device), ms"
+    # Devices of different fingerprints are still not comparable.
+    trials[0].user_attrs["fingerprint_id"] = "ffff0000ffff0000"
+    other = _latency_provenance([_trial_row(t) for t in trials], trials, None, None)
+    assert other["mixed"] and any("different devices" in w for w in other["warnings"])

@@ -112,7 +112,7 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
     if rep["trials"]:
         chosen = rep["chosen"]["trial"] if rep["chosen"] else None
         h, body, cls = _trial_table(rep["trials"], rep["study"]["objective"], set(rep["pareto_front"]), chosen,
-                                    rep["latency"]["mixed"])
+                                    rep["latency"]["mixed"] or rep["latency"].get("pooled", False))
         B += [_html_table(h, body, cls),
               '<p class="source">★ chosen net (gold), ◆ Pareto front (blue). Latency median and p90 from each '
               "trial's <code>latency</code> measurement stats; CV = mean ± std of fold val mIoU; "

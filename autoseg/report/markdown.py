@@ -60,7 +60,7 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
     if rep["trials"]:
         chosen = rep["chosen"]["trial"] if rep["chosen"] else None
         h, body, _ = _trial_table(rep["trials"], rep["study"]["objective"], set(rep["pareto_front"]), chosen,
-                                  rep["latency"]["mixed"])
+                                  rep["latency"]["mixed"] or rep["latency"].get("pooled", False))
         L += ["★ chosen net, ◆ Pareto front. Latency from the trial's `latency` measurement (median, p90).", ""]
         L += _md_table(h, body)
     else:

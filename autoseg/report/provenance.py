@@ -130,7 +130,9 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
         warnings.append("Some nets were timed in int8 and some in float32 ("
                         + ", ".join(f"{k}: {v} trials" for k, v in sorted(precisions.items()))
                         + "): these numbers are not comparable.")
-    if len(devices) > 1:
+    # Several devices under one fingerprint id: a device pool, whose members are of one kind (autoseg.devices.pool).
+    pooled = len(devices) > 1 and len([f for f in fps if f != "final"]) == 1
+    if len(devices) > 1 and not pooled:
         warnings.append(f"Latency was measured on {len(devices)} different devices ({', '.join(devices)}): "
                         "not comparable.")
     elif len([f for f in fps if f != "final"]) > 1:
@@ -161,24 +163,25 @@ def _latency_provenance(rows: list[dict], trials: list[Any], study: dict | None,
         "devices": devices,
         "flagged_trials": [n for n, _ in flagged],
         "emulated": bool(emulated),
-        "mixed": len(sources) > 1 or len(devices) > 1,
+        "mixed": len(sources) > 1 or (len(devices) > 1 and not pooled),
+        "pooled": pooled,
         "cached": sum(1 for r in measured if r["cached"]),
         "measured_trials": len(measured),
         "fingerprints": {k: {**v, "devices": sorted(v["devices"])} for k, v in fps.items()},
         "warnings": warnings,
         "axis_label": _latency_label(sources, devices, sorted({r["measure_size"] for r in measured
                                                                if isinstance(r["measure_size"], int)}),
-                                     sorted({str(r["precision"]) for r in measured}), bool(emulated)),
+                                     sorted({str(r["precision"]) for r in measured}), bool(emulated), pooled),
     }
 
 
 def _latency_label(sources: list[str], devices: list[str], sizes: Sequence[int] = (),
-                   precisions: Sequence[str] = (), emulated: bool = False) -> str:
+                   precisions: Sequence[str] = (), emulated: bool = False, pooled: bool = False) -> str:
     if not sources and not devices:
         return "latency, ms (source unknown)"
-    if len(sources) > 1 or len(devices) > 1:
+    if len(sources) > 1 or (len(devices) > 1 and not pooled):
         return f"latency, ms — MIXED: {', '.join(devices or sources)} (not comparable)"
-    dev = devices[0] if devices else "?"
+    dev = f"a pool of {len(devices)} alike devices" if pooled else devices[0] if devices else "?"
     src = sources[0] if sources else "?"
     where = "this host" if dev == "local" else dev
     # Small inputs make latency mostly per-layer overhead: the size is part of what the number means.
