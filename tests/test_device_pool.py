@@ -355,3 +355,16 @@ def test_the_report_names_the_pool_and_does_not_call_its_devices_mixed():
     trials[0].user_attrs["fingerprint_id"] = "ffff0000ffff0000"
     other = _latency_provenance([_trial_row(t) for t in trials], trials, None, None)
     assert other["mixed"] and any("different devices" in w for w in other["warnings"])
+
+
+def test_figures_compared_with_each_other_come_from_one_device(devices: Devices, tmp_path: Path,
+                                                               agent_root_env: Path):
+    from autoseg.devices import measure_quiet
+
+    with open_pool(devices, devices.servers, f"sqlite:///{tmp_path / 'leases.db'}") as pool:
+        pool.measure(conv_relu_onnx(seed=9), SHAPE, FAST)  # the first device is now the most recently used
+        models = {"fp32": conv_relu_onnx(seed=1), "int8": conv_relu_onnx(seed=2), "other": conv_relu_onnx(seed=3)}
+        timed, lost = measure_quiet(pool, models, SHAPE, FAST, max_wait_s=0.0)
+        assert lost is None and all(m.error == MeasureError.OK for m in timed.values())
+        assert len({m.device for m in timed.values()}) == 1  # plain pool.measure would spread them over three
+        assert set(pool._board.holders().values()) == {None}  # and the device is free again

@@ -106,8 +106,18 @@ def measure_quiet(
     quietest one. Flags stay on what never got quiet. The cache is bypassed: its own retry would wait
     beyond max_wait_s, and these models are timed once anyway.
     """
-    limit = device.max_busy_cores if isinstance(device, CachedDevice) else DEFAULT_MAX_BUSY_CORES
     inner: Device = device.inner if isinstance(device, CachedDevice) else device
+    if isinstance(inner, DevicePool):  # the figures are compared: all from one device of the pool
+        with inner.one_device() as one:
+            return _measure_quiet(device, one, models, shape, settings, max_wait_s)
+    return _measure_quiet(device, inner, models, shape, settings, max_wait_s)
+
+
+def _measure_quiet(
+    device: Device, inner: Device, models: Mapping[str, bytes], shape: tuple[int, ...], settings: MeasureSettings,
+    max_wait_s: float,
+) -> tuple[dict[str, Measurement], str | None]:
+    limit = device.max_busy_cores if isinstance(device, CachedDevice) else DEFAULT_MAX_BUSY_CORES
     timed, lost = measure_each(inner, models, shape, settings)
     timed = {k: flag(m, limit) for k, m in timed.items()}
     waited, pause = 0.0, QUIET_FIRST_PAUSE_S

@@ -20,7 +20,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -269,9 +269,21 @@ class DevicePool:
                 continue
             finally:
                 self._release(key, holder)
-            # Keyed by the class, so the cache and the latency predictor share what any member measured; which
-            # device it was stays in m.device and m.fingerprint.
-            return replace(m, fingerprint_id=self._class_id) if m.source == "device" and m.fingerprint_id else m
+            return self._as_class(m)
+
+    @contextlib.contextmanager
+    def one_device(self) -> Iterator[Device]:
+        """A Device that times every model on one leased device of the pool, held for the whole block: for figures
+        compared with each other (float against int8). Should that device be lost, the pool takes over."""
+        leased = self._lease() if self._fallback is None else None
+        if leased is None:
+            yield self
+            return
+        dev, key, holder = leased
+        try:
+            yield _Pinned(self, dev)
+        finally:
+            self._release(key, holder)
 
     def close(self) -> None:
         if hasattr(self, "_stop"):
@@ -294,6 +306,11 @@ class DevicePool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _as_class(self, m: Measurement) -> Measurement:
+        # Keyed by the class, so the cache and the latency predictor share what any member measured; which
+        # device it was stays in m.device and m.fingerprint.
+        return replace(m, fingerprint_id=self._class_id) if m.source == "device" and m.fingerprint_id else m
 
     # -- leases ---------------------------------------------------------------------------------------
 
@@ -387,3 +404,27 @@ class DevicePool:
                 raise DeviceUnreachable(f"{msg}; check the devices are on and reachable, or pass --fallback local")
             log.warning("%s; falling back to local measurement, results are labelled source=local", msg)
             self._fallback = LocalDevice(self._cfg.max_busy_cores)
+
+
+class _Pinned:
+    """One device of a pool, leased by DevicePool.one_device."""
+
+    def __init__(self, pool: DevicePool, dev: Device) -> None:
+        self._pool, self._dev = pool, dev
+        self.name, self.source = dev.name, dev.source
+
+    def fingerprint(self) -> dict:
+        return self._pool.fingerprint()
+
+    def measure(self, model: bytes, shape: tuple[int, ...], settings: MeasureSettings) -> Measurement:
+        if self._dev in self._pool._alive:
+            try:
+                return self._pool._as_class(self._dev.measure(model, shape, settings))
+            except DeviceRefused:
+                raise
+            except DeviceUnreachable as e:
+                self._pool._drop(self._dev, e)
+        return self._pool.measure(model, shape, settings)
+
+    def close(self) -> None:
+        pass
