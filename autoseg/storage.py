@@ -40,6 +40,8 @@ _UNREACHABLE = (
     "connection reset", "broken pipe", "terminating connection", "consuming input failed", "ssl syscall error",
     "can't connect to mysql server", "lost connection to mysql server", "mysql server has gone away",
 )
+# PostgreSQL's words when two processes create Optuna's tables in a new database at the same moment.
+_CONCURRENT_SETUP = ("pg_type_typname_nsp_index", "already exists")
 _CREDENTIALS = ("password authentication failed", "no password supplied", "authentication failed", "access denied",
                 "does not exist", "pg_hba.conf", "permission denied")
 
@@ -143,12 +145,17 @@ def open_storage(
         name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params \
             else "failed_trial_callback"
         kwargs[name] = stale_callback
-    delays = list(RETRY_DELAYS_S)
+    delays, setups = list(RETRY_DELAYS_S), 3
     while True:
         try:
             return _build(target, kwargs)
         except Exception as e:
             kind, reason = classify(e, target)
+            if setups and any(w in reason.lower() for w in _CONCURRENT_SETUP):
+                # Another process (a worker started at once) created Optuna's tables meanwhile: they are there now.
+                setups -= 1
+                time.sleep(0.2)
+                continue
             if kind == "unreachable" and delays:
                 delay = delays.pop(0)
                 log.warning("%s: %s; trying again in %g s", describe(target), reason, delay)
