@@ -1,6 +1,7 @@
 """`autoseg` command line: parse flags, load the config once, run, map errors to exit codes.
 
-Exit codes: 0 ok, 1 internal error, 2 bad input or config, 3 device unreachable.
+Exit codes: 0 ok, 1 internal error, 2 bad input or config, 3 device or study database unreachable (or, for a
+worker, a study whose search has not recorded its data in time).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _FLAG_KEYS = {
     "max_minutes": "search.max_minutes",
     "workers": "search.workers",
     "storage": "search.storage",
+    "study": "search.study_name",
+    "threads": "train.threads",
     "alpha": "search.alpha",
     "measure_size": "device.measure_size",
     "precision": "device.precision",
@@ -190,7 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_opset(p)
     p.add_argument("--out", help="run directory (rerun the same command to resume)")
     _add_storage(p)
+    p.add_argument("--study", metavar="NAME", help="the study's name in --storage's database (default autoseg), "
+                   "so one database holds several studies; `autoseg worker --study NAME` joins it")
     p.add_argument("--resume-anyway", action="store_true", help="resume a study made with another config")
+
+    p = sub.add_parser("worker", help="join a search running on another host through its study's database: run "
+                       "its trials here until its budget is spent (the search's first process trains the best)")
+    _add_common(p, config=False)  # the config is the study's
+    p.add_argument("--storage", metavar="URL", required=True, help="the study's database URL with its password, as "
+                   "given to `autoseg search --storage`, e.g. postgresql+psycopg://user:password@host:5432/dbname")
+    p.add_argument("--study", metavar="NAME", help="the search's --study (default autoseg)")
+    p.add_argument("--images", help="this host's copy of the search's training images (default: the folder the "
+                   "search names); checked against the study's data digest")
+    p.add_argument("--masks", help="this host's copy of their masks")
+    _add_device(p)
+    p.add_argument("--out", help="folder for this worker's files: trial models, latency cache (default "
+                   "runs/worker-NAME)")
+    p.add_argument("--workers", type=int, help="processes running trials on this host (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: an equal share of the cores)")
 
     p = sub.add_parser("demo", help="generate the built-in demo data and run the whole pipeline on it")
     _add_common(p)
@@ -402,6 +422,19 @@ def _given(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(k for k in ("images", "masks", "test_images", "test_masks") if getattr(args, k, None))
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from autoseg.config import SearchConfig
+    from autoseg.remote_worker import run_worker, summary_lines
+    from autoseg.storage import check_url
+
+    overrides = overrides_from(args)
+    url = check_url(overrides.pop("search.storage"))
+    name = overrides.pop("search.study_name", SearchConfig().study_name)
+    for line in summary_lines(run_worker(url, name, overrides, progress=progress_enabled())):
+        print(line)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from autoseg.export import check_loads
     from autoseg.pipeline import (
@@ -580,6 +613,7 @@ COMMANDS = {
     "export": cmd_export,
     "predict": cmd_predict,
     "report": cmd_report,
+    "worker": cmd_worker,
 }
 
 

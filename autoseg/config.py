@@ -60,6 +60,16 @@ def _storage_url() -> dict:
     return {"validate": check, "mask": mask}
 
 
+def _study_name() -> dict:
+    def check(name: str) -> str:
+        if not name.strip() or name != name.strip():
+            raise InputError(f"search.study_name: {name!r} is empty or has spaces at its ends; give a name like "
+                             "'drone-2026' (--study NAME)")
+        return name
+
+    return {"validate": check}
+
+
 def _device_targets() -> dict:
     # Checked when the tree is built: a `check` would also refuse the empty list, which means "use device.target".
     def check(targets: list[str]) -> list[str]:
@@ -176,6 +186,8 @@ class SearchConfig:
     # RDBStorage takes shares one study between workers on many hosts, PostgreSQL through psycopg 3:
     # postgresql+psycopg://user:password@host:5432/dbname. Saved and shown with the password as ***.
     storage: str | None = field(default=None, repr=False, metadata=_storage_url())  # repr: no password in logs
+    # The study's name in that database: one database may hold several studies (`autoseg worker --study NAME`).
+    study_name: str = field(default="autoseg", metadata=_study_name())
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
 
@@ -317,6 +329,15 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     raw = _read_yaml(path) if path is not None else {}
     _apply(raw, overrides)
     return _absolute(_build(Config, raw, ""))
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
+    """The tree from its dict form (config_to_dict's, as a study records it), with `overrides` on top."""
+    import copy
+
+    tree = copy.deepcopy(dict(raw))
+    _apply(tree, overrides)
+    return _absolute(_build(Config, tree, ""))
 
 
 # The paths a run's later commands (eval, export --trial) read again.

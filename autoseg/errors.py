@@ -25,3 +25,9 @@ class StorageUnreachable(AutosegError):
     """The study's database server cannot be reached (after retries), or the connection to it was lost."""
 
     exit_code = 3
+
+
+class StudyNotReady(AutosegError):
+    """A worker joined a study whose first process has not recorded its data in time (it may still be preparing)."""
+
+    exit_code = 3

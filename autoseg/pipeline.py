@@ -2,6 +2,9 @@
 
 data -> tiles -> representative tiles -> device -> Optuna search -> retrain the best net
 -> export (simplified, verified ONNX) -> evaluate on full test images -> model card -> report.
+
+With --storage URL the study is in a database server: `autoseg worker` processes on other hosts join its trials
+(autoseg.remote_worker, with what autoseg.study_data records here), and this process alone trains the best net.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from autoseg.search import (
     trial_counts,
 )
 from autoseg.storage import describe, storage_errors
+from autoseg.study_data import record_study_data, wait_for_others
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import FOLD_TILE_PASSES, TrainSettings, cv_epochs, train_model, training_settings
 from autoseg.unet import Arch, build_unet
@@ -219,16 +223,20 @@ def data_stage(cfg: Config, run: RunDir, progress: bool = False, stage: DataStag
             f"{cfg.data.images}: no training images left after the test split; lower data.test_fraction"
         )
     reps_by_tile = {t: select_reps(cfg, stage, t, run, progress) for t in tile_choices(cfg)}
-    task = SearchTask(
-        data={t: TileData(*rep_arrays(stage.ds, r)) for t, r in reps_by_tile.items()},
-        in_channels=stage.ds.channels,
-        num_classes=stage.ds.class_map.num_classes,
-        class_weights=class_weights(cfg, stage.ds),
+    return stage, reps_by_tile, search_task(cfg, stage.ds, reps_by_tile)
+
+
+def search_task(cfg: Config, ds: Dataset, reps_by_tile: dict[int, RepSet]) -> SearchTask:
+    """The representatives' arrays and what a trial needs beside them (also a worker's, on another host)."""
+    return SearchTask(
+        data={t: TileData(*rep_arrays(ds, r)) for t, r in reps_by_tile.items()},
+        in_channels=ds.channels,
+        num_classes=ds.class_map.num_classes,
+        class_weights=class_weights(cfg, ds),
         # What each trial's ONNX file carries beside its net, as the final model does.
-        dataset_metadata={"classes": list(stage.ds.class_map.names), "mean": list(stage.ds.mean),
-                          "std": list(stage.ds.std), "class_map": stage.ds.class_map.to_dict()},
+        dataset_metadata={"classes": list(ds.class_map.names), "mean": list(ds.mean),
+                          "std": list(ds.std), "class_map": ds.class_map.to_dict()},
     )
-    return stage, reps_by_tile, task
 
 
 @contextmanager
@@ -271,12 +279,16 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             study = open_study(run, cfg, resume_anyway)
             # Budgets, the latency range (or a check of the budget), a calibration and the ETA; bad ones exit 2.
             clock = plan_search(cfg, task, device, settings, study, started)
+            if cfg.search.storage is not None:  # what `autoseg worker` on other hosts joins with
+                record_study_data(study, cfg, stage.ds, reps_by_tile, clock.deadline)
             if cfg.search.workers > 1:
                 objective = Objective(cfg, task, device, settings, run, gate=Gate(run.root))
                 run_parallel(cfg, run, task, objective, study, progress, clock)
             else:
                 objective = Objective(cfg, task, device, settings, run)
                 run_trials(study, objective, cfg.search.trials, progress, deadline=clock.deadline, clock=clock)
+            if cfg.search.storage is not None:
+                wait_for_others(study)
             best = choose_best(study, cfg.search)
             card = finalize(cfg, run, stage, task, best, progress, device=device, settings=settings)
             card["pareto_front"] = pareto_summary(study)

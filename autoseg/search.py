@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -84,6 +85,7 @@ _RESUMABLE_KEYS = {
     "search.workers",
     "search.predict_latency",  # which nets are measured, not what a measured one means
     "search.storage",  # where the study is, not what it holds (and a URL may carry a password)
+    "search.study_name",
     # Later trials are chosen or stopped otherwise; what a finished trial scored stays what it means.
     "search.pruner",
     "search.startup",
@@ -323,6 +325,12 @@ def trial_place(study: optuna.Study, trial: FrozenTrial) -> int:
     return trial.number - sum(n < trial.number for n in study.user_attrs.get("requeued", []))
 
 
+def shared(cfg: Config) -> bool:
+    """Other processes may run trials of this study at once: --workers here, or workers on other hosts
+    (`autoseg worker`) when the study is in a database server."""
+    return cfg.search.workers > 1 or cfg.search.storage is not None
+
+
 def make_sampler(cfg: Config, worker: int = 0) -> optuna.samplers.BaseSampler:
     """Worker 0 samples as a single-process search does. Other workers get seeds of their own (or they
     would propose the same nets), and TPE counts the trials still running as if they had scored badly
@@ -334,7 +342,7 @@ def make_sampler(cfg: Config, worker: int = 0) -> optuna.samplers.BaseSampler:
             pop = max(4, min(50, cfg.search.trials // 4))
             return TrialSeededNSGAIISampler(seed=seed, population_size=pop)
         return TrialSeededTPESampler(seed=seed, start=startup_plan(cfg), multivariate=True, group=True,
-                                     n_startup_trials=startup_trials(cfg), constant_liar=cfg.search.workers > 1)
+                                     n_startup_trials=startup_trials(cfg), constant_liar=shared(cfg))
 
 
 def startup_trials(cfg: Config) -> int:
@@ -401,10 +409,13 @@ def startup_plan(cfg: Config) -> list[dict[str, Any]]:
 
 def study_storage(run: RunDir, url: str | None = None) -> optuna.storages.RDBStorage:
     """The study's storage: the run's study.db, or search.storage's database (see autoseg.storage)."""
+    return open_storage(url, run.storage_url, stale_callback=redo_stale_trial())
+
+
+def redo_stale_trial() -> RedoStaleTrial:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the retry callback is "experimental"
-        retry = RedoStaleTrial(max_retry=MAX_RETRY)
-    return open_storage(url, run.storage_url, stale_callback=retry)
+        return RedoStaleTrial(max_retry=MAX_RETRY)
 
 
 _Retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
@@ -435,7 +446,7 @@ class RedoStaleTrial(_Retry):  # type: ignore[misc, valid-type]
 def load_study(run: RunDir, cfg: Config, worker: int) -> optuna.Study:
     """The study open_study made, as a parallel worker sees it (no checks, no requeueing: the first
     process did both before the workers started)."""
-    return optuna.load_study(study_name=STUDY_NAME, storage=study_storage(run, cfg.search.storage),
+    return optuna.load_study(study_name=cfg.search.study_name, storage=study_storage(run, cfg.search.storage),
                              sampler=make_sampler(cfg, worker), pruner=make_pruner(cfg))
 
 
@@ -460,10 +471,10 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
 def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.Study:
     """Create the study, or resume it after checking it was made with the same config."""
     directions = ["maximize"] if cfg.search.objective == "penalty" else ["maximize", "minimize"]
-    url = cfg.search.storage
+    url, name = cfg.search.storage, cfg.search.study_name
     # How messages name the study, and where a study made otherwise is not in the way.
-    where = str(run.study_db) if url is None else f"{describe(url)} (study {STUDY_NAME!r})"
-    fresh = "a new --out directory" if url is None else "another database in --storage"
+    where = str(run.study_db) if url is None else f"{describe(url)} (study {name!r})"
+    fresh = "a new --out directory" if url is None else "another --study name or database in --storage"
     if url is None:
         try:
             check_study_file(run.study_db, empty_ok=True)
@@ -472,10 +483,10 @@ def open_study(run: RunDir, cfg: Config, resume_anyway: bool = False) -> optuna.
         existed = run.study_db.exists()
     storage = study_storage(run, url)
     if url is not None:
-        existed = STUDY_NAME in {s.study_name for s in storage.get_all_studies()}
+        existed = name in {s.study_name for s in storage.get_all_studies()}
     study = optuna.create_study(
         storage=storage,
-        study_name=STUDY_NAME,
+        study_name=name,
         directions=directions,
         sampler=make_sampler(cfg),
         pruner=make_pruner(cfg),
@@ -711,6 +722,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         scfg = self.cfg.search
         self.epochs_done = self.folds_done = 0
+        if scfg.storage is not None:  # which host and process ran it, among all that share the study
+            trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
         cand = sample_candidate(trial, scfg.space, self.tiles)
         trial.set_user_attr("arch", cand.arch.key())
         trial.set_user_attr("arch_dict", cand.arch.to_dict())
@@ -727,7 +740,7 @@ class Objective:
         twin = self.find_twin(trial, cand)
         if twin is not None:
             return self._repeat(trial, cand, twin)
-        busy = running_twin(trial.study, cand, trial.number) if scfg.workers > 1 else None
+        busy = running_twin(trial.study, cand, trial.number) if shared(self.cfg) else None
         if busy is not None:  # no outcome yet to share: skip it, uncounted; a later proposal reuses it
             trial.set_user_attr("same_as_trial", busy)
             self._say(trial, cand, f"skipped: another worker is on it (trial {busy})")

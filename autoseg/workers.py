@@ -78,13 +78,16 @@ def _worker(index: int, cfg: Config, task: SearchTask, root: str, log_level: int
 
 def run_parallel(
     cfg: Config, run: RunDir, task: SearchTask, objective: Objective, study: Any, progress: bool = False,
-    clock: SearchClock | None = None,
+    clock: SearchClock | None = None, deadline: float | None = None,
 ) -> None:
     """Run the trials in cfg.search.workers processes; this process is worker 0 (with `objective`).
-    All of them stop at the clock's deadline (else search.max_minutes from now), and this one shows the ETA."""
+    All of them stop at the clock's deadline (else `deadline`, else search.max_minutes from now), and this one
+    shows the ETA."""
     n = cfg.search.workers
     if clock is not None:
         ends = clock.deadline
+    elif deadline is not None:
+        ends = deadline
     else:
         ends = None if cfg.search.max_minutes is None else time.time() + 60.0 * cfg.search.max_minutes
     ctx = mp.get_context("spawn")  # fork would copy torch's thread pools and the open SQLite handles

@@ -33,6 +33,7 @@ from autoseg.report.collect import (
     _time_limit,
     _trial_row,
     saved_storage,
+    saved_study_name,
 )
 from autoseg.report.format import NA, _num
 from autoseg.report.html import render_html
@@ -96,7 +97,8 @@ def write_report(run_dir: Path, storage: str | None = None) -> dict:
     metrics = _read_json(run_dir / "eval" / "metrics.json", missing)
     card = card if isinstance(card, dict) else None
     metrics = metrics if isinstance(metrics, dict) else None
-    study, trials = _read_study(run_dir / "study.db", missing, storage or saved_storage(config))
+    study, trials = _read_study(run_dir / "study.db", missing, storage or saved_storage(config),
+                                saved_study_name(config))
     objective = study["objective"] if study else "penalty"
 
     rows = [_trial_row(t) for t in trials]

@@ -58,13 +58,21 @@ def saved_storage(config: dict | None) -> str | None:
     return url if isinstance(url, str) and url else None
 
 
-def _read_study(db: Path, notes: list[str], url: str | None = None) -> tuple[dict | None, list[Any]]:
+def saved_study_name(config: dict | None) -> str:
+    """search.study_name of a run's config.yml (runs made before it existed used the fixed name)."""
+    search = (config or {}).get("search")
+    name = search.get("study_name") if isinstance(search, dict) else None
+    return name if isinstance(name, str) and name else STUDY_NAME
+
+
+def _read_study(db: Path, notes: list[str], url: str | None = None, name: str = STUDY_NAME
+                ) -> tuple[dict | None, list[Any]]:
     """(study summary, frozen trials), or (None, []) with a note when there is no readable study.
 
     `url`: the study is in that database (search.storage), read over a read-only session; a server that cannot be
     reached, or refuses the credentials, is an error (exit 3 or 2), not a note."""
     if url is not None:
-        return _read_rdb_study(url, notes)
+        return _read_rdb_study(url, notes, name)
     if not db.exists():
         notes.append(f"study.db: {NA} (the search has not started)")
         return None, []
@@ -77,11 +85,11 @@ def _read_study(db: Path, notes: list[str], url: str | None = None) -> tuple[dic
     storage = None
     try:
         storage = _sqlite_ro_storage(db)
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
         trials = study.get_trials(deepcopy=False)
     except Exception as e:  # a half-created or foreign database is "not available", not a crash
         log.warning("cannot read the study in %s: %s", db, e)
-        notes.append(f"study.db: {NA} (cannot read study {STUDY_NAME!r}: {type(e).__name__})")
+        notes.append(f"study.db: {NA} (cannot read study {name!r}: {type(e).__name__})")
         return None, []
     finally:
         if storage is not None:
@@ -90,17 +98,17 @@ def _read_study(db: Path, notes: list[str], url: str | None = None) -> tuple[dic
     return _summary(study, trials)
 
 
-def _read_rdb_study(url: str, notes: list[str]) -> tuple[dict | None, list[Any]]:
+def _read_rdb_study(url: str, notes: list[str], name: str) -> tuple[dict | None, list[Any]]:
     import optuna
 
     from autoseg.storage import describe, open_storage
 
     storage = open_storage(url, "", read_only=True)
     try:
-        if STUDY_NAME not in {s.study_name for s in storage.get_all_studies()}:
-            notes.append(f"study: {NA} (no study {STUDY_NAME!r} in {describe(url)} yet: the search has not started)")
+        if name not in {s.study_name for s in storage.get_all_studies()}:
+            notes.append(f"study: {NA} (no study {name!r} in {describe(url)} yet: the search has not started)")
             return None, []
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage)
         return _summary(study, study.get_trials(deepcopy=False))
     finally:
         storage.remove_session()
@@ -109,9 +117,10 @@ def _read_rdb_study(url: str, notes: list[str]) -> tuple[dict | None, list[Any]]
 
 def _summary(study: Any, trials: list[Any]) -> tuple[dict, list[Any]]:
     info = {
-        "name": STUDY_NAME,
+        "name": study.study_name,
         "directions": [d.name.lower() for d in study.directions],
-        "user_attrs": dict(study.user_attrs),
+        # The workers' copies of the config and the data fingerprint are theirs, not the report's (they are long).
+        "user_attrs": {k: v for k, v in study.user_attrs.items() if k not in ("run_config", "data_fingerprint")},
     }
     info["objective"] = info["user_attrs"].get("objective") or (
         "pareto" if len(info["directions"]) == 2 else "penalty")
