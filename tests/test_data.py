@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autoseg import data as data_module
 from autoseg.config import DataConfig
 from autoseg.data import (
     IGNORE,
@@ -23,6 +22,7 @@ from autoseg.data import (
     scan_dataset,
     split_by_image,
 )
+from autoseg.data import images as data_images
 from autoseg.errors import InputError
 
 SUFFIXES = ["_mask", "_label"]
@@ -202,7 +202,8 @@ def test_big_images_are_read_a_band_at_a_time_to_the_same_pixels(tmp_path, monke
         Image.fromarray(a).save(tmp_path / name)
     images = {(n, c): read_image(tmp_path / n, c) for n in cases for c in (None, 1, 3)}
     masks = {n: read_raw_mask(tmp_path / n) for n in cases if n != "f.tif"}
-    monkeypatch.setattr(data_module, "_BAND_PIXELS", 50)  # bands of 2 rows, the last one shorter
+    # Patched where _band_rows reads it (the package does not re-export it, so a stale patch fails).
+    monkeypatch.setattr(data_images, "_BAND_PIXELS", 50)  # bands of 2 rows, the last one shorter
     for (n, c), img in images.items():
         assert np.array_equal(read_image(tmp_path / n, c), img), (n, c)
     for n, raw in masks.items():
@@ -227,7 +228,7 @@ def test_class_ids_in_a_compact_type_a_band_at_a_time(monkeypatch):
     raw[6:, 3:] = (0, 200, 0)
     raw[0, 0] = (9, 9, 9)
     ref = cmap.apply(raw)
-    monkeypatch.setattr(data_module, "_BAND_PIXELS", 10)
+    monkeypatch.setattr(data_images, "_BAND_PIXELS", 10)
     small = cmap.apply(raw, mask_dtype(3))
     assert ref.dtype == np.int32 and small.dtype == np.int8 and np.array_equal(ref, small)
     assert small[0, 0] == IGNORE and small[3, 2] == 1 and small[7, 5] == 2
