@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 import yaml
 
+from autoseg import __version__
 from autoseg.config import Config, config_from_dict, config_to_dict
 from autoseg.data import scan_dataset
 from autoseg.devices import open_device, settings_from_config
@@ -59,6 +60,11 @@ def run_worker(url: str, name: str, overrides: dict[str, Any], progress: bool = 
     storage = open_storage(url, "", stale_callback=redo_stale_trial())
     with storage_errors(url):
         fingerprint, recorded = wait_for_study_data(storage, url, name)
+    try:
+        config_from_dict(recorded)
+    except InputError as e:  # a key this autoseg does not know, most likely
+        raise InputError(f"study {name!r}'s config: {e} (the search ran autoseg {fingerprint.get('autoseg', '?')}, "
+                         f"this is {__version__}: use the same on every host)") from None
     cfg = worker_config(recorded, url, name, overrides)
     run = RunDir(cfg.out).prepare()
     with run_lock(run), storage_errors(url):

@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from autoseg import __version__
 from autoseg.config import Config, config_to_dict
 from autoseg.data import Dataset, dataset_digest
 from autoseg.errors import InputError, StudyNotReady
@@ -45,6 +46,7 @@ def data_fingerprint(cfg: Config, ds: Dataset, reps_by_tile: dict[int, RepSet],
         "reps": {str(t): [[names[int(i)], int(y), int(x)] for i, y, x in zip(r.image, r.y, r.x, strict=True)]
                  for t, r in reps_by_tile.items()},
         "deadline": deadline,
+        "autoseg": __version__,  # the code that trains and times the nets: the same on every host
     }
 
 
@@ -77,6 +79,9 @@ def what_differs(theirs: dict[str, Any], cfg: Config, ds: Dataset, digest: str |
             detail = f"the same {len(here)} file names, other contents"
         return (f"the dataset digest differs: {digest[:12]} here, {str(theirs.get('digest'))[:12]} in the study; "
                 f"{detail}")
+    if theirs.get("autoseg", __version__) != __version__:
+        return (f"the autoseg version differs: {__version__} here, {theirs['autoseg']} in the study; install "
+                f"autoseg {theirs['autoseg']} on this host")
     tiles = theirs.get("tiles", {})
     if (tiles.get("size"), tiles.get("overlap")) != (cfg.tiles.size, cfg.tiles.overlap):
         return (f"the tile settings differ: size {cfg.tiles.size}, overlap {cfg.tiles.overlap} here, size "

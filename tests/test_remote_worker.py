@@ -88,6 +88,9 @@ def test_a_search_and_a_worker_on_another_host_share_one_budget(shared_run):
     card = json.loads((shared_run["a"] / "run" / "best" / "model_card.json").read_text())
     assert card["trials"]["distinct"] == len(distinct)  # counted once, whoever ran it
     assert card["test_miou"] is not None
+    report = json.loads((shared_run["a"] / "run" / "report.json").read_text())  # the named study's
+    assert report["study"]["name"] == STUDY and report["study"]["n_trials"] == len(study.trials)
+    assert "data_fingerprint" not in report["study"]["user_attrs"]
     # The worker trained on the study's representatives, cut from its own copy of the data; it trained no final net.
     wrun = shared_run["b"] / "wrun"
     assert not (wrun / "best").exists() and not (wrun / "reps").exists()
@@ -208,3 +211,25 @@ def test_the_search_waits_a_bounded_time_for_trials_running_elsewhere(postgres_u
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
     db.remove_session()
     db.engine.dispose()  # or dropping the test's database waits for its connections
+
+
+def test_what_sets_a_hosts_data_apart_is_named(data, tmp_path):
+    from autoseg.config import load_config
+    from autoseg.data import scan_dataset
+    from autoseg.study_data import data_fingerprint, what_differs
+
+    def scanned(folder: Path, **more: object):
+        cfg = load_config(None, {"data.images": str(folder / "images"), "data.masks": str(folder / "masks"),
+                                 "tiles.size": 32, **more})
+        return cfg, scan_dataset(cfg.data.images, cfg.data.masks, cfg.data)
+
+    cfg, ds = scanned(data)
+    recorded = data_fingerprint(cfg, ds, {})
+    assert what_differs(recorded, cfg, ds) is None
+    c = _host(tmp_path / "c", data) / "data"
+    gone = sorted((c / "images").iterdir())[-1]
+    gone.unlink()
+    (c / "masks" / gone.name).unlink()
+    assert what_differs(recorded, *scanned(c)).endswith(f"1 of the study's images are not here, such as {gone.name}")
+    assert what_differs({**recorded, "autoseg": "0.0.1"}, cfg, ds).startswith("the autoseg version differs: ")
+    assert what_differs(recorded, *scanned(data, **{"tiles.overlap": 0.5})).startswith("the tile settings differ: ")
