@@ -371,7 +371,7 @@ def test_int8_timing_is_in_the_latency_label_and_mixed_precision_is_flagged():
 
 
 def test_a_run_that_names_files_whose_names_are_not_utf8_is_reported(tmp_path, runs):
-    # A run from before data.py refused such names: its search finished, and its report must be written too.
+    # A run from before autoseg.data refused such names: its search finished, and its report must be written too.
     odd = os.fsdecode(b"caf\xe9")  # Latin-1 "café": Python reads the byte that is not UTF-8 as a lone surrogate
     run = runs(tmp_path / os.fsdecode(b"run\xff"))
     cfg = yaml.safe_load((run / "config.yml").read_text())

@@ -310,7 +310,7 @@ def test_pick_per_cluster_prefers_rare_classes_among_the_typical_tiles():
 
 
 def test_outputs_name_files_whose_names_are_not_utf8(data, tmp_path):
-    # data.py refuses such names at the door now; a Dataset that holds them (an older run's, or a library
+    # autoseg.data refuses such names at the door now; a Dataset that holds them (an older run's, or a library
     # caller's) must still get its manifest, tiles and sheet written, the names escaped where text holds them.
     ds, index = data
     odd = os.fsdecode(b"caf\xe9")  # Latin-1 "café": not UTF-8, so Python reads the byte as a lone surrogate
