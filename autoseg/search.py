@@ -1340,6 +1340,11 @@ def run_trials(
         nonlocal done, repeats
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
+        done = len(distinct_trials(study))  # other processes add theirs too: after a repeat as after a new net
+        bar.update(done - bar.n)
+        if done >= n_trials:
+            study.stop()
+            return
         if is_repeat(trial):
             repeats += 1
             if repeats >= patience:
@@ -1350,13 +1355,7 @@ def run_trials(
                 study.stop()
             return
         repeats = 0
-        if unmeasured(trial):
-            return
-        done = len(distinct_trials(study))  # parallel workers add theirs too
-        bar.update(done - bar.n)
-        if done >= n_trials:
-            study.stop()
-        else:
+        if not unmeasured(trial):
             eta()
 
     timeout = None if deadline is None else max(0.0, deadline - time.time())
