@@ -1,0 +1,299 @@
+"""The search's clock: a short calibration of training steps, what a trial is expected to cost, the deadline that
+search.max_minutes sets, the ETA, and the plan said before the first trial (plan_search)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autoseg.config import Config
+from autoseg.devices import Device, MeasureError, MeasureSettings
+from autoseg.errors import InputError
+from autoseg.search.measure import measure_candidate, timed_size
+from autoseg.search.sampling import pruner_kind
+from autoseg.search.space import (
+    Candidate,
+    sample_candidate,
+    space_corners,
+    space_pool,
+    startup_plan,
+    tile_choices,
+    tile_macs,
+)
+from autoseg.search.task import SearchTask
+from autoseg.search.trials import distinct_trials, finished_trials, is_repeat
+from autoseg.train import auto_batch_size, cv_epochs, train_model, training_settings
+from autoseg.unet import Arch, build_unet, count_macs
+
+log = logging.getLogger("autoseg.search")  # one logger for the package: log lines keep the name they had
+
+CALIBRATION_STEPS = 3  # timed training steps of each calibrated net, after an untimed one
+MEASURE_SECONDS = 3.0  # export and latency measurement of a candidate, roughly
+EVAL_SHARE = 1 / 3  # a validation pass costs about a third of a training pass over as many tiles
+# What search.max_minutes leaves after the trials for exporting, testing and reporting the net (its final
+# training has a budget of its own): this share of it, within these bounds.
+FINISH_SHARE, FINISH_MIN_S, FINISH_MAX_S = 0.05, 5.0, 60.0
+# Share of its whole CV that a trial trains, on average, under each pruner: the ETA's prior, which the search
+# corrects with the trials it finishes (bench_search --part clock prints the shares it saw).
+PRUNED_SHARE = {"none": 1.0, "median": 0.7, "halving": 0.55, "hyperband": 0.75}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Seconds a training step takes: a fixed cost per step, plus per tile a cost that grows with the net's MACs
+    per tile along the line through two calibrated nets."""
+
+    macs: tuple[float, float]
+    tile_seconds: tuple[float, float]
+    step_seconds: float = 0.0
+
+    def per_tile(self, macs: float) -> float:
+        (m0, m1), (s0, s1) = self.macs, self.tile_seconds
+        slope = max(0.0, (s1 - s0) / (m1 - m0)) if m1 > m0 else 0.0
+        return max(s0 + slope * (macs - m0), 1e-9)
+
+    def step(self, batch: int, macs: float) -> float:
+        return self.step_seconds + batch * self.per_tile(macs)
+
+
+def _step_seconds(cfg: Config, task: SearchTask, cand: Candidate, batch: int) -> float:
+    """Median time of a training step of `cand` at `batch`, from a short real training (one step an epoch,
+    the first one a warm-up), with the threads and settings its folds use."""
+    data = task.data[cand.tile]
+    s = replace(training_settings(cfg.train, cfg.seed, task.class_weights, epochs=1 + CALIBRATION_STEPS),
+                batch_size=batch)
+    rows = np.resize(np.arange(len(data.x)), batch)
+    ends: list[float] = []
+    train_model(build_unet(cand.arch, task.in_channels, task.num_classes), data.x[rows], data.y[rows],
+                task.num_classes, s, on_epoch=lambda _done, _state: ends.append(time.perf_counter()))
+    return float(np.median(np.diff(ends)))
+
+
+def fold_batch(cfg: Config, task: SearchTask, cand: Candidate) -> int:
+    """The batch a fold of `cand` trains at (train_model's choice for the fold's tiles)."""
+    n_fit = max(1, len(task.data[cand.tile].x) * (cfg.train.folds - 1) // cfg.train.folds)
+    bs = cfg.train.batch_size or auto_batch_size(cand.arch, task.in_channels, task.num_classes, cand.tile, n_fit)
+    return max(1, min(bs, n_fit))
+
+
+def calibrate(cfg: Config, task: SearchTask, small: Candidate, large: Candidate) -> StepCost:
+    """Time a few training steps of a small net at two batch sizes (the cost of a step apart from its tiles)
+    and of a large one at the batch its folds use."""
+    b0 = fold_batch(cfg, task, small)
+    b1 = max(4 * b0, 16)
+    t0, t1 = _step_seconds(cfg, task, small, b0), _step_seconds(cfg, task, small, b1)
+    per_tile = (t1 - t0) / (b1 - b0)
+    fixed = t0 - b0 * per_tile
+    if per_tile <= 0 or fixed < 0:  # too noisy to split: all of it per tile
+        per_tile, fixed = t1 / b1, 0.0
+    bl = fold_batch(cfg, task, large)
+    large_tile = max((_step_seconds(cfg, task, large, bl) - fixed) / bl, per_tile)
+    return StepCost((float(tile_macs(small, task.in_channels, task.num_classes)),
+                     float(tile_macs(large, task.in_channels, task.num_classes))), (per_tile, large_tile), fixed)
+
+
+def minutes(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class SearchClock:
+    """The search's time: its deadline, what a trial is expected to cost, and the ETA."""
+
+    def __init__(self, cfg: Config, task: SearchTask, started: float) -> None:
+        self.cfg, self.task, self.started = cfg, task, started
+        m = cfg.search.max_minutes
+        self.finish = 0.0 if m is None else min(FINISH_MAX_S, max(FINISH_MIN_S, FINISH_SHARE * 60.0 * m))
+        self.deadline = None if m is None else started + 60.0 * m - self.finish  # time.time()
+        self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
+        self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
+        self.typical = 0.0  # whole-CV seconds of the space's median net
+        self.share = PRUNED_SHARE[pruner_kind(cfg)]
+        self.warned = False  # the log has said that the time limit cuts the search
+
+    def fold_shape(self, tile: int) -> tuple[float, float, int]:
+        """Tiles a fold trains on, tiles it validates on, and its epochs."""
+        n, folds = len(self.task.data[tile].x), self.cfg.train.folds
+        return n * (folds - 1) / folds, n / folds, cv_epochs(self.cfg.train, n)
+
+    def cv_seconds(self, cand: Candidate) -> float:
+        """Training and validation of the whole CV of `cand`."""
+        assert self.cost is not None
+        fit, val, epochs = self.fold_shape(cand.tile)
+        macs = tile_macs(cand, self.task.in_channels, self.task.num_classes)
+        bs = fold_batch(self.cfg, self.task, cand)
+        train = epochs * math.ceil(fit / bs) * self.cost.step(bs, macs)
+        return self.cfg.train.folds * (train + EVAL_SHARE * val * self.cost.per_tile(macs))
+
+    def spent(self, t: FrozenTrial) -> float:
+        """What the model says a finished trial cost."""
+        a = t.user_attrs
+        if is_repeat(t) or "latency" not in a:
+            return 0.0
+        trained = a.get("epochs_trained", 0)
+        if not trained or "arch_dict" not in a:
+            return MEASURE_SECONDS
+        cand = Candidate(Arch.from_dict(a["arch_dict"]), int(a["tile"]))
+        _, _, epochs = self.fold_shape(cand.tile)
+        return MEASURE_SECONDS + self.cv_seconds(cand) * min(1.0, trained / (epochs * self.cfg.train.folds))
+
+    def expected(self, place: int, count: int) -> list[float]:
+        """Expected seconds of the next `count` trials, the first at `place`."""
+        return [MEASURE_SECONDS + self.share * (self.start_costs[p] if p < len(self.start_costs) else self.typical)
+                for p in range(place, place + count)]
+
+    def remaining(self, study: optuna.Study, n_trials: int, since: float) -> tuple[float, int, int]:
+        """Seconds the trials still to run should take (the model corrected by how it did on the trials
+        finished since `since`), how many are left, and how many of them fit before the deadline."""
+        left = max(0, n_trials - len(distinct_trials(study)))
+        place = len(study.trials) - len(study.user_attrs.get("requeued", []))
+        mine = [t for t in finished_trials(study) if t.datetime_start and t.datetime_start.timestamp() >= since]
+        modelled = sum(self.spent(t) for t in mine)
+        k = min(4.0, max(0.25, (time.time() - since) / modelled)) if modelled > 0 else 1.0
+        costs = [k * c for c in self.expected(place, left)]
+        fit = left
+        if self.deadline is not None:
+            budget = self.deadline - time.time()
+            fit = int(np.searchsorted(np.cumsum(costs), budget, side="right")) if costs else 0
+        return float(sum(costs)), left, fit
+
+    def eta_text(self, study: optuna.Study, n_trials: int, since: float) -> str:
+        eta, left, fit = self.remaining(study, n_trials, since)
+        if self.deadline is not None and fit < left:
+            text = f"time limit in {minutes(max(0.0, self.deadline - time.time()))}, about {fit} more"
+            if not self.warned:
+                self.warned = True
+                log.info("at this pace --max-minutes %g cuts the search: about %d of the %d nets left fit in the "
+                         "%s left; then the best so far is trained", self.cfg.search.max_minutes, fit, left,
+                         minutes(max(0.0, self.deadline - time.time())))
+            return text
+        return f"ETA {minutes(eta)}"
+
+
+def plan_search(
+    cfg: Config, task: SearchTask, device: Device, settings: MeasureSettings, study: optuna.Study, started: float
+) -> SearchClock:
+    """Before the first trial: check the latency budget on the space's smallest net (none meets it: one
+    line, exit 2), time a few training steps of its smallest and largest nets, refuse a --max-minutes too
+    short for one trial, say what the time goes on (the search's limit, the final training's budget), give
+    the latency range with the flag that halves the space when there is no budget, and the ETA."""
+    clock = SearchClock(cfg, task, started)
+    scfg, t = cfg.search, cfg.train
+    left = scfg.trials - len(distinct_trials(study))
+    if left <= 0:  # nothing to run, nothing to measure
+        if scfg.latency_budget_ms is None:
+            log.info("no latency budget: every candidate is trained, the slowest too; --latency-budget-ms drops slow "
+                     "nets before any training")
+        return clock
+    int8 = cfg.device.precision == "int8"
+
+    def timed_macs(c: Candidate) -> int:
+        size = timed_size(c.arch, c.tile, cfg.device.measure_size)
+        return count_macs(c.arch, task.in_channels, task.num_classes, size, size)
+
+    def latency(c: Candidate) -> float | None:
+        _, m, _, _ = measure_candidate(c, task, device, settings, cfg.device.measure_size, cfg.export.opset, int8=int8)
+        return float(m.median_ms) if m.error == MeasureError.OK and m.median_ms is not None else None
+
+    smallest, largest = space_corners(cfg, timed_macs)
+    size = timed_size(smallest.arch, smallest.tile, cfg.device.measure_size)
+    where = f"at {size}x{size} px on {device.name}"
+    budget = scfg.latency_budget_ms
+    if budget is not None:
+        lat = latency(smallest)
+        if lat is not None and lat > budget:
+            raise InputError(
+                f"search.latency_budget_ms: no net of the space meets {budget:g} ms: its smallest, "
+                f"{smallest.arch.key()} (tile {smallest.tile}), takes {lat:.3g} ms {where}; raise "
+                f"--latency-budget-ms above {lat:.3g} or allow smaller nets (search.space)"
+            )
+
+    small, large = space_corners(cfg, lambda c: tile_macs(c, task.in_channels, task.num_classes))
+    clock.cost = calibrate(cfg, task, small, large)
+    pool = space_pool(cfg)
+    clock.start_costs = [clock.cv_seconds(sample_candidate(optuna.trial.FixedTrial(p), scfg.space, tile_choices(cfg)))
+                         for p in startup_plan(cfg)]
+    clock.typical = float(np.median([clock.cv_seconds(c) for c, _ in pool])) if pool else clock.cv_seconds(small)
+    fit, _, epochs = clock.fold_shape(small.tile)
+    one = MEASURE_SECONDS + clock.cv_seconds(small)
+    log.info("time: %s; then the final training: %s", _search_limit_text(cfg, clock),
+             _final_budget_text(cfg, task, clock, small, large))
+
+    done = any(tr.state == TrialState.COMPLETE for tr in distinct_trials(study))
+    if clock.deadline is not None and not done and time.time() + one > clock.deadline:
+        need = math.ceil((time.time() - started + one + clock.finish) / 60)
+        raise InputError(
+            f"search.max_minutes: {scfg.max_minutes:g} min leaves {max(0.0, clock.deadline - time.time()) / 60:.1f} "
+            f"min for trials after preparing the data, and one trial of the space's smallest net ({small.arch.key()}: "
+            f"{t.folds} folds x {epochs} epochs on {fit:.0f} tiles) is estimated at {one / 60:.1f} min; raise "
+            f"--max-minutes to at least {need}"
+        )
+
+    if budget is None:
+        by_cost = sorted(pool, key=lambda cp: (timed_macs(cp[0]), cp[0].arch.key()))
+        middle = by_cost[len(by_cost) // 2][0] if by_cost else smallest
+        lats = [latency(c) for c in (smallest, middle, largest)]
+        if all(v is not None for v in lats):
+            log.info("no latency budget: every candidate is trained, the slowest too. The space's nets take %.3g ms "
+                     "(%s) to %.3g ms (%s) %s; --latency-budget-ms %.3g (a median net's, %s) drops the slower "
+                     "half before any training", lats[0], smallest.arch.key(), lats[2], largest.arch.key(), where,
+                     lats[1], middle.arch.key())
+        else:
+            log.info("no latency budget: every candidate is trained, the slowest too; --latency-budget-ms drops slow "
+                     "nets before any training")
+
+    place = len(study.trials) - len(study.user_attrs.get("requeued", []))
+    costs = clock.expected(place, left)
+    log.info("ETA: a trial's whole CV (%d folds x %d epochs on %.0f tiles) takes about %s (%s) to %s (%s); "
+             "about %s for the %d trial(s) to run%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)),
+             small.arch.key(), minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left,
+             f", with {pruner_kind(cfg)} pruning" if pruner_kind(cfg) != "none" else "")
+    if clock.deadline is not None:
+        fits = int(np.searchsorted(np.cumsum(costs), clock.deadline - time.time(), side="right"))
+        if fits < left:
+            clock.warned = True
+            log.info("--max-minutes %g will cut the search: about %d of the %d trials fit in the %s left; then the "
+                     "best so far is trained", scfg.max_minutes, fits, left,
+                     minutes(max(0.0, clock.deadline - time.time())))
+    return clock
+
+
+def _search_limit_text(cfg: Config, clock: SearchClock) -> str:
+    if clock.deadline is None:
+        return "no limit on the search (--max-minutes sets one)"
+    return (f"the search stops by {time.strftime('%H:%M:%S', time.localtime(clock.deadline))} (--max-minutes "
+            f"{cfg.search.max_minutes:g} from its start, a running trial included, less {clock.finish:.0f} s to "
+            "export and test the net)")
+
+
+def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small: Candidate, large: Candidate) -> str:
+    t = cfg.train
+    assert clock.cost is not None
+    if t.final_minutes is not None:
+        return f"at most {t.final_minutes:g} min (--final-minutes)"
+    from autoseg.final_train import final_batch_size
+
+    secs = []
+    for c in (small, large):
+        if t.final_data == "all":
+            crop = -(-(t.final_crop or c.tile) // c.arch.multiple) * c.arch.multiple
+            bs = final_batch_size(t, c.arch, task.in_channels, task.num_classes, crop)
+            steps = math.ceil(t.final_tiles / bs)
+            secs.append(steps * clock.cost.step(bs, count_macs(c.arch, task.in_channels, task.num_classes, crop, crop)))
+        else:
+            n, bs = len(task.data[c.tile].x), fold_batch(cfg, task, c)
+            secs.append(t.final_epochs * math.ceil(n / bs) * clock.cost.step(bs, tile_macs(c, task.in_channels,
+                                                                                          task.num_classes)))
+    what = f"{t.final_tiles:,} crops" if t.final_data == "all" else f"{t.final_epochs} epochs on the representatives"
+    teacher = " plus the teacher's" if t.teacher == "reference" else ""
+    return (f"{what}, about {minutes(secs[0])} for the smallest net to {minutes(secs[1])} for the largest{teacher}, "
+            "no time cap (--final-minutes sets one)")
