@@ -280,7 +280,7 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             # Budgets, the latency range (or a check of the budget), a calibration and the ETA; bad ones exit 2.
             clock = plan_search(cfg, task, device, settings, study, started)
             if cfg.search.storage is not None:  # what `autoseg worker` on other hosts joins with
-                record_study_data(study, cfg, stage.ds, reps_by_tile, clock.deadline)
+                record_study_data(study, cfg, stage.ds, reps_by_tile, clock.deadline, summary["digest"])
             if cfg.search.workers > 1:
                 objective = Objective(cfg, task, device, settings, run, gate=Gate(run.root))
                 run_parallel(cfg, run, task, objective, study, progress, clock)

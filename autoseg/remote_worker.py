@@ -99,8 +99,9 @@ def run_worker(url: str, name: str, overrides: dict[str, Any], progress: bool = 
                 objective = Objective(cfg, task, device, settings, run)
                 run_trials(study, objective, cfg.search.trials, progress, deadline=deadline)
         me = f"{socket.gethostname()}:{os.getpid()}"
-        return {"study": name, "distinct": len(distinct_trials(study)), "budget": cfg.search.trials,
-                "here": sum(t.user_attrs.get("host") == me for t in distinct_trials(study)), "host": me}
+        distinct = distinct_trials(study)
+        return {"study": name, "distinct": len(distinct), "budget": cfg.search.trials,
+                "here": sum(t.user_attrs.get("host") == me for t in distinct), "host": me}
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -36,11 +36,12 @@ LOG_EVERY_S = 30.0
 
 
 def data_fingerprint(cfg: Config, ds: Dataset, reps_by_tile: dict[int, RepSet],
-                     deadline: float | None = None) -> dict[str, Any]:
-    """The data the study's trials train on, by content; `deadline` (time.time()) ends every worker's trials."""
+                     deadline: float | None = None, digest: str | None = None) -> dict[str, Any]:
+    """The data the study's trials train on, by content; `deadline` (time.time()) ends every worker's trials.
+    `digest`: ds's dataset_digest when the caller has it already (it reads every byte of the data)."""
     names = [p.image.name for p in ds.pairs]
     return {
-        "digest": dataset_digest(ds),
+        "digest": digest or dataset_digest(ds),
         "images": names,
         "tiles": {"size": cfg.tiles.size, "overlap": cfg.tiles.overlap},
         "reps": {str(t): [[names[int(i)], int(y), int(x)] for i, y, x in zip(r.image, r.y, r.x, strict=True)]
@@ -51,9 +52,9 @@ def data_fingerprint(cfg: Config, ds: Dataset, reps_by_tile: dict[int, RepSet],
 
 
 def record_study_data(study: optuna.Study, cfg: Config, ds: Dataset, reps_by_tile: dict[int, RepSet],
-                      deadline: float | None = None) -> None:
+                      deadline: float | None = None, digest: str | None = None) -> None:
     """The first process's record, for the workers. A study started on other data is refused (one line)."""
-    mine = data_fingerprint(cfg, ds, reps_by_tile, deadline)
+    mine = data_fingerprint(cfg, ds, reps_by_tile, deadline, digest)
     theirs = study.user_attrs.get(FINGERPRINT)
     if isinstance(theirs, dict):
         differs = what_differs(theirs, cfg, ds, mine["digest"])
@@ -70,7 +71,8 @@ def what_differs(theirs: dict[str, Any], cfg: Config, ds: Dataset, digest: str |
     digest = digest or dataset_digest(ds)
     if digest != theirs.get("digest"):
         here, there = [p.image.name for p in ds.pairs], list(theirs.get("images", []))
-        missing, extra = [n for n in there if n not in set(here)], [n for n in here if n not in set(there)]
+        here_set, there_set = set(here), set(there)
+        missing, extra = [n for n in there if n not in here_set], [n for n in here if n not in there_set]
         if missing:
             detail = f"{len(missing)} of the study's images are not here, such as {missing[0]}"
         elif extra:
