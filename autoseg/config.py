@@ -328,7 +328,7 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     saves) names the same files from wherever a later command runs."""
     raw = _read_yaml(path) if path is not None else {}
     _apply(raw, overrides)
-    return _absolute(_build(Config, raw, ""))
+    return _settle(_build(Config, raw, ""))
 
 
 def config_from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
@@ -337,7 +337,7 @@ def config_from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None
 
     tree = copy.deepcopy(dict(raw))
     _apply(tree, overrides)
-    return _absolute(_build(Config, tree, ""))
+    return _settle(_build(Config, tree, ""))
 
 
 # The paths a run's later commands (eval, export --trial) read again.
@@ -361,7 +361,7 @@ def load_run_config(root: Path, overrides: Mapping[str, Any] | None = None) -> C
                 data[key] = _inside_run(data[key], out, root)
     raw["out"] = str(root)
     _apply(raw, overrides)
-    return _absolute(_build(Config, raw, ""))
+    return _settle(_build(Config, raw, ""))
 
 
 def _inside_run(path: str, out: str, root: Path) -> str:
@@ -407,6 +407,15 @@ def _apply(raw: dict[str, Any], overrides: Mapping[str, Any] | None) -> None:
             if not isinstance(node, dict):
                 raise InputError(f"{dotted}: cannot override, {p} is not a section")
         node[leaf] = value
+
+
+def _settle(cfg: Config) -> Config:
+    """What every config goes through once built: input paths made absolute, and one device given as a list made
+    that device (device.target), so that below the door device.targets always means a pool of several."""
+    _absolute(cfg)
+    if len(cfg.device.targets) == 1:
+        cfg.device.target, cfg.device.targets = cfg.device.targets[0], []
+    return cfg
 
 
 def _absolute(cfg: Config) -> Config:

@@ -16,7 +16,6 @@ import secrets
 import shlex
 import time
 from contextlib import closing, suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +61,6 @@ def deploy(
     if len(cfg.targets) > 1:
         raise InputError("--device: deploy copies the model to one device; give one of "
                          f"{', '.join(cfg.targets)} (run it once per device)")
-    if cfg.targets:
-        cfg = replace(cfg, target=cfg.targets[0], targets=[])
     if cfg.target == "local":
         raise InputError("--device: deploy copies the model to a device over SSH; give user@host, user@host:port "
                          "or an ssh Host alias")

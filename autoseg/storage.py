@@ -135,7 +135,7 @@ def open_storage(
 
     if url is None:
         return _build(default_sqlite, {})
-    target = _unmasked(url)
+    target = unmasked(url)
     kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
     if read_only:
         kwargs = {"skip_table_creation": True, "read_only": True}
@@ -169,7 +169,7 @@ def open_storage(
             raise InputError(f"{KEY}: {shown}: {reason}; {_hint(url, reason)}") from None
 
 
-def _unmasked(url: str) -> str:
+def unmasked(url: str) -> str:
     """A URL read back from a run's config.yml has its password as ***: connect without one, so that libpq's own
     sources (PGPASSWORD, ~/.pgpass) give it."""
     parsed = _parse(url)

@@ -262,6 +262,8 @@ def test_device_flag_takes_a_list_and_wins_over_the_config(tmp_path: Path):
     assert pool.device.targets == ["a@h:1", "b@h:2", "c"] and pool.device.target == "local"
     one = load_config(yml, overrides_from(argparse.Namespace(device="pi9")))
     assert one.device.targets == [] and one.device.target == "pi9"
+    listed = load_config(overrides={"device.targets": ["pi8"]})  # one device as a list: that device, no pool
+    assert listed.device.targets == [] and listed.device.target == "pi8"
     # No pool: the study's config is what it was before device.targets existed, so older runs resume.
     assert "device.targets" not in config_fingerprint(one)
     assert config_fingerprint(pool)["device.targets"] == ["a@h:1", "b@h:2", "c"]

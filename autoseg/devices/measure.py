@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 
 from autoseg.config import DeviceConfig
@@ -38,10 +37,8 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None, storage: str 
     LocalDevice when cfg.fallback == "local"; refusals (host key, login, missing packages on the device) always raise.
     """
     dev: Device
-    if len(cfg.targets) > 1:
+    if cfg.targets:  # several: one device given as a list is device.target (config's door)
         dev = DevicePool.open(cfg, cfg.targets, lease_url(cache_path, storage))
-    elif cfg.targets:
-        return open_device(replace(cfg, target=cfg.targets[0], targets=[]), cache_path, storage)
     elif cfg.target == "local":
         dev = LocalDevice(cfg.max_busy_cores)
     else:
@@ -65,9 +62,9 @@ def lease_url(cache_path: Path | None, storage: str | None) -> str:
     """Where a pool's leases live: the study's server when it has one (every worker reaches it), else a SQLite
     file in the run directory, else (no run: `device check`) this process's memory."""
     if storage is not None and not storage.startswith("sqlite"):
-        from autoseg.storage import _unmasked  # a URL read back from config.yml: the password from PGPASSWORD
+        from autoseg.storage import unmasked  # a URL read back from config.yml: the password from PGPASSWORD
 
-        return _unmasked(storage)
+        return unmasked(storage)
     if cache_path is not None and str(cache_path) != ":memory:":
         return f"sqlite:///{Path(cache_path).parent / LEASES_FILE}"
     return "sqlite://"
