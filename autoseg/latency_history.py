@@ -2,33 +2,29 @@
 
 The cache (autoseg.devices.LatencyCache) keys a measurement by graph hash, device fingerprint id and settings
 (with the input shape); a graph hash does not say which net it was. So the search records, beside the cache's
-own table in the same SQLite file, the architecture of each graph it timed (table `latency_arch`). Joining the
-two gives, for one fingerprint, settings and precision, every clean measurement of a known net, from this
-study and from earlier runs that used the same cache file. Measurements from before that table (or of graphs
-the search did not export itself) have no architecture and are left out, counted.
-
-Only this module reads the cache's table directly, read-only, through its own connection (WAL mode lets it
-read while the search writes).
+own table in the same database, the architecture of each graph it timed (LatencyCache.remember_arch). Joining
+the two gives, for one fingerprint, settings and precision, every clean measurement of a known net, from this
+study (every worker's, when the cache is on the study's server) and from earlier runs that used the same cache.
+Measurements from before that table (or of graphs the search did not export itself) have no architecture and
+are left out, counted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from autoseg.devices.records import one_line
 from autoseg.predictor import LatencyRecord
 from autoseg.unet import Arch, validate_arch
 
+if TYPE_CHECKING:
+    from autoseg.devices.cache import LatencyCache
+
 log = logging.getLogger(__name__)
 
-_ARCH_TABLE = (
-    "CREATE TABLE IF NOT EXISTS latency_arch (graph_hash TEXT PRIMARY KEY, arch TEXT NOT NULL, "
-    "in_channels INTEGER NOT NULL, num_classes INTEGER NOT NULL, precision TEXT NOT NULL, created REAL NOT NULL)"
-)
 SHAPE_SEP = "|shape="  # CachedDevice.measure's key: f"{settings.key()}|shape={'x'.join(dims)}"
 
 
@@ -39,20 +35,17 @@ class History:
     corrupt: int  # entries skipped as unreadable
 
 
-def remember_arch(cache_path: Path | str, graph_hash: str, arch: Arch, in_channels: int, num_classes: int,
+def remember_arch(cache: LatencyCache, graph_hash: str, arch: Arch, in_channels: int, num_classes: int,
                   precision: str) -> None:
     """Record which net `graph_hash` is, so later fits can use its measurements. Best effort: a cache that
     cannot be written costs the predictor a record, never the search."""
+    import sqlalchemy as sa
+
     try:
-        with sqlite3.connect(str(cache_path), timeout=30.0) as db:
-            db.execute(_ARCH_TABLE)
-            db.execute("INSERT OR IGNORE INTO latency_arch VALUES (?, ?, ?, ?, ?, ?)",
-                       (graph_hash, json.dumps(arch.to_dict(), sort_keys=True), int(in_channels), int(num_classes),
-                        precision, time.time()))
-        db.close()
-    except sqlite3.Error as e:
+        cache.remember_arch(graph_hash, arch.to_dict(), in_channels, num_classes, precision)
+    except sa.exc.SQLAlchemyError as e:
         log.warning("latency cache %s: cannot record the net of a measurement (%s); the predictor will not use it",
-                    cache_path, e)
+                    cache.where, one_line(str(e)))
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -62,28 +55,16 @@ def _shape(text: str) -> tuple[int, int]:
     return dims[2], dims[3]
 
 
-def load_history(cache_path: Path | str, fingerprint_id: str, settings_key: str, precision: str) -> History:
+def load_history(cache: LatencyCache, fingerprint_id: str, settings_key: str, precision: str) -> History:
     """Clean measurements of known nets on `fingerprint_id` with these settings (MeasureSettings.key()) and
-    precision. A corrupt entry is skipped with a warning; a missing or unreadable cache gives no records."""
-    path = Path(cache_path)
-    if not path.is_file():
-        return History([], 0, 0)
+    precision. A corrupt entry is skipped with a warning; a cache that cannot be read gives no records."""
+    import sqlalchemy as sa
+
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
-        try:
-            has_arch = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='latency_arch'").fetchone()
-            if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='latency'").fetchone():
-                return History([], 0, 0)
-            join = ("LEFT JOIN latency_arch a ON a.graph_hash = l.graph_hash" if has_arch else "")
-            cols = "a.arch, a.in_channels, a.num_classes, a.precision" if has_arch else "NULL, NULL, NULL, NULL"
-            rows = db.execute(
-                f"SELECT l.graph_hash, l.settings_key, l.measurement, {cols} FROM latency l {join} "
-                "WHERE l.fingerprint_id = ? ORDER BY l.created", (fingerprint_id,),
-            ).fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as e:
-        log.warning("latency cache %s: cannot be read for the predictor (%s); measuring every net", path, e)
+        rows = cache.history_rows(fingerprint_id)
+    except sa.exc.SQLAlchemyError as e:
+        log.warning("latency cache %s: cannot be read for the predictor (%s); measuring every net", cache.where,
+                    one_line(str(e)))
         return History([], 0, 0)
     records: dict[tuple[str, tuple[int, int]], LatencyRecord] = {}
     unknown = corrupt = 0
@@ -107,7 +88,8 @@ def load_history(cache_path: Path | str, fingerprint_id: str, settings_key: str,
             rec = LatencyRecord(arch, size, ms, int(ic), int(nc))
         except (ValueError, TypeError, KeyError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
             corrupt += 1
-            log.warning("latency cache %s: entry %s… skipped, it cannot be read (%s)", path, str(ghash)[:12], e)
+            log.warning("latency cache %s: entry %s… skipped, it cannot be read (%s)", cache.where, str(ghash)[:12],
+                        e)
             continue
         records[(arch.key(), size)] = rec  # the latest measurement of a net at a size
     return History(list(records.values()), unknown, corrupt)
@@ -133,14 +115,14 @@ class Guess:
 class Learner:
     """Keeps a LatencyPredictor fitted on one fingerprint, settings and precision as measurements arrive.
 
-    Its records are the cache file's (every run that used it, including parallel workers; reread at each refit)
-    and this process's own (which is all there is when the cache is in memory)."""
+    Its records are the cache's (every run that used it, including parallel workers; reread at each refit) and
+    this process's own (which is all there is without a cache)."""
 
-    def __init__(self, cache_path: Path | str | None, fingerprint_id: str, settings_key: str, precision: str,
+    def __init__(self, cache: LatencyCache | None, fingerprint_id: str, settings_key: str, precision: str,
                  refit_every: int = REFIT_EVERY, min_measurements: int | None = None) -> None:
         from autoseg.predictor import MIN_MEASUREMENTS, LatencyPredictor
 
-        self.cache_path = None if cache_path in (None, ":memory:") else Path(cache_path)  # type: ignore[arg-type]
+        self.cache = cache
         self.fingerprint_id, self.settings_key, self.precision = fingerprint_id, settings_key, precision
         self.refit_every = refit_every
         self.session: dict[tuple, LatencyRecord] = {}
@@ -159,8 +141,8 @@ class Learner:
             self._refit()
 
     def records(self) -> tuple[list[LatencyRecord], History]:
-        hist = (load_history(self.cache_path, self.fingerprint_id, self.settings_key, self.precision)
-                if self.cache_path is not None else History([], 0, 0))
+        hist = (load_history(self.cache, self.fingerprint_id, self.settings_key, self.precision)
+                if self.cache is not None else History([], 0, 0))
         merged = {(r.arch.key(), r.size, r.in_channels, r.num_classes): r for r in hist.records}
         merged.update(self.session)
         return list(merged.values()), hist

@@ -135,26 +135,26 @@ def test_history_reads_its_fingerprint_settings_and_precision_and_skips_corrupt_
         g = f"g{i}"
         cache.put(g, "fp-a", f"{key}|shape=1x3x{r.size[0]}x{r.size[1]}", {"error": "OK", "median_ms": r.latency_ms,
                                                                         "stats": {"median_ms": r.latency_ms}})
-        remember_arch(path, g, r.arch, 3, 2, "int8" if i == 5 else "fp32")
+        remember_arch(cache, g, r.arch, 3, 2, "int8" if i == 5 else "fp32")
     cache.put("other-fp", "fp-b", f"{key}|shape=1x3x16x16", {"error": "OK", "median_ms": 1.0})
-    remember_arch(path, "other-fp", ARCHS[0], 3, 2, "fp32")
+    remember_arch(cache, "other-fp", ARCHS[0], 3, 2, "fp32")
     cache.put("other-settings", "fp-a", f"{MeasureSettings(warmup=9).key()}|shape=1x3x16x16",
               {"error": "OK", "median_ms": 1.0})
-    remember_arch(path, "other-settings", ARCHS[0], 3, 2, "fp32")
+    remember_arch(cache, "other-settings", ARCHS[0], 3, 2, "fp32")
     cache.put("no-arch", "fp-a", f"{key}|shape=1x3x16x16", {"error": "OK", "median_ms": 1.0})
     cache.put("bad-json", "fp-a", f"{key}|shape=1x3x16x16", {"error": "OK", "median_ms": 1.0})
-    remember_arch(path, "bad-json", ARCHS[1], 3, 2, "fp32")
+    remember_arch(cache, "bad-json", ARCHS[1], 3, 2, "fp32")
     cache.close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE latency SET measurement='{not json' WHERE graph_hash='bad-json'")
         db.execute("UPDATE latency_arch SET arch=? WHERE graph_hash='g4'", (json.dumps({"kernels": [4]}),))
     db.close()
     with caplog.at_level(logging.WARNING, logger="autoseg"):
-        h = load_history(path, "fp-a", key, "fp32")
+        h = load_history(LatencyCache(path), "fp-a", key, "fp32")
     assert sorted(r.latency_ms for r in h.records) == sorted(r.latency_ms for r in recs[:4])
     assert h.unknown == 1 and h.corrupt == 2
     assert caplog.text.count("skipped, it cannot be read") == 2
-    assert load_history(tmp_path / "missing.db", "fp-a", key, "fp32").records == []
+    assert load_history(LatencyCache(tmp_path / "missing.db"), "fp-a", key, "fp32").records == []
 
 
 def test_the_learner_starts_at_the_minimum_and_refits_as_measurements_arrive(tmp_path):
@@ -205,7 +205,7 @@ def seed_cache(path, cfg, n: int, base_ms: float) -> list[LatencyRecord]:
     for i, r in enumerate(recs):
         cache.put(f"seed{i}", fid, f"{key}|shape=1x3x{r.size[0]}x{r.size[1]}",
                   {"error": "OK", "median_ms": r.latency_ms, "stats": {"median_ms": r.latency_ms}})
-        remember_arch(path, f"seed{i}", r.arch, 3, 2, "fp32")
+        remember_arch(cache, f"seed{i}", r.arch, 3, 2, "fp32")
     cache.close()
     return recs
 
@@ -307,7 +307,7 @@ def test_pareto_measures_only_nets_that_could_reach_the_front(tmp_path):
 def test_a_measurement_records_its_net_for_later_runs(tmp_path):
     run, study, measured, _ = search(tmp_path, trials=2, seeded=0, **{"search.predict_latency": "off"})
     cfg = load_config(None, {**TINY, "out": str(tmp_path / "run")})
-    h = load_history(run.latency_cache, fingerprint_id(LocalDevice().fingerprint()),
+    h = load_history(LatencyCache(run.latency_cache), fingerprint_id(LocalDevice().fingerprint()),
                      settings_from_config(cfg.device, cfg.seed).key(), "fp32")
     assert measured == 2 and len(h.records) == 2 and h.unknown == 0
     assert {r.arch.key() for r in h.records} == {t.user_attrs["arch"] for t in study.trials}

@@ -1,19 +1,20 @@
 """The latency cache: one graph is measured once per device and settings.
 
-LatencyCache is the SQLite store; CachedDevice answers from it, and measures again what was timed while the
-device was busy, noisy or warming.
+LatencyCache is the store (a SQLite file, or the study's database server); CachedDevice answers from it, and
+measures again what was timed while the device was busy, noisy or warming.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from autoseg.devices.records import (
     DEFAULT_MAX_BUSY_CORES,
@@ -69,49 +70,138 @@ def _graph_hash(model: bytes) -> str:
 
 
 class LatencyCache:
-    """SQLite store of OK measurements keyed by (graph hash, device fingerprint id, settings key).
+    """Store of OK measurements keyed by (graph hash, device fingerprint id, settings key), and of the net each
+    graph is (for the latency predictor, autoseg.latency_history).
 
-    WAL mode so several search workers can share one file; every put is its own transaction.
+    `where` is a SQLite file (a single host's run: WAL mode, so its parallel workers share it), ":memory:", or
+    a SQLAlchemy URL of a database server: the study's own, so that every worker on every host reads what any
+    of them measured. Every put is its own transaction; a row another process wrote first is replaced (put) or
+    kept (remember_arch), never an error.
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, where: Path | str) -> None:
+        import sqlalchemy as sa
+
+        text = str(where)
+        self.url = text if "://" in text else None
+        self.path = text if self.url is None else None  # None: the cache is on a server
+        kwargs: dict[str, Any] = {}
+        if self.url is None:
+            if text != ":memory:":
+                Path(text).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30.0, "check_same_thread": False}
+            kwargs["poolclass"] = sa.pool.StaticPool  # one connection per cache (and one database for :memory:)
+            url = "sqlite://" if text == ":memory:" else f"sqlite:///{text}"
+        else:
+            url = self.url
+            kwargs["pool_pre_ping"] = True  # a server may drop a connection left idle through a long fold
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-        with self._lock, self._db:
-            if self.path != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS latency (graph_hash TEXT NOT NULL, fingerprint_id TEXT NOT NULL, "
-                "settings_key TEXT NOT NULL, measurement TEXT NOT NULL, created REAL NOT NULL, "
-                "PRIMARY KEY (graph_hash, fingerprint_id, settings_key))"
-            )
+        self._engine = sa.create_engine(url, **kwargs)
+        self.dialect = self._engine.dialect.name
+        # A SQLite file keeps the names it always had; on a shared server, ours say whose they are.
+        prefix = "" if self.dialect == "sqlite" else "autoseg_"
+        meta = sa.MetaData()
+        self.table = sa.Table(
+            f"{prefix}latency", meta,
+            sa.Column("graph_hash", sa.String(64), primary_key=True),
+            sa.Column("fingerprint_id", sa.String(64), primary_key=True),
+            sa.Column("settings_key", sa.String(255), primary_key=True),
+            sa.Column("measurement", sa.Text, nullable=False),
+            sa.Column("created", sa.Float, nullable=False),
+        )
+        self.arch_table = sa.Table(
+            f"{prefix}latency_arch", meta,
+            sa.Column("graph_hash", sa.String(64), primary_key=True),
+            sa.Column("arch", sa.Text, nullable=False),
+            sa.Column("in_channels", sa.Integer, nullable=False),
+            sa.Column("num_classes", sa.Integer, nullable=False),
+            sa.Column("precision", sa.String(16), nullable=False),
+            sa.Column("created", sa.Float, nullable=False),
+        )
+        with self._lock:
+            if self.dialect == "sqlite" and text != ":memory:" and self.url is None:
+                with self._engine.begin() as conn:
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            try:
+                meta.create_all(self._engine, checkfirst=True)
+            except sa.exc.DBAPIError:  # another worker created them at the same moment: they are there now
+                meta.create_all(self._engine, checkfirst=True)
+
+    @property
+    def where(self) -> str:
+        """How messages name the cache: its file, or its server with the password masked."""
+        if self.url is None:
+            return str(self.path)
+        from autoseg.storage import mask_url
+
+        return mask_url(self.url)
 
     def get(self, graph_hash: str, fingerprint_id: str, settings_key: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT measurement FROM latency WHERE graph_hash=? AND fingerprint_id=? AND settings_key=?",
-                (graph_hash, fingerprint_id, settings_key),
-            ).fetchone()
+        import sqlalchemy as sa
+
+        t = self.table
+        with self._lock, self._engine.connect() as conn:
+            row = conn.execute(sa.select(t.c.measurement).where(
+                t.c.graph_hash == graph_hash, t.c.fingerprint_id == fingerprint_id,
+                t.c.settings_key == settings_key)).first()
         return json.loads(row[0]) if row else None
 
     def put(self, graph_hash: str, fingerprint_id: str, settings_key: str, measurement: dict) -> None:
-        text = json.dumps(measurement, sort_keys=True)
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO latency VALUES (?, ?, ?, ?, ?)",
-                (graph_hash, fingerprint_id, settings_key, text, time.time()),
-            )
+        row = {"graph_hash": graph_hash, "fingerprint_id": fingerprint_id, "settings_key": settings_key,
+               "measurement": json.dumps(measurement, sort_keys=True), "created": time.time()}
+        self._upsert(self.table, row, overwrite=True)
+
+    def remember_arch(self, graph_hash: str, arch: dict, in_channels: int, num_classes: int, precision: str) -> None:
+        """Record which net a graph is; the first record of a graph stays."""
+        row = {"graph_hash": graph_hash, "arch": json.dumps(arch, sort_keys=True), "in_channels": int(in_channels),
+               "num_classes": int(num_classes), "precision": precision, "created": time.time()}
+        self._upsert(self.arch_table, row, overwrite=False)
+
+    def history_rows(self, fingerprint_id: str) -> list[tuple]:
+        """(graph_hash, settings_key, measurement, arch, in_channels, num_classes, precision) of every entry
+        measured on `fingerprint_id`, oldest first; the last four are None where the net is not recorded."""
+        import sqlalchemy as sa
+
+        t, a = self.table, self.arch_table
+        query = (sa.select(t.c.graph_hash, t.c.settings_key, t.c.measurement, a.c.arch, a.c.in_channels,
+                           a.c.num_classes, a.c.precision)
+                 .select_from(t.outerjoin(a, a.c.graph_hash == t.c.graph_hash))
+                 .where(t.c.fingerprint_id == fingerprint_id).order_by(t.c.created))
+        with self._lock, self._engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
+    def _upsert(self, table: Any, row: dict, overwrite: bool) -> None:
+        import sqlalchemy as sa
+
+        keys = [c.name for c in table.primary_key.columns]
+        if self.dialect in ("sqlite", "postgresql"):
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            ins = (sqlite if self.dialect == "sqlite" else postgresql).insert(table).values(**row)
+            stmt = (ins.on_conflict_do_update(index_elements=keys, set_={k: ins.excluded[k] for k in row
+                                                                         if k not in keys})
+                    if overwrite else ins.on_conflict_do_nothing(index_elements=keys))
+            with self._lock, self._engine.begin() as conn:
+                conn.execute(stmt)
+            return
+        # Another server: delete then insert in one transaction; a racing writer's row wins, which is as good.
+        with self._lock, contextlib.suppress(sa.exc.IntegrityError), self._engine.begin() as conn:
+            where = [table.c[k] == row[k] for k in keys]
+            if overwrite:
+                conn.execute(table.delete().where(*where))
+            elif conn.execute(sa.select(table.c[keys[0]]).where(*where)).first() is not None:
+                return
+            conn.execute(table.insert().values(**row))
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM latency").fetchone()[0])
+        import sqlalchemy as sa
+
+        with self._lock, self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one())
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._engine.dispose()
 
 
 BUSY_STREAK_GIVE_UP = 3  # flagged measurements in a row after which we stop waiting and retrying

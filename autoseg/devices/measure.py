@@ -30,11 +30,13 @@ log = logging.getLogger(__name__)
 
 
 def open_device(cfg: DeviceConfig, cache_path: Path | None = None, storage: str | None = None) -> Device:
-    """The configured device, wrapped in a latency cache (in memory when cache_path is None).
+    """The configured device, wrapped in a latency cache: on the study's database server when it has one
+    (`storage`, the search.storage URL: every worker on every host shares what any of them measured), else the
+    SQLite file `cache_path`, else (no run: `device check`) in memory.
 
-    Several device.targets make a DevicePool, whose leases live in the study's database server (`storage`, the
-    search.storage URL) or else in a SQLite file beside the cache. An unreachable SSH device is replaced by
-    LocalDevice when cfg.fallback == "local"; refusals (host key, login, missing packages on the device) always raise.
+    Several device.targets make a DevicePool, whose leases live on that server too, or else in a SQLite file
+    beside the cache. An unreachable SSH device is replaced by LocalDevice when cfg.fallback == "local"; refusals
+    (host key, login, missing packages on the device) always raise.
     """
     dev: Device
     if cfg.targets:  # several: one device given as a list is device.target (config's door)
@@ -51,20 +53,29 @@ def open_device(cfg: DeviceConfig, cache_path: Path | None = None, storage: str 
                 raise
             log.warning("%s; falling back to local measurement, results are labelled source=local", e)
             dev = LocalDevice(cfg.max_busy_cores)
-    cache = LatencyCache(cache_path if cache_path is not None else ":memory:")
+    server = server_url(storage)
+    cache = LatencyCache(server or (cache_path if cache_path is not None else ":memory:"))
     return CachedDevice(dev, cache, max_busy_cores=cfg.max_busy_cores, busy_wait_s=cfg.busy_wait_s)
 
 
 LEASES_FILE = "device_leases.db"
 
 
-def lease_url(cache_path: Path | None, storage: str | None) -> str:
-    """Where a pool's leases live: the study's server when it has one (every worker reaches it), else a SQLite
-    file in the run directory, else (no run: `device check`) this process's memory."""
+def server_url(storage: str | None) -> str | None:
+    """The study's database server, when search.storage names one (a SQLite URL is one host's file)."""
     if storage is not None and not storage.startswith("sqlite"):
         from autoseg.storage import unmasked  # a URL read back from config.yml: the password from PGPASSWORD
 
         return unmasked(storage)
+    return None
+
+
+def lease_url(cache_path: Path | None, storage: str | None) -> str:
+    """Where a pool's leases live: the study's server when it has one (every worker reaches it), else a SQLite
+    file in the run directory, else (no run: `device check`) this process's memory."""
+    server = server_url(storage)
+    if server is not None:
+        return server
     if cache_path is not None and str(cache_path) != ":memory:":
         return f"sqlite:///{Path(cache_path).parent / LEASES_FILE}"
     return "sqlite://"

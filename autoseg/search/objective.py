@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.config import Config, SearchConfig
 from autoseg.devices import Device, MeasureError, MeasureSettings, failure_hint, passing
-from autoseg.devices.cache import _graph_hash
+from autoseg.devices.cache import LatencyCache, _graph_hash
 from autoseg.errors import DeviceUnreachable
 from autoseg.export import annotate, model_metadata
 from autoseg.gate import Gate
@@ -149,23 +149,22 @@ class Objective:
         if self._learner is None:
             from edge_agent.fingerprint import fingerprint_id
 
-            self._learner = Learner(self._cache_path(), fingerprint_id(self.device.fingerprint()),
+            self._learner = Learner(self._cache(), fingerprint_id(self.device.fingerprint()),
                                     self.settings.key(), self.cfg.device.precision)
         size = timed_size(cand.arch, cand.tile, self.cfg.device.measure_size)
         return self._learner.guess(cand.arch, size, self.task.in_channels, self.task.num_classes)
 
-    def _cache_path(self) -> str | None:
+    def _cache(self) -> LatencyCache | None:
         cache = getattr(self.device, "cache", None)
-        path = getattr(cache, "path", None)
-        return None if path in (None, ":memory:") else str(path)
+        return cache if isinstance(cache, LatencyCache) else None
 
     def _learn(self, cand: Candidate, blob: bytes, m: Any, size: int) -> None:
-        """Keep a clean measurement for the predictor: the net of its graph, in the cache file, and in memory."""
+        """Keep a clean measurement for the predictor: the net of its graph, in the cache, and in memory."""
         if m.error != MeasureError.OK or passing(m.flags):
             return
-        path = self._cache_path()
-        if path is not None:  # also with predict_latency off: a later run learns from this one
-            remember_arch(path, _graph_hash(blob), cand.arch, self.task.in_channels, self.task.num_classes,
+        cache = self._cache()
+        if cache is not None:  # also with predict_latency off: a later run learns from this one
+            remember_arch(cache, _graph_hash(blob), cand.arch, self.task.in_channels, self.task.num_classes,
                           self.cfg.device.precision)
         if self._learner is not None and m.fingerprint_id == self._learner.fingerprint_id:
             self._learner.add(LatencyRecord(cand.arch, (size, size), float(m.median_ms), self.task.in_channels,
