@@ -65,6 +65,7 @@ from autoseg.search import (
     TileData,
     check_space,
     choose_best,
+    distinct_trials,
     open_study,
     pareto_summary,
     plan_search,
@@ -74,7 +75,7 @@ from autoseg.search import (
     timed_size,
     trial_counts,
 )
-from autoseg.storage import describe, storage_errors
+from autoseg.storage import MAX_RETRY, describe, storage_errors
 from autoseg.study_data import record_study_data, wait_for_others
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import FOLD_TILE_PASSES, TrainSettings, cv_epochs, train_model, training_settings
@@ -287,8 +288,13 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             else:
                 objective = Objective(cfg, task, device, settings, run)
                 run_trials(study, objective, cfg.search.trials, progress, deadline=clock.deadline, clock=clock)
-            if cfg.search.storage is not None:
-                wait_for_others(study)
+            # A worker that died has its trial put back in the queue: run it here, or the budget comes up short.
+            for _ in range(MAX_RETRY + 1):
+                if (cfg.search.storage is None or not wait_for_others(study)
+                        or len(distinct_trials(study)) >= cfg.search.trials):
+                    break
+                log.info("running the trial(s) of a worker that stopped")
+                run_trials(study, objective, cfg.search.trials, progress, deadline=clock.deadline, clock=clock)
             best = choose_best(study, cfg.search)
             card = finalize(cfg, run, stage, task, best, progress, device=device, settings=settings)
             card["pareto_front"] = pareto_summary(study)

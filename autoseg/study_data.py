@@ -134,9 +134,10 @@ def wait_for_study_data(storage: Any, url: str, name: str) -> tuple[dict[str, An
                         "`autoseg worker` once the search logs its ETA")
 
 
-def wait_for_others(study: optuna.Study) -> None:
+def wait_for_others(study: optuna.Study) -> int:
     """After this process's last trial: wait (bounded) for the trials other workers are still running, so that the
-    best net is chosen from all of them. A worker that died stops beating, and its trial is failed meanwhile."""
+    best net is chosen from all of them. A worker that died stops beating, and its trial is failed meanwhile and put
+    back in the queue (RedoStaleTrial). Returns how many trials wait in the queue: this process runs them."""
     def running() -> list[Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -145,7 +146,7 @@ def wait_for_others(study: optuna.Study) -> None:
 
     left = running()
     if not left:
-        return
+        return _queued(study)
     took = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.duration is not None]
     limit = max(OTHERS_MIN_S, OTHERS_FACTOR * max(took, default=0.0))
@@ -161,6 +162,11 @@ def wait_for_others(study: optuna.Study) -> None:
     if left:
         log.warning("going on without trial(s) %s, still running after %.0f s: the best is chosen from the finished "
                     "ones", _names(left), limit)
+    return _queued(study)
+
+
+def _queued(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _names(trials: list[Any]) -> str:

@@ -156,6 +156,34 @@ def test_a_trial_whose_worker_died_is_run_again_in_its_place_and_counted_once(tm
     assert study.user_attrs["requeued"] == [dead.number]
 
 
+def test_a_worker_that_dies_after_this_process_ran_its_last_trial_has_its_trial_put_back_for_it(tmp_path,
+                                                                                               postgres_url):
+    from sqlalchemy import create_engine, text
+    from test_search import run_search
+
+    from autoseg.search import sample_candidate
+    from autoseg.study_data import wait_for_others
+
+    cfg, _, study = run_search(tmp_path, 1, **{"search.storage": postgres_url})
+    warnings.simplefilter("ignore", UserWarning)
+    dead = study.ask()  # another host's last trial; that host died while this process waited for it
+    sample_candidate(dead, cfg.search.space, [16])
+    study._storage.record_heartbeat(dead._trial_id)
+    engine = create_engine(postgres_url)
+    with engine.begin() as con:
+        con.execute(text("UPDATE trial_heartbeats SET heartbeat = heartbeat - interval '1 hour' "
+                         "WHERE trial_id = :t"), {"t": dead._trial_id})
+    engine.dispose()
+    assert wait_for_others(study) == 1  # its trial is failed and waits in the queue: the search runs it (pipeline)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[dead.number].state == optuna.trial.TrialState.FAIL
+    queued = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs["redo_of"] for t in queued] == [dead.number] and queued[0].params == dead.params
+    _, _, study = run_search(tmp_path, 2, **{"search.storage": postgres_url})
+    assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert wait_for_others(study) == 0
+
+
 def _search_args(tmp_path, demo, out, *extra):
     images, masks = demo
     cfg = tmp_path / "small.yml"
