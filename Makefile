@@ -60,7 +60,8 @@ postgres:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
+# bench_latency and bench_distributed start sshds and a PostgreSQL cluster of their own, as the tests do.
+bench: $(STAMP) sshd postgres
 	$(BIN)/python -m benchmarks.run_all
 
 clean:

@@ -34,6 +34,8 @@ SUITE = [
      "the shipped net: trained on the representatives vs on all training images; peak RSS vs dataset size"),
     ("benchmarks.bench_predictor", ["--quick"], "predictor.md",
      "latency predictor: held-out accuracy vs MACs-only, learning curve, measurements saved in a budgeted search"),
+    ("benchmarks.bench_distributed", ["--quick"], "distributed.md",
+     "one study on PostgreSQL: 2 processes vs 1, storage ms per trial, a pool of 3 devices vs 1, a killed worker"),
 ]
 
 
