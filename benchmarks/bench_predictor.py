@@ -21,6 +21,7 @@ the results, which therefore say how far this machine's noise holds the predicto
 quiet device.
 
 --quick (what `make bench` runs): 40 nets, curve at 15 and 30, 12-trial searches on random tiles with 1 epoch.
+Timings use one onnxruntime thread by default (--threads): see its help.
 Results: benchmarks/results/predictor.md.
 """
 
@@ -97,7 +98,7 @@ def measure_nets(n: int, cache: Path) -> tuple[list[LatencyRecord], dict[tuple[s
             if m.median_ms is None:
                 print(f"  {cand.arch.key()} at {size}: not measured ({m.message})", flush=True)
                 continue
-            remember_arch(cache, _graph_hash(blob), cand.arch, 3, CLASSES, "fp32")
+            remember_arch(device.cache, _graph_hash(blob), cand.arch, 3, CLASSES, "fp32")
             records.append(LatencyRecord(cand.arch, (size, size), float(m.median_ms), 3, CLASSES))
             blobs[(cand.arch.key(), size)] = blob
     return records, blobs, time.perf_counter() - start
@@ -179,8 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the budget make bench runs")
     p.add_argument("--nets", type=int, default=None, help="random nets timed (default 200; quick 40)")
     p.add_argument("--trials", type=int, default=None, help="trials of each budgeted search (default 60; quick 12)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime threads of every timing (device.threads, default 1): on a VM whose other vCPU "
+                        "the host takes away now and then, two-thread timings of sub-ms nets swing 2-3x")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
+    BENCH["device.threads"] = a.threads  # every load_config of this run reads it
     nets = a.nets or (40 if a.quick else 200)
     trials = a.trials or (12 if a.quick else 60)
     curve = [n for n in (15, 30, 60, 120) if n <= int(0.75 * nets)]
@@ -227,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         f"# Latency predictor (issue #26){' — quick run' if a.quick else ''}",
         "",
         f"Machine: {platform.platform()}, {cpu}, {os.cpu_count()} CPUs, {ram}; Python {platform.python_version()}.",
-        f"**The machine was shared and loaded**: load average {load_before} before, {load_after} after. Every "
-        "latency here was taken with the busy check off (otherwise every figure is flagged and none is learned "
-        "from), so these numbers are this machine's noise as much as the predictor's error.",
-        f"`python -m benchmarks.bench_predictor{' --quick' if a.quick else ''}`: {len(records)} nets timed "
+        (f"**The machine was shared and loaded**: load average {load_before} before, {load_after} after. Every "
+         "latency here was taken with the busy check off (otherwise every figure is flagged and none is learned "
+         "from), so these numbers are this machine's noise as much as the predictor's error."
+         if float(load_before.split(" / ")[0]) > 0.5 else
+         f"Nothing else ran: load average {load_before} before; {load_after} after is this benchmark's own. "
+         "The busy check is off (the benchmark's own training between timings would trip it)."),
+        f"Every timing with device.threads {a.threads} (onnxruntime intra-op threads).",
+        f"`python -m benchmarks.bench_predictor{' --quick' if a.quick else ''}"
+        f"{f' --threads {a.threads}' if a.threads != 1 else ''}`: {len(records)} nets timed "
         f"({t_measure:.0f} s), {len(train)} to train on, {len(test)} to test on; total wall time "
         f"{time.perf_counter() - started:.0f} s.",
         "",
