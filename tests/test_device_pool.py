@@ -370,3 +370,43 @@ def test_figures_compared_with_each_other_come_from_one_device(devices: Devices,
         assert lost is None and all(m.error == MeasureError.OK for m in timed.values())
         assert len({m.device for m in timed.values()}) == 1  # plain pool.measure would spread them over three
         assert set(pool._board.holders().values()) == {None}  # and the device is free again
+
+
+def test_a_device_busy_with_a_measurement_from_outside_is_set_aside_and_the_pool_goes_on(devices: Devices,
+                                                                                        tmp_path: Path, caplog):
+    """Someone's `device check` (no lease: the agent's own lock) holds the first device: its models go to the
+    others, and it is used again once it is free. Each device has its agent folder, as three boards would."""
+    from autoseg.devices import SSHDevice
+    from autoseg.devices.records import DeviceBusy
+    from edge_agent.serve import measure_lock
+
+    def root(target: str) -> Path:
+        return tmp_path / f"agent-{target.rsplit(':', 1)[1]}"
+
+    caplog.set_level(logging.WARNING, logger="autoseg.devices")
+    first = devices.servers[0]
+    with DevicePool.open(devices.config(), [s.target for s in devices.servers], f"sqlite:///{tmp_path / 'l.db'}",
+                         make_device=lambda c: SSHDevice(c, _agent_root=str(root(c.target)))) as pool:
+        assert isinstance(pool, DevicePool)
+        assert all(d._lock_timeout_s == 60.0 for d in pool._members)  # not the lone device's 10 minutes
+        for d in pool._members:
+            d._lock_timeout_s = 0.5
+        pool._aside_s = 1.0
+        pool.measure(conv_relu_onnx(seed=1), SHAPE, FAST)  # every agent folder exists once connected
+        with measure_lock(str(root(first.target) / "measure.lock"), timeout_s=1.0):
+            busy = [pool.measure(conv_relu_onnx(seed=n), SHAPE, FAST) for n in range(10, 14)]
+        assert all(m.error == MeasureError.OK for m in busy)
+        assert first.target not in {m.device for m in busy}
+        time.sleep(1.1)
+        free = [pool.measure(conv_relu_onnx(seed=n), SHAPE, FAST) for n in range(20, 23)]
+        assert first.target in {m.device for m in free}  # back in the pool, not dropped
+    aside = [r.getMessage() for r in caplog.records if "from outside this study" in r.getMessage()]
+    assert len(aside) == 1 and first.target in aside[0]
+    # A pool of one has no other device to turn to: the agent's busy answer stops it, exit 3.
+    with DevicePool.open(devices.config(), [first.target], f"sqlite:///{tmp_path / 'one.db'}",
+                         make_device=lambda c: SSHDevice(c, _agent_root=str(root(c.target)))) as alone:
+        alone._members[0]._lock_timeout_s = 0.5
+        with measure_lock(str(root(first.target) / "measure.lock"), timeout_s=1.0), \
+                pytest.raises(DeviceBusy) as e:
+            alone.measure(conv_relu_onnx(seed=30), SHAPE, FAST)
+        assert e.value.exit_code == 3

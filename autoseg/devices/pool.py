@@ -7,8 +7,11 @@ even for searches on other hosts. Expiry is judged by the database's clock, so h
 holder that died frees its devices within LEASE_TTL_S.
 
 A device that stops answering is taken out of the pool and the model goes to another; when the last one is
-lost, `device.fallback` applies (local, or exit 3). Devices of another class (SoC, arch, cores, onnxruntime,
-providers) are refused at start: their latencies would not be comparable.
+lost, `device.fallback` applies (local, or exit 3). A device busy with a measurement that holds no lease here (a
+`device check`, a study on another database) is set aside for a while and the model goes to another; only when
+every device stays busy that way for WAIT_FOR_FREE_S does the pool give up (DeviceBusy, exit 3). Devices of
+another class (SoC, arch, cores, onnxruntime, providers) are refused at start: their latencies would not be
+comparable.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ CLASS_KEYS = ("arch", "cpu_model", "cores", "onnxruntime", "providers", "emulate
 LEASE_TABLE = "autoseg_device_leases"
 LEASE_TTL_S = 60.0  # a lease not renewed for this long is free again (its holder died)
 WAIT_FOR_FREE_S = 600.0  # all devices leased by others this long: DeviceBusy (the agent's own lock waits as long)
+# A member whose agent lock is held from outside the pool's leases (a `device check`, another study) is waited for
+# this long, then set aside this long while the rest of the pool goes on.
+MEMBER_LOCK_WAIT_S = 60.0
+ASIDE_S = 120.0
 
 
 def fingerprint_class(fp: dict) -> dict:
@@ -184,6 +191,13 @@ class DevicePool:
         # Bounds that are not worth a config field; private so tests can shorten them.
         self._poll_s = 0.2
         self._wait_s = WAIT_FOR_FREE_S
+        self._aside_s = ASIDE_S
+        self._aside: dict[int, float] = {}  # id(device) -> time.monotonic() until which it is set aside
+        self._busy_since: float | None = None  # first outside-busy answer since the last measurement
+        if len(members) > 1:  # with others to turn to, one device busy from outside is not waited out
+            for d in members:
+                if hasattr(d, "_lock_timeout_s"):
+                    d._lock_timeout_s = min(d._lock_timeout_s, MEMBER_LOCK_WAIT_S)
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_loop, name="autoseg-lease-renew", daemon=True)
         self._renewer.start()
@@ -262,6 +276,10 @@ class DevicePool:
             dev, key, holder = leased
             try:
                 m = dev.measure(model, shape, settings)
+            except DeviceBusy as e:
+                if not self._set_aside(dev, e):
+                    raise
+                continue
             except DeviceRefused:
                 raise
             except DeviceUnreachable as e:
@@ -269,6 +287,7 @@ class DevicePool:
                 continue
             finally:
                 self._release(key, holder)
+            self._busy_since = None
             return self._as_class(m)
 
     @contextlib.contextmanager
@@ -320,11 +339,13 @@ class DevicePool:
         said = False
         while True:
             with self._lock:
+                if not self._alive:
+                    return None
                 # The least recently used first, so that one process spreads its models over the pool.
-                order = sorted(self._alive, key=lambda d: self._last_used.get(id(d), 0.0))
+                now = time.monotonic()
+                order = sorted((d for d in self._alive if self._aside.get(id(d), 0.0) <= now),
+                               key=lambda d: self._last_used.get(id(d), 0.0))
                 mine = set(self._held)
-            if not order:
-                return None
             for dev in order:
                 key = self._keys[id(dev)]
                 if key in mine:  # another thread of this process times a model there
@@ -341,11 +362,11 @@ class DevicePool:
             else:
                 now = time.monotonic()
                 if now >= deadline:
-                    raise DeviceBusy(f"device pool: all {len(order)} devices were leased by others for "
+                    raise DeviceBusy(f"device pool: all {len(self._alive)} devices were leased by others for "
                                      f"{self._wait_s:g} s ({self._describe_holders()}); let those measurements "
                                      "finish (or stop them) and run again")
                 if not said:
-                    log.info("device pool: all %d devices busy (%s); waiting for one", len(order),
+                    log.info("device pool: all %d devices busy (%s); waiting for one", len(self._alive),
                              self._describe_holders())
                     said = True
                 time.sleep(self._poll_s * (0.5 + secrets.randbelow(1000) / 1000))  # jitter: processes interleave
@@ -383,6 +404,22 @@ class DevicePool:
         return ", ".join(f"{k} by {h.rsplit(':', 1)[0]}" for k, h in sorted(held.items())) or "none held now"
 
     # -- losing devices ---------------------------------------------------------------------------------
+
+    def _set_aside(self, dev: Device, e: BaseException) -> bool:
+        """A device busy with a measurement from outside the pool's leases: go on without it for a while.
+        False (give up: DeviceBusy) when it is the pool's only device, or every device has been busy that way
+        for WAIT_FOR_FREE_S."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._alive) < 2:
+                return False
+            self._busy_since = self._busy_since or now
+            if now - self._busy_since >= self._wait_s:
+                return False
+            self._aside[id(dev)] = now + self._aside_s
+        log.warning("device pool: %s is busy with a measurement from outside this study (%s); the pool goes on "
+                    "without it for %g s", dev.name, " ".join(str(e).split())[:200], self._aside_s)
+        return True
 
     def _drop(self, dev: Device, e: BaseException) -> None:
         with self._lock:
