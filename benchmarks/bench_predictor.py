@@ -278,11 +278,26 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Wall times on this shared machine are not comparable between the two runs; the measurement counts are.",
     ]
-    if not pred.usable:
+    if not pred.usable and again.within_10 < TARGET_WITHIN:
         lines += ["", "**What holds it back here:** the predictor is not used for dropping when its cross-validated "
                   "share within ±10 % is under 80 %, and on this machine even the device timing the same net twice "
-                  f"agrees within ±10 % only {pct(again.within_10)} of the time (MAPE {again.mape:.1f} %). "
-                  "On a quiet device the same code is judged by the full run (`python -m benchmarks.bench_predictor`)."]
+                  f"agrees within ±10 % only {pct(again.within_10)} of the time (MAPE {again.mape:.1f} %): no "
+                  "predictor can be judged against figures that noisy. Run it where timings repeat (--threads 1)."]
+    elif not pred.usable:
+        lines += ["", "**What holds it back here: the model, not the device.** The device repeats its own timings "
+                  f"({pct(again.within_10)} within ±10 %, MAPE {again.mape:.1f} %), but a fit on whole-net "
+                  "features (per-level MACs, parameters, activation bytes, conv and upsampling kind) gets "
+                  f"{pct(ours.within_10)} of held-out nets within ±10 % (MAPE {ours.mape:.1f} %; MACs alone "
+                  f"{pct(base.within_10)}, {base.mape:.1f} %), and the learning curve above shows how little more "
+                  "measurements add. The nets here run in "
+                  f"{min(r.latency_ms for r in records):.2g}-{max(r.latency_ms for r in records):.3g} ms; in the "
+                  "small ones per-operator overheads (memory-bound "
+                  "depthwise and upsampling ops, kernel launch costs) the features do not see are a large share. "
+                  "What would reach 90 %: nn-Meter's route, a predictor per fused kernel (conv+bn+relu, depthwise, "
+                  "resize, concat) fitted on the device and summed over the graph, which needs a few hundred kernel "
+                  "timings per device up front. Until then the safety rule holds: with its cross-validated accuracy "
+                  "under 80 % the predictor drops nothing, and the search measures every net as before (the savings "
+                  "table above)."]
     text = "\n".join(lines) + "\n"
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(a.out, text)
