@@ -22,8 +22,9 @@ working directories and copies of the data of their own, talking only through th
    sshds). Measurements per minute, and the ratio.
 4. A worker killed with SIGKILL mid-trial: the search and one worker share a small study; the worker is killed
    while it runs a trial. Trials lost = the budget - distinct nets at the end (target 0); the dead trial must be
-   failed and its net run again once, or queued once when the budget was filled with new nets before it came up. The heartbeat is shortened here (1 s beats, 4 s grace instead of 60 s and
-   180 s) so that the benchmark does not wait three minutes; the code path is the same.
+   failed and its net run again once, or queued once when the budget was filled with new nets before it came up.
+   The heartbeat is shortened here (1 s beats, 4 s grace instead of 60 s and 180 s) so that the benchmark does not
+   wait three minutes; the code path is the same.
 
 Results go to benchmarks/results/distributed.md (full runs: --out benchmarks/results/full/distributed.md).
 """
