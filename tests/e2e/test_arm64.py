@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -108,9 +109,8 @@ def test_search_times_every_candidate_there_in_int8_labelled_emulated(searched: 
     assert (searched / "best" / "model.int8.onnx").is_file()
     assert arm64.target in (searched / "report.md").read_text()
     # The search's cache holds the emulated device's numbers under its own fingerprint, not this host's.
-    cache = LatencyCache(searched / "latency_cache.db")
-    rows = cache._db.execute("SELECT DISTINCT fingerprint_id FROM latency").fetchall()
-    cache.close()
+    with closing(sqlite3.connect(searched / "latency_cache.db")) as db:
+        rows = db.execute("SELECT DISTINCT fingerprint_id FROM latency").fetchall()
     assert {r[0] for r in rows} == ids and fingerprint_id(fingerprint()) not in ids
 
 
