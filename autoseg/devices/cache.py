@@ -27,6 +27,7 @@ from autoseg.devices.records import (
     passing,
     unquiet,
 )
+from autoseg.devices.shared_db import create_tables, open_engine
 from edge_agent import fingerprint as _fp
 
 log = logging.getLogger(__name__)
@@ -85,18 +86,10 @@ class LatencyCache:
         text = str(where)
         self.url = text if "://" in text else None
         self.path = text if self.url is None else None  # None: the cache is on a server
-        kwargs: dict[str, Any] = {}
-        if self.url is None:
-            if text != ":memory:":
-                Path(text).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30.0, "check_same_thread": False}
-            kwargs["poolclass"] = sa.pool.StaticPool  # one connection per cache (and one database for :memory:)
-            url = "sqlite://" if text == ":memory:" else f"sqlite:///{text}"
-        else:
-            url = self.url
-            kwargs["pool_pre_ping"] = True  # a server may drop a connection left idle through a long fold
+        if self.url is None and text != ":memory:":
+            Path(text).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._engine = sa.create_engine(url, **kwargs)
+        self._engine = open_engine(self.url or ("sqlite://" if text == ":memory:" else f"sqlite:///{text}"))
         self.dialect = self._engine.dialect.name
         # A SQLite file keeps the names it always had; on a shared server, ours say whose they are.
         prefix = "" if self.dialect == "sqlite" else "autoseg_"
@@ -118,14 +111,7 @@ class LatencyCache:
             sa.Column("precision", sa.String(16), nullable=False),
             sa.Column("created", sa.Float, nullable=False),
         )
-        with self._lock:
-            if self.dialect == "sqlite" and text != ":memory:" and self.url is None:
-                with self._engine.begin() as conn:
-                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-            try:
-                meta.create_all(self._engine, checkfirst=True)
-            except sa.exc.DBAPIError:  # another worker created them at the same moment: they are there now
-                meta.create_all(self._engine, checkfirst=True)
+        create_tables(meta, self._engine)
 
     @property
     def where(self) -> str:

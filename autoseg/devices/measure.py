@@ -63,10 +63,10 @@ LEASES_FILE = "device_leases.db"
 
 def server_url(storage: str | None) -> str | None:
     """The study's database server, when search.storage names one (a SQLite URL is one host's file)."""
-    if storage is not None and not storage.startswith("sqlite"):
-        from autoseg.storage import unmasked  # a URL read back from config.yml: the password from PGPASSWORD
+    from autoseg.storage import is_sqlite, unmasked
 
-        return unmasked(storage)
+    if storage is not None and not is_sqlite(storage):
+        return unmasked(storage)  # a URL read back from config.yml: the password from PGPASSWORD
     return None
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from autoseg.config import DeviceConfig
 from autoseg.devices.local import LocalDevice
 from autoseg.devices.records import Device, DeviceBusy, DeviceRefused, Measurement, MeasureSettings
+from autoseg.devices.shared_db import create_tables, open_engine
 from autoseg.errors import DeviceUnreachable, InputError
 from edge_agent import fingerprint as _fp
 
@@ -78,12 +79,7 @@ class LeaseBoard:
         import sqlalchemy as sa
 
         self.ttl_s = float(ttl_s)
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 30.0, "check_same_thread": False}
-            if url in ("sqlite://", "sqlite:///:memory:"):  # one process: one shared in-memory database
-                kwargs["poolclass"] = sa.pool.StaticPool
-        self._engine = sa.create_engine(url, **kwargs)
+        self._engine = open_engine(url)
         dialect = self._engine.dialect.name
         # The database's clock, so that hosts whose clocks disagree judge expiry alike.
         self._now = {
@@ -91,9 +87,6 @@ class LeaseBoard:
             "postgresql": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
             "mysql": "UNIX_TIMESTAMP(NOW(6))",
         }.get(dialect, ":now")
-        if dialect == "sqlite" and url not in ("sqlite://", "sqlite:///:memory:"):
-            with self._engine.begin() as conn:
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         meta = sa.MetaData()
         self._table = sa.Table(
             LEASE_TABLE, meta,
@@ -101,10 +94,7 @@ class LeaseBoard:
             sa.Column("holder", sa.String(255), nullable=True),
             sa.Column("expires_at", sa.Float, nullable=False, default=0.0),
         )
-        try:
-            meta.create_all(self._engine, checkfirst=True)
-        except sa.exc.DBAPIError:  # another process created it at the same moment
-            meta.create_all(self._engine, checkfirst=True)
+        create_tables(meta, self._engine)
 
     def add(self, targets: Sequence[str]) -> None:
         """A row for each target that has none yet (free)."""
