@@ -1,9 +1,11 @@
 """A latency predictor learned from the device's own measurements (issue #26).
 
-Pure functions and one small model: `features` describes a net at an input size with quantities a reader can
-check against autoseg.unet (per-level MACs, parameters and activation bytes, the conv and upsampling kinds, the
-level count and the input pixels); `LatencyPredictor` learns median latency from measured records of ONE device
-fingerprint, settings and precision, and says how far to trust itself (cross-validated error and spread).
+Pure functions and small models: `kernels` lists the ops a net runs (each conv, depthwise and pointwise conv,
+pool, resize, transposed conv and concat, with its channels, kernel and output size); `features` sums a net at
+an input size into quantities a reader can check against autoseg.unet (per-level MACs, parameters and activation
+bytes, the conv and upsampling kinds, the level count and the input pixels); `LatencyPredictor` learns median
+latency from measured records of ONE device fingerprint, settings and precision, and says how far to trust itself
+(cross-validated error and spread).
 
 Reading the measurements from the latency cache is autoseg.latency_history's job; using the prediction in the
 search is autoseg.search's.
@@ -11,13 +13,14 @@ search is autoseg.search's.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from autoseg.unet import MAX_LEVELS, Arch, _double_conv_macs
+from autoseg.unet import KERNELS, MAX_LEVELS, Arch, _double_conv_macs
 
 MIN_MEASUREMENTS = 15  # below this the cross-validation says nothing: measure as before
 USABLE_WITHIN = 0.8  # cross-validated share within ±10 % needed before a prediction may drop a net
@@ -112,6 +115,105 @@ def features(arch: Arch, tile_hw: int | tuple[int, int], in_channels: int = 3, n
 
 
 @dataclass(frozen=True)
+class Kernel:
+    """One op the net runs: `kind` is conv, dw (depthwise), pw (1x1), pool, resize, convT or concat; `first`
+    marks the op that reads the raw input. Channels are the op's input and output channels; h, w its output."""
+
+    kind: str
+    cin: int
+    cout: int
+    k: int
+    h: int
+    w: int
+    first: bool = False
+
+
+def kernels(arch: Arch, tile_hw: int | tuple[int, int], in_channels: int = 3, num_classes: int = 2) -> list[Kernel]:
+    """The ops of build_unet(arch) on a (1, in_channels, h, w) input, as onnxruntime runs them once BatchNorm
+    and ReLU are folded into the convs: encoder down, decoder up, head last."""
+    h, w = (tile_hw, tile_hw) if isinstance(tile_hw, int) else tile_hw
+    c, k, n = arch.channels, arch.kernels, arch.levels
+    out: list[Kernel] = []
+
+    def double_conv(cin: int, cout: int, kk: int, hh: int, ww: int, first: bool) -> None:
+        for j, ci in enumerate((cin, cout)):
+            if arch.conv == "separable":
+                out.append(Kernel("dw", ci, ci, kk, hh, ww, first and j == 0))
+                out.append(Kernel("pw", ci, cout, 1, hh, ww, first and j == 0))
+            else:
+                out.append(Kernel("conv", ci, cout, kk, hh, ww, first and j == 0))
+
+    prev = in_channels
+    for i in range(n):
+        if i:
+            out.append(Kernel("pool", prev, prev, 2, h >> i, w >> i))
+        double_conv(prev, c[i], k[i], h >> i, w >> i, i == 0)
+        prev = c[i]
+    for i in reversed(range(n - 1)):
+        hh, ww = h >> i, w >> i
+        if arch.upsample == "transpose":
+            out.append(Kernel("convT", c[i + 1], c[i], 2, hh, ww))
+        else:  # 1x1 conv at the coarse level, then the resize (unet.up_block)
+            out.append(Kernel("pw", c[i + 1], c[i], 1, h >> (i + 1), w >> (i + 1)))
+            out.append(Kernel("resize", c[i], c[i], 2, hh, ww))
+        out.append(Kernel("concat", 2 * c[i], 2 * c[i], 1, hh, ww))
+        double_conv(2 * c[i], c[i], k[i], hh, ww, False)
+    out.append(Kernel("pw", c[0], num_classes, 1, h, w))
+    return out
+
+
+def _padded(c: int, block: int) -> int:
+    return -(-c // block) * block
+
+
+def kernel_cost(kn: Kernel, block: int = 1) -> tuple[float, float]:
+    """(MACs, bytes read and written) of one op, its channels rounded up to the device's channel block.
+
+    onnxruntime's x86 CPU kernels run convs in a blocked layout (NCHWc) of 8 or 16 channels, so a 24-channel
+    conv costs what a 32-channel one does on a 16-wide machine; the raw input's channels are not padded."""
+    ci = kn.cin if kn.first else _padded(kn.cin, block)
+    co = _padded(kn.cout, block)
+    px = kn.h * kn.w
+    if kn.kind == "conv":
+        return float(px * ci * co * kn.k * kn.k), float(BYTES_PER_VALUE * (ci + co) * px)
+    if kn.kind == "dw":
+        return float(px * ci * kn.k * kn.k), float(BYTES_PER_VALUE * 2 * ci * px)
+    if kn.kind == "pw":
+        return float(px * ci * co), float(BYTES_PER_VALUE * (ci + co) * px)
+    if kn.kind == "convT":  # 2x2 stride 2: each output pixel reads one input pixel's ci values
+        return float(px * ci * co), float(BYTES_PER_VALUE * (ci // 4 + co) * px)
+    if kn.kind in ("pool", "resize"):
+        return 0.0, float(BYTES_PER_VALUE * (ci * 4 if kn.kind == "pool" else ci // 4 + co) * px)
+    return 0.0, float(BYTES_PER_VALUE * 2 * ci * px)  # concat: read and write every value
+
+
+def kernel_group(kn: Kernel) -> str:
+    """The ops that share one cost line: convs by kind and kernel size, and the input's first conv apart."""
+    if kn.kind in ("conv", "dw"):
+        return f"{'in_' if kn.first else ''}{kn.kind}{kn.k}"
+    return "in_pw" if kn.first else kn.kind
+
+
+CONV_GROUPS = ([f"{p}{kind}{k}" for p in ("", "in_") for kind in ("conv", "dw") for k in KERNELS]
+               + ["in_pw", "pw", "convT"])
+
+
+@functools.lru_cache(maxsize=8192)  # a refit cross-validates every model on every record: compute each once
+def kernel_columns(arch: Arch, tile_hw: int | tuple[int, int], in_channels: int, num_classes: int,
+                   block: int) -> np.ndarray:
+    """The MACs (millions) of each conv group of CONV_GROUPS, then the bytes (MB) and the count of all ops."""
+    col = {g: i for i, g in enumerate(CONV_GROUPS)}
+    z = np.zeros(len(CONV_GROUPS) + 2)
+    for kn in kernels(arch, tile_hw, in_channels, num_classes):
+        m, b = kernel_cost(kn, block)
+        if m:
+            z[col[kernel_group(kn)]] += m / 1e6
+        z[-2] += b / 1e6
+        z[-1] += 1.0
+    return z
+
+
+@dataclass(frozen=True)
 class LatencyRecord:
     """One clean measurement: a net, the input it was timed at, its median latency."""
 
@@ -144,15 +246,22 @@ def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
                     float(100 * np.mean(rel)) if len(m) else math.inf)
 
 
-# Two models, the better by cross-validation kept at each fit (both fit in milliseconds on 200 nets):
+# Candidate models, the best by cross-validation kept at each fit (each fits in milliseconds on 200 nets):
+# - "kernels/bN": nn-Meter's idea on whole-net timings. A net's latency is the sum of its ops' times, and an
+#   op's time is a_g*MACs + b*bytes + c, with a_g the speed of its conv group (kernel_group: a 5x5 conv, a
+#   depthwise 3x3, a 1x1 ...) and channels rounded up to a block of N (1, 4, 8 or 16: which one the device pads
+#   to is learned by the cross-validation, as the blocked layout is a property of the device's CPU).
+#   Coefficients >= 0, fitted on relative error. One b and c for all ops rather than per group: as good from
+#   120 nets on and much better at 15-30. On the 2-CPU x86 VM of benchmarks/results/full/predictor.md,
+#   16-channel blocks took the held-out share within ±10 % from about 50 % to about 90 %.
 # - "cost": latency = a*dense MACs + b*depthwise MACs + c*activation bytes + d*ops + e, all >= 0, fitted on
-#   relative error. A CPU's time is roughly work plus memory traffic plus per-op overhead, so this form holds
-#   from 15 points on and extrapolates to nets larger than any measured (trees cannot: they predict a constant
-#   past the largest net seen, which is exactly where the budget is).
-# - "loglinear": ridge on log features -> log latency, per level; it catches what the cost model's sums miss
-#   (a level whose tensors outgrow the cache) once there are enough points.
-# Gradient boosting was not used: with 15-60 points its quantile models are too coarse to drop anything safely.
+#   relative error. Few coefficients, so it holds from 15 points on, where the kernel model has too many.
+# - "loglinear": ridge on log features -> log latency, per level.
+# All but loglinear are sums of non-negative costs, so they extrapolate to nets larger than any measured (trees
+# cannot: they predict a constant past the largest net seen, which is exactly where the budget is). Gradient
+# boosting was not used: with 15-60 points its quantile models are too coarse to drop anything safely.
 _COST = ("macs", "macs_depthwise", "act_bytes", "ops")
+BLOCKS = (1, 4, 8, 16)
 
 
 def _cost_columns(x: np.ndarray) -> np.ndarray:
@@ -162,41 +271,68 @@ def _cost_columns(x: np.ndarray) -> np.ndarray:
     return np.column_stack([dense, cols[1], cols[2], cols[3]])
 
 
-class _CostModel:
-    def fit(self, x: np.ndarray, y: np.ndarray) -> _CostModel:
-        from sklearn.linear_model import LinearRegression
+def _fit_positive(z: np.ndarray, y: np.ndarray, intercept: bool) -> tuple[np.ndarray, object]:
+    from sklearn.linear_model import LinearRegression
 
-        z = _cost_columns(x)
-        self.scale = np.maximum(z.max(axis=0), 1.0)
-        self.model = LinearRegression(positive=True).fit(z / self.scale, y, sample_weight=1.0 / y**2)
+    scale = np.maximum(z.max(axis=0), 1e-12)
+    return scale, LinearRegression(positive=True, fit_intercept=intercept).fit(z / scale, y, sample_weight=1.0 / y**2)
+
+
+class _CostModel:
+    def fit(self, recs: Sequence[LatencyRecord], y: np.ndarray) -> _CostModel:
+        self.scale, self.model = _fit_positive(_cost_columns(_x(recs)), y, True)
         return self
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.maximum(self.model.predict(_cost_columns(x) / self.scale), 1e-6)
+    def predict(self, recs: Sequence[LatencyRecord]) -> np.ndarray:
+        return np.maximum(self.model.predict(_cost_columns(_x(recs)) / self.scale), 1e-6)
+
+
+class _KernelModel:
+    def __init__(self, block: int) -> None:
+        self.block = block
+
+    def _z(self, recs: Sequence[LatencyRecord]) -> np.ndarray:
+        return np.stack([kernel_columns(r.arch, r.size, r.in_channels, r.num_classes, self.block) for r in recs])
+
+    def fit(self, recs: Sequence[LatencyRecord], y: np.ndarray) -> _KernelModel:
+        self.scale, self.model = _fit_positive(self._z(recs), y, True)
+        return self
+
+    def predict(self, recs: Sequence[LatencyRecord]) -> np.ndarray:
+        return np.maximum(self.model.predict(self._z(recs) / self.scale), 1e-6)
 
 
 class _LogLinear:
-    def fit(self, x: np.ndarray, y: np.ndarray) -> _LogLinear:
+    def fit(self, recs: Sequence[LatencyRecord], y: np.ndarray) -> _LogLinear:
         from sklearn.linear_model import RidgeCV
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13))).fit(np.log1p(x), np.log(y))
+        self.model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+        self.model.fit(np.log1p(_x(recs)), np.log(y))
         return self
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.exp(self.model.predict(np.log1p(x)))
+    def predict(self, recs: Sequence[LatencyRecord]) -> np.ndarray:
+        return np.exp(self.model.predict(np.log1p(_x(recs))))
 
 
-MODELS = {"cost": _CostModel, "loglinear": _LogLinear}
+def _x(recs: Sequence[LatencyRecord]) -> np.ndarray:
+    return np.stack([r.x() for r in recs])
 
 
-def _out_of_fold(kind: str, x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+Model = _CostModel | _KernelModel | _LogLinear
+MODELS: dict[str, Callable[[], Model]] = {
+    "cost": _CostModel, "loglinear": _LogLinear,
+    **{f"kernels/b{b}": functools.partial(_KernelModel, b) for b in BLOCKS},
+}
+
+
+def _out_of_fold(kind: str, recs: Sequence[LatencyRecord], y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     from sklearn.model_selection import KFold
 
     pred = np.empty_like(y)
-    for train, test in KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(x):
-        pred[test] = MODELS[kind]().fit(x[train], y[train]).predict(x[test])
+    for train, test in KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(y):
+        pred[test] = MODELS[kind]().fit([recs[i] for i in train], y[train]).predict([recs[i] for i in test])
     return pred
 
 
@@ -215,7 +351,7 @@ class LatencyPredictor:
         self.kind: str | None = None
         self.cv: Accuracy | None = None
         self.band = (0.0, 0.0)  # log-residual quantiles (LO_Q, HI_Q) of the held-out predictions
-        self._model: _CostModel | _LogLinear | None = None
+        self._model: Model | None = None
         self._io = (3, 2)
 
     def fit(self, records: Sequence[LatencyRecord]) -> LatencyPredictor:
@@ -224,11 +360,10 @@ class LatencyPredictor:
         if self.n < max(3, CV_FOLDS):  # nothing to cross-validate
             self._model, self.cv, self.kind = None, None, None
             return self
-        x = np.stack([r.x() for r in recs])
         y = np.array([r.latency_ms for r in recs])
         best: tuple[tuple[float, float], str, np.ndarray] | None = None
         for kind in MODELS:
-            oof = _out_of_fold(kind, x, y, CV_FOLDS, self.seed)
+            oof = _out_of_fold(kind, recs, y, CV_FOLDS, self.seed)
             acc = accuracy(oof, y)
             score = (acc.within_10, -acc.mape)
             if best is None or score > best[0]:
@@ -238,7 +373,7 @@ class LatencyPredictor:
         self.cv = accuracy(oof, y)
         resid = np.log(y) - np.log(oof)
         self.band = (float(np.quantile(resid, LO_Q)), float(np.quantile(resid, HI_Q)))
-        self._model = MODELS[self.kind]().fit(x, y)
+        self._model = MODELS[self.kind]().fit(recs, y)
         self._io = (recs[-1].in_channels, recs[-1].num_classes)
         return self
 
@@ -267,5 +402,6 @@ class LatencyPredictor:
             raise RuntimeError("LatencyPredictor.predict before a fit with enough records")
         ic = self._io[0] if in_channels is None else in_channels
         nc = self._io[1] if num_classes is None else num_classes
-        med = float(self._model.predict(features(arch, size, ic, nc)[None, :])[0])
+        hw = (size, size) if isinstance(size, int) else size
+        med = float(self._model.predict([LatencyRecord(arch, hw, 0.0, ic, nc)])[0])
         return med, med * math.exp(min(self.band[0], 0.0)), med * math.exp(max(self.band[1], 0.0))

@@ -18,7 +18,17 @@ from autoseg.config import load_config
 from autoseg.devices import LatencyCache, LocalDevice, MeasureSettings, open_device, settings_from_config
 from autoseg.export import onnx_bytes
 from autoseg.latency_history import Learner, load_history, remember_arch
-from autoseg.predictor import MIN_MEASUREMENTS, LatencyPredictor, LatencyRecord, accuracy, feature_names, features
+from autoseg.predictor import (
+    MIN_MEASUREMENTS,
+    MODELS,
+    LatencyPredictor,
+    LatencyRecord,
+    accuracy,
+    feature_names,
+    features,
+    kernel_cost,
+    kernels,
+)
 from autoseg.rundir import RunDir
 from autoseg.search import (
     OVER_BUDGET,
@@ -79,6 +89,54 @@ def test_features_add_up_to_the_nets_macs_and_params(arch):
     assert f["act_bytes"] > 0 and (f["macs_depthwise"] > 0) == (arch.conv == "separable")
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.key())
+def test_the_kernel_list_is_the_exported_graphs_ops_and_adds_up_to_the_nets_macs(arch):
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes(build_unet(arch, 3, 5).eval(), 3, 32, 17)).graph
+    ops = [n.op_type for n in graph.node]
+    ks = kernels(arch, (32, 64), 3, 5)
+    kinds = [k.kind for k in ks]
+    assert ops.count("Conv") == sum(kinds.count(k) for k in ("conv", "dw", "pw"))
+    for op, kind in (("ConvTranspose", "convT"), ("MaxPool", "pool"), ("Resize", "resize"), ("Concat", "concat")):
+        assert ops.count(op) == kinds.count(kind), op
+    assert sum(kernel_cost(k)[0] for k in ks) == count_macs(arch, 3, 5, 32, 64)
+    assert sum(k.first for k in ks) == (2 if arch.conv == "separable" else 1)  # the op(s) reading the raw input
+
+
+def test_channels_are_rounded_up_to_the_devices_block_but_the_raw_input_is_not():
+    a24, a32 = kernels(Arch((3,), (24,)), 16, 3, 2), kernels(Arch((3,), (32,)), 16, 3, 2)
+    assert kernel_cost(a24[1], 16) == kernel_cost(a32[1], 16)  # 24 -> 24 costs what 32 -> 32 does
+    assert kernel_cost(a24[1], 8)[0] < kernel_cost(a32[1], 8)[0]
+    first = a24[0]
+    assert first.first and first.cin == 3
+    assert kernel_cost(first, 16)[0] == 16 * 16 * 3 * 32 * 9  # input 3 as is, output 24 -> 32
+
+
+def test_the_kernel_model_learns_the_devices_channel_block():
+    """Latencies made by a 16-channel blocked device: the fit picks the kernel model with 16-wide blocks and
+    predicts held-out nets (channel counts 8, 24 and 40 among them) within ±10 %."""
+    rng = np.random.default_rng(1)
+    recs, seen = [], set()
+    while len(recs) < 90:
+        levels = int(rng.integers(1, 4))
+        ch = np.sort(rng.choice([8, 16, 24, 32, 40], size=levels))
+        arch = Arch(tuple(int(k) for k in rng.choice([3, 5], size=levels)), tuple(int(c) for c in ch),
+                    str(rng.choice(["standard", "separable"])), str(rng.choice(["transpose", "bilinear"])))
+        size = int(rng.choice([16, 32, 64]))
+        if (arch.key(), size) in seen:
+            continue
+        seen.add((arch.key(), size))
+        ks = kernels(arch, size)
+        ms = 0.02 + sum((4e-6 if k.kind == "dw" else 1e-6) * kernel_cost(k, 16)[0] + 2e-6 * kernel_cost(k, 16)[1]
+                        + 0.01 for k in ks)
+        recs.append(LatencyRecord(arch, (size, size), float(ms * (1 + rng.normal(0, 0.01)))))
+    p = LatencyPredictor().fit(recs[:70])
+    assert p.kind == "kernels/b16" and p.usable
+    acc = accuracy([p.predict(r.arch, r.size)[0] for r in recs[70:]], [r.latency_ms for r in recs[70:]])
+    assert acc.within_10 >= 0.9
+
+
 # ------------------------------------------------------------------------------------------- the fit
 
 
@@ -117,7 +175,7 @@ def test_a_fit_on_real_local_measurements_of_tiny_nets():
         m = dev.measure(blob, (1, 3, size, size), s)
         recs.append(LatencyRecord(arch, (size, size), m.median_ms))
     p = LatencyPredictor().fit(recs)
-    assert p.fitted and p.n == len(recs) and p.kind in ("cost", "loglinear")
+    assert p.fitted and p.n == len(recs) and p.kind in MODELS
     med, lo, hi = p.predict(ARCHS[2], 32)
     assert 0 < lo <= med <= hi and np.isfinite(hi)
     assert 0 <= p.cv.within_10 <= 1 and p.cv.mape > 0
