@@ -27,7 +27,7 @@ test: $(STAMP) sshd postgres
 	$(BIN)/ruff check .
 	# edge_agent runs on the device's python: 3.8 (JetPack 5) and newer.
 	$(BIN)/vermin -q -t=3.8- --no-tips --violations edge_agent
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-all: $(STAMP) sshd postgres chromium
 	$(BIN)/ruff check .

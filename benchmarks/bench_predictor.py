@@ -298,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
                   "its ops' times (autoseg.predictor.kernels: each conv, depthwise and 1x1 conv, pool, resize, "
                   "transposed conv and concat), an op's time as a speed per conv group times its MACs plus one "
                   f"cost per byte and one per op, with channels rounded up to blocks of {block}. onnxruntime's "
-                  "x86 CPU convs run in a blocked channel layout (NCHWc), so on this machine an 8- or 24-channel "
-                  "conv costs what a 16- or 32-channel one does; MACs counted without that rounding explain far "
-                  "less (the MACs-only row, and whole-net features: 46 % within ±10 % in the run before this "
-                  "model). Which block a device pads to is learned, not assumed: the fit tries 1, 4, 8 and 16."]
+                  "x86 CPU convs run in a blocked channel layout (NCHWc), so on a 16-wide machine a 24-channel "
+                  "conv costs what a 32-channel one does, while a conv reading fewer channels than a block (the "
+                  "raw input, 8 channels) reads them plain, in kernels of their own speed "
+                  "(predictor.reads_unblocked). MACs counted without that explain far less (the MACs-only row; "
+                  "whole-net features got 46 % within ±10 % in the run before this model). Which block a device "
+                  "works in is learned, not assumed: the fit tries 1, 4, 8 and 16 and keeps the best by "
+                  "cross-validation."]
     text = "\n".join(lines) + "\n"
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(a.out, text)

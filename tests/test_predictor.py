@@ -27,6 +27,7 @@ from autoseg.predictor import (
     feature_names,
     features,
     kernel_cost,
+    kernel_group,
     kernels,
 )
 from autoseg.rundir import RunDir
@@ -111,6 +112,10 @@ def test_channels_are_rounded_up_to_the_devices_block_but_the_raw_input_is_not()
     first = a24[0]
     assert first.first and first.cin == 3
     assert kernel_cost(first, 16)[0] == 16 * 16 * 3 * 32 * 9  # input 3 as is, output 24 -> 32
+    # A conv reading fewer channels than a block reads them plain: 8 -> 8 costs 8 x 16, in the input's group.
+    eight = kernels(Arch((3,), (8,)), 16, 3, 2)[1]
+    assert kernel_cost(eight, 16)[0] == 16 * 16 * 8 * 16 * 9
+    assert kernel_group(eight, 16) == "in_conv3" and kernel_group(eight, 8) == "conv3"
 
 
 def test_the_kernel_model_learns_the_devices_channel_block():
