@@ -261,8 +261,8 @@ def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
 #   depthwise 3x3, a 1x1 ...) and channels rounded up to a block of N (1, 4, 8 or 16: which one the device pads
 #   to is learned by the cross-validation, as the blocked layout is a property of the device's CPU).
 #   Coefficients >= 0, fitted on relative error. One b and c for all ops rather than per group: as good from
-#   120 nets on and much better at 15-30. On the 2-CPU x86 VM of benchmarks/results/full/predictor.md,
-#   16-channel blocks took the held-out share within ±10 % from about 50 % to about 90 %.
+#   120 nets on and much better at 15-30. On the 2-CPU x86 VM of benchmarks/results/full/predictor.md it
+#   predicts 98 % of held-out nets within ±10 % (whole-net features: 46 %).
 # - "cost": latency = a*dense MACs + b*depthwise MACs + c*activation bytes + d*ops + e, all >= 0, fitted on
 #   relative error. Few coefficients, so it holds from 15 points on, where the kernel model has too many.
 # - "loglinear": ridge on log features -> log latency, per level.
