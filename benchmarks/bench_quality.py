@@ -100,7 +100,7 @@ def part_nets(name: str, root: Path, b: Budget, seeds: list[int], out: Path, inf
 
 
 SCALING_CHILD = """
-import sys, json, time, numpy as np, torch
+import sys, json, resource, time, numpy as np, torch
 from pathlib import Path
 from autoseg.config import load_config
 from autoseg.data import scan_dataset
@@ -108,8 +108,9 @@ from autoseg.final_train import *
 from autoseg.train import training_settings
 from autoseg.unet import Arch, build_unet
 from benchmarks import peak_rss_mb
-root, tiles = Path(sys.argv[1]), int(sys.argv[2])
-cfg = load_config(overrides={"train.final_tiles": tiles, "train.patience": 0, "train.val_fraction": 0.0})
+root, tiles, cache_mb = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+cfg = load_config(overrides={"train.final_tiles": tiles, "train.patience": 0, "train.val_fraction": 0.0,
+                             "train.cache_mb": cache_mb})
 ds = scan_dataset(root / "images", root / "masks", cfg.data)
 ids = np.arange(len(ds.pairs))
 t0 = time.perf_counter()
@@ -119,8 +120,9 @@ workers = loader_workers(cfg.train, ds, ids)
 fs = final_settings(cfg.train, training_settings(cfg.train, 0, None, 0), 64, FINAL_MAX_BATCH, workers)
 torch.manual_seed(0)
 train_final(build_unet(arch, ds.channels, ds.class_map.num_classes), ds, ids, ids[:0], pixels, fs)
-print(json.dumps({"seconds": time.perf_counter() - t0, "workers": workers,
-                  "maxrss_mb": peak_rss_mb()}))
+# ru_maxrss of the children: the largest loader worker's peak, each worker holding its own cache
+print(json.dumps({"seconds": time.perf_counter() - t0, "workers": workers, "maxrss_mb": peak_rss_mb(),
+                  "worker_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
@@ -147,11 +149,17 @@ def synthetic(root: Path, n: int, side: int = 256, classes: int = 6) -> Path:
     return folder
 
 
+# Smaller than the smallest dataset's decoded images (100 x 256² x 5 bytes = 33 MB), so every size runs the same
+# way (a full cache, loader workers reading the rest from disk) and only what grows with the dataset can show.
+SCALING_CACHE_MB = 16
+
+
 def part_scaling(root: Path, b: Budget) -> list[dict[str, Any]]:
     rows = []
     for n in b.scaling_sizes:
         folder = synthetic(root, n)
-        out = subprocess.run([sys.executable, "-c", SCALING_CHILD, str(folder), str(b.scaling_tiles)],
+        out = subprocess.run([sys.executable, "-c", SCALING_CHILD, str(folder), str(b.scaling_tiles),
+                              str(SCALING_CACHE_MB)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["images"] = n
@@ -201,13 +209,18 @@ def write_report(path: Path, info: dict, b: Budget, rows: list[dict[str, Any]], 
             lines.append("")
     if scaling:
         lines += ["## Scaling with dataset size (synthetic 256x256 images, fixed budget)", "",
-                  "| images | loader workers | wall time | peak RSS |", "|---|---|---|---|"]
-        lines += [f"| {r['images']} | {r['workers']} | {r['seconds']:.0f} s | {r['maxrss_mb']:.0f} MB |"
-                  for r in scaling]
-        ratio = scaling[-1]["maxrss_mb"] / scaling[0]["maxrss_mb"]
+                  f"train.cache_mb {SCALING_CACHE_MB:g}: under every dataset's decoded size, so the cache is full "
+                  "in every run and what grows with the dataset shows.", "",
+                  "| images | loader workers | wall time | peak RSS | largest worker's peak RSS |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['images']} | {r['workers']} | {r['seconds']:.0f} s | {r['maxrss_mb']:.0f} MB | "
+                  f"{r['worker_maxrss_mb']:.0f} MB |" for r in scaling]
+        # main + largest worker: an upper bound on what the training held at once (shared pages counted twice)
+        total = [r["maxrss_mb"] + r["worker_maxrss_mb"] for r in scaling]
+        ratio = total[-1] / total[0]
         ok = ratio <= TARGET_RSS_RATIO
-        lines += ["", f"Peak RSS, largest / smallest: {ratio:.2f}x (target <= {TARGET_RSS_RATIO}x): "
-                  f"{'met' if ok else 'missed'}", ""]
+        lines += ["", f"Peak RSS (main + largest worker), largest / smallest dataset: {ratio:.2f}x "
+                  f"(target <= {TARGET_RSS_RATIO}x): {'met' if ok else 'missed'}", ""]
         missed += not ok
     write_text_atomic(path, "\n".join(lines) + "\n")
     return int(missed > 0)
