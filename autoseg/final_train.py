@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from autoseg.checkpoint import checkpoint_with_keys, load_if_key, save_checkpoint
 from autoseg.config import TrainConfig
-from autoseg.data import Dataset, load_pair
+from autoseg.data import Dataset, load_mask, load_pair
 from autoseg.errors import InputError
 from autoseg.infer import evaluate, torch_runner
 from autoseg.metrics import IGNORE
@@ -125,7 +125,7 @@ def image_class_pixels(ds: Dataset, ids: np.ndarray, cache_dir: Path | None, pro
             log.warning("%s: unreadable, counted again", path)
     out = np.zeros((len(ids), k), dtype=np.int64)
     for j, i in enumerate(tqdm(ids, desc="class pixels", unit="img", disable=not progress, leave=False)):
-        _, mask = load_pair(ds, int(i))
+        mask = load_mask(ds, int(i))
         m = mask[mask != IGNORE]
         out[j] = np.bincount(m.ravel(), minlength=k)[:k]
     if path is not None:

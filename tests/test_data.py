@@ -15,6 +15,7 @@ from autoseg.data import (
     ClassMap,
     ImageRows,
     find_pairs,
+    load_mask,
     load_pair,
     mask_dtype,
     read_image,
@@ -369,6 +370,18 @@ def test_contiguous_ids_with_ignore(tmp_path):
     # Without an ignore value, 255 is just an unexpected value.
     with pytest.raises(InputError, match=r"unexpected mask values 255 \(found in a\.png\)"):
         scan(tmp_path, ignore_index=None)
+
+
+def test_load_mask_is_load_pairs_mask_and_checks_the_scanned_size(tmp_path):
+    m = np.arange(80, dtype=np.uint8).reshape(8, 10) % 3
+    m[0, :3] = 255
+    dataset(tmp_path, {"a": m})
+    ds = scan(tmp_path)
+    assert np.array_equal(load_mask(ds, 0), load_pair(ds, 0)[1])
+    assert load_mask(ds, 0, np.int16).dtype == np.int16
+    save(tmp_path / "masks" / "a.png", np.zeros((6, 10), np.uint8))  # changed after the scan
+    with pytest.raises(InputError, match=r"a\.png: mask is 10x6 but image a\.png was 10x8 \(WxH\) at the scan"):
+        load_mask(ds, 0)
 
 
 def test_unexpected_values_are_listed_with_their_files(tmp_path):

@@ -233,6 +233,23 @@ def load_pair(ds: Dataset, i: int, dtype: type[np.signedinteger] = np.int32) -> 
     return img, mask
 
 
+def load_mask(ds: Dataset, i: int, dtype: type[np.signedinteger] = np.int32) -> np.ndarray:
+    """The mask of pair i alone, as load_pair maps it, checked against the image size of the scan: for a pass
+    that needs no pixels (three times fewer bytes decoded on RGB data)."""
+    pair = ds.pairs[i]
+    raw = read_raw_mask(pair.mask)
+    h, w = ds.sizes[i]
+    if raw.shape[:2] != (h, w):
+        raise InputError(
+            f"{pair.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but image {pair.image.name} was {w}x{h} (WxH) "
+            "at the scan; each mask must have the size of its image"
+        )
+    try:
+        return ds.class_map.apply(raw, dtype)
+    except ValueError as e:
+        raise InputError(f"{pair.mask}: {e}; the file changed since the scan, or it is not a mask") from None
+
+
 def split_by_image(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train ids, test ids), sorted. At least one train image; test may be empty."""
     if n < 1:
