@@ -226,11 +226,14 @@ def load_pair(ds: Dataset, i: int, dtype: type[np.signedinteger] = np.int32) -> 
             f"{pair.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but image {pair.image.name} is "
             f"{img.shape[1]}x{img.shape[0]} (WxH); each mask must have the size of its image"
         )
+    return img, _class_ids(ds, pair, raw, dtype)
+
+
+def _class_ids(ds: Dataset, pair: Pair, raw: np.ndarray, dtype: type[np.signedinteger]) -> np.ndarray:
     try:
-        mask = ds.class_map.apply(raw, dtype)
+        return ds.class_map.apply(raw, dtype)
     except ValueError as e:
         raise InputError(f"{pair.mask}: {e}; the file changed since the scan, or it is not a mask") from None
-    return img, mask
 
 
 def load_mask(ds: Dataset, i: int, dtype: type[np.signedinteger] = np.int32) -> np.ndarray:
@@ -244,10 +247,7 @@ def load_mask(ds: Dataset, i: int, dtype: type[np.signedinteger] = np.int32) -> 
             f"{pair.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but image {pair.image.name} was {w}x{h} (WxH) "
             "at the scan; each mask must have the size of its image"
         )
-    try:
-        return ds.class_map.apply(raw, dtype)
-    except ValueError as e:
-        raise InputError(f"{pair.mask}: {e}; the file changed since the scan, or it is not a mask") from None
+    return _class_ids(ds, pair, raw, dtype)
 
 
 def split_by_image(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
