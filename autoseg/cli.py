@@ -347,7 +347,8 @@ def _run_config(run: Path, args: argparse.Namespace, extra: dict[str, Any] | Non
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import run_search, summary_lines
+    from autoseg.model_card import summary_lines
+    from autoseg.pipeline import run_search
 
     card = run_search(_config(args), resume_anyway=args.resume_anyway, progress=progress_enabled())
     for line in summary_lines(card):
@@ -357,7 +358,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from autoseg.demo_data import generate_demo
-    from autoseg.pipeline import run_search, summary_lines
+    from autoseg.model_card import summary_lines
+    from autoseg.pipeline import run_search
 
     out = Path(args.out)
     images, masks = generate_demo(out / "data")
@@ -388,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tiles(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import prepare_data, tile_index
+    from autoseg.data_stage import prepare_data, tile_index
 
     cfg = _config(args)
     stage = prepare_data(cfg, progress_enabled())
@@ -404,7 +406,7 @@ def cmd_tiles(args: argparse.Namespace) -> int:
 
 
 def cmd_reps(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import prepare_data, select_reps
+    from autoseg.data_stage import prepare_data, select_reps
     from autoseg.rundir import RunDir
 
     cfg = _config(args)
@@ -436,15 +438,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from autoseg.data_stage import check_data_digest, check_data_folders, prepare_data, same_test_data
     from autoseg.export import check_loads
-    from autoseg.pipeline import (
-        check_data_digest,
-        check_data_folders,
-        evaluate_model,
-        other_eval_folder,
-        prepare_data,
-        same_test_data,
-    )
+    from autoseg.pipeline import evaluate_model, other_eval_folder
     from autoseg.rundir import RunDir, write_json_atomic
     from autoseg.unet import Arch
 
@@ -490,7 +486,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _ship(cfg: Config, run: Any, number: int, given: frozenset[str] = frozenset()) -> dict[str, Any]:
-    from autoseg.pipeline import ship_trial, summary_lines
+    from autoseg.model_card import summary_lines
+    from autoseg.pipeline import ship_trial
 
     card = ship_trial(cfg, run, number, progress_enabled(), given)
     for line in summary_lines(card):

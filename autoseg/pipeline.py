@@ -3,6 +3,9 @@
 data -> tiles -> representative tiles -> device -> Optuna search -> retrain the best net
 -> export (simplified, verified ONNX) -> evaluate on full test images -> model card -> report.
 
+The stages this calls: autoseg.data_stage (split, representatives, the trials' arrays), autoseg.search (the
+study), autoseg.retrain (the chosen net's final training), autoseg.model_card (what the card and summary say).
+
 With --storage URL the study is in a database server: `autoseg worker` processes on other hosts join its trials
 (autoseg.remote_worker, with what autoseg.study_data records here), and this process alone trains the best net.
 """
@@ -11,15 +14,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
-import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,16 @@ import yaml
 
 from autoseg import __version__
 from autoseg.checkpoint import load_if_key, save_checkpoint
-from autoseg.config import DATA_PATHS, Config, config_to_dict
-from autoseg.data import Dataset, dataset_digest, scan_dataset, split_by_image
+from autoseg.config import Config, config_to_dict
+from autoseg.data import Dataset
+from autoseg.data_stage import (
+    DataStage,
+    check_data_digest,
+    check_data_folders,
+    data_stage,
+    data_summary,
+    prepare_data,
+)
 from autoseg.devices import (
     Device,
     Measurement,
@@ -39,30 +47,17 @@ from autoseg.devices import (
     open_device,
     passing,
     settings_from_config,
-    unreliable_note,
 )
 from autoseg.errors import InputError
 from autoseg.export import ExportInfo, export_final, model_metadata, quantize_int8
-from autoseg.final_train import (
-    FinalSettings,
-    check_cache_memory,
-    final_batch_size,
-    final_key,
-    final_settings,
-    image_class_pixels,
-    loader_workers,
-    split_validation,
-    teacher_source,
-    train_final,
-)
 from autoseg.gate import Gate
 from autoseg.infer import evaluate, ort_runner
-from autoseg.reps import RepSet, build_reps, rep_arrays, write_contact_sheet, write_manifest, write_tile_pngs
+from autoseg.model_card import card_test_metrics, fmt, int8_comparison, predictor_card, training_summary
+from autoseg.retrain import RETRAIN_STATE, on_all_data, on_reps
 from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
 from autoseg.search import (
     Objective,
     SearchTask,
-    TileData,
     check_space,
     choose_best,
     distinct_trials,
@@ -77,8 +72,7 @@ from autoseg.search import (
 )
 from autoseg.storage import MAX_RETRY, describe, storage_errors
 from autoseg.study_data import record_study_data, wait_for_others
-from autoseg.tiles import TileIndex, build_index
-from autoseg.train import FOLD_TILE_PASSES, TrainSettings, cv_epochs, train_model, training_settings
+from autoseg.train import FOLD_TILE_PASSES, cv_epochs
 from autoseg.unet import Arch, build_unet
 from autoseg.visual import write_example
 from autoseg.workers import run_parallel
@@ -86,158 +80,7 @@ from autoseg.workers import run_parallel
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DataStage:
-    ds: Dataset  # training images (and the held-out split when no test folders are given)
-    train_ids: np.ndarray
-    test_ds: Dataset
-    test_ids: np.ndarray
-
-
-# ------------------------------------------------------------------ data stage
-
-
-def prepare_data(cfg: Config, progress: bool = False) -> DataStage:
-    """Scan images and masks, and decide which images train and which test (by image, never by tile)."""
-    d = cfg.data
-    if d.images is None or d.masks is None:
-        raise InputError("data.images / data.masks: both folders are required; pass --images DIR --masks DIR")
-    ds = scan_dataset(d.images, d.masks, d, progress=progress)
-    if (d.test_images is None) != (d.test_masks is None):
-        raise InputError("data.test_images / data.test_masks: give both folders, or neither")
-    if d.test_images is not None and d.test_masks is not None:
-        test_ds = scan_dataset(
-            d.test_images, d.test_masks, d, progress=progress, class_map=ds.class_map, channels=ds.channels
-        )
-        # The net sees test images normalised as it saw training images.
-        test_ds = replace(test_ds, mean=ds.mean, std=ds.std)
-        return DataStage(ds, np.arange(len(ds.pairs)), test_ds, np.arange(len(test_ds.pairs)))
-    train_ids, test_ids = split_by_image(len(ds.pairs), d.test_fraction, cfg.seed)
-    return DataStage(ds, train_ids, ds, test_ids)
-
-
-def tile_index(cfg: Config, stage: DataStage, tile: int) -> TileIndex:
-    return build_index(stage.ds.sizes, tile, cfg.tiles.overlap, images=stage.train_ids)
-
-
-def select_reps(cfg: Config, stage: DataStage, tile: int, run: RunDir, progress: bool = False) -> RepSet:
-    """Representative tiles of the training images at one tile size, cached under RUN/index."""
-    index = tile_index(cfg, stage, tile)
-    reps = build_reps(stage.ds, index, cfg.reps, cfg.seed, run.index, progress=progress)
-    folder = run.reps if len(tile_choices(cfg)) == 1 else run.reps / f"tile{tile}"
-    write_manifest(stage.ds, reps, folder / "manifest.csv")
-    if cfg.reps.contact_sheet:
-        write_contact_sheet(stage.ds, reps, folder / "contact_sheet.png")
-    if cfg.reps.write_pngs:
-        write_tile_pngs(stage.ds, reps, folder / "tiles")
-    return reps
-
-
-def class_weights(cfg: Config, ds: Dataset) -> tuple[float, ...] | None:
-    cw = cfg.train.class_weights
-    k = ds.class_map.num_classes
-    if cw == "none":
-        return None
-    if isinstance(cw, list):
-        if len(cw) != k:
-            raise InputError(f"train.class_weights: needs {k} weights (one per class), got {len(cw)}")
-        return tuple(float(v) for v in cw)
-    freq = ds.class_pixels / max(1, ds.class_pixels.sum())
-    w = 1.0 / np.sqrt(np.maximum(freq, 1e-6))
-    return tuple(float(v) for v in w / w.mean())
-
-
-def data_summary(stage: DataStage, reps_by_tile: dict[int, RepSet]) -> dict[str, Any]:
-    summary = stage.ds.summary()
-    summary["train_images"] = [stage.ds.pairs[i].stem for i in stage.train_ids]
-    summary["test_images"] = [stage.test_ds.pairs[i].stem for i in stage.test_ids]
-    summary["test_source"] = "split" if stage.test_ds is stage.ds else "folders"
-    summary["tiles"] = {str(t): r.n_tiles for t, r in reps_by_tile.items()}
-    summary["reps"] = {str(t): len(r.rows) for t, r in reps_by_tile.items()}
-    summary.update(data_digests(stage))
-    return summary
-
-
-def data_digests(stage: DataStage) -> dict[str, str | None]:
-    """The run's data, by content (data.json): the training folders', and the test folders' when given."""
-    return {"digest": dataset_digest(stage.ds),
-            "test_digest": None if stage.test_ds is stage.ds else dataset_digest(stage.test_ds)}
-
-
-# Flags that give a run's data folders again, by data.<key>.
-_DATA_FLAGS = {"images": "--images DIR --masks DIR", "masks": "--images DIR --masks DIR",
-               "test_images": "--test-images DIR --test-masks DIR", "test_masks": "--test-images DIR --test-masks DIR"}
-
-
-def check_data_folders(cfg: Config, run: RunDir, given: set[str] | frozenset[str] = frozenset()) -> None:
-    """One line naming the flags to pass when a folder the run's config names is gone (the data moved).
-    `given`: the data keys this command's flags set (their own errors say what is wrong with them)."""
-    for key in DATA_PATHS:
-        path = getattr(cfg.data, key)
-        if key in given or path is None or path.is_dir():
-            continue
-        raise InputError(
-            f"{run.config}: data.{key} {path} is not there (did the data move?); pass {_DATA_FLAGS[key]} with "
-            f"where it is now: it is checked against the run's data digest")
-
-
-def check_data_digest(cfg: Config, run: RunDir, stage: DataStage, test: bool = True) -> None:
-    """The folders read now must hold the data the run was made with (data.json's digests); runs made before
-    digests were saved are not checked. `test`: check the test folders too (the run's own held-out set)."""
-    try:
-        saved = json.loads(run.data.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        saved = {}
-    checks = [("digest", stage.ds, "images", "masks", "--images/--masks")]
-    if test and stage.test_ds is not stage.ds:
-        checks.append(("test_digest", stage.test_ds, "test_images", "test_masks", "--test-images/--test-masks"))
-    for key, ds, images, masks, flags in checks:
-        if not isinstance(saved.get(key), str):
-            continue
-        now = dataset_digest(ds)
-        if now != saved[key]:
-            raise InputError(
-                f"{getattr(cfg.data, images)} and {getattr(cfg.data, masks)}: not the data run {run.root} was made "
-                f"with (digest {now[:12]}, the run's {saved[key][:12]}); pass the run's own folders with {flags}, "
-                f"or evaluate on other images with `autoseg eval {run.root} --test-images DIR --test-masks DIR`")
-
-
-def same_test_data(run: RunDir, stage: DataStage) -> bool:
-    """The test folders given hold the run's own test set (data.json's test_digest): it moved, nothing more."""
-    try:
-        saved = json.loads(run.data.read_text(encoding="utf-8")).get("test_digest")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(saved, str) and stage.test_ds is not stage.ds and dataset_digest(stage.test_ds) == saved
-
-
 # ------------------------------------------------------------------ search
-
-
-def data_stage(cfg: Config, run: RunDir, progress: bool = False, stage: DataStage | None = None
-               ) -> tuple[DataStage, dict[int, RepSet], SearchTask]:
-    """Images split, representatives chosen (cached under RUN/index) and their arrays: what the trials train on.
-    `stage`: prepare_data's, when the caller has it already."""
-    stage = stage or prepare_data(cfg, progress)
-    if len(stage.train_ids) == 0:
-        raise InputError(
-            f"{cfg.data.images}: no training images left after the test split; lower data.test_fraction"
-        )
-    reps_by_tile = {t: select_reps(cfg, stage, t, run, progress) for t in tile_choices(cfg)}
-    return stage, reps_by_tile, search_task(cfg, stage.ds, reps_by_tile)
-
-
-def search_task(cfg: Config, ds: Dataset, reps_by_tile: dict[int, RepSet]) -> SearchTask:
-    """The representatives' arrays and what a trial needs beside them (also a worker's, on another host)."""
-    return SearchTask(
-        data={t: TileData(*rep_arrays(ds, r)) for t, r in reps_by_tile.items()},
-        in_channels=ds.channels,
-        num_classes=ds.class_map.num_classes,
-        class_weights=class_weights(cfg, ds),
-        # What each trial's ONNX file carries beside its net, as the final model does.
-        dataset_metadata={"classes": list(ds.class_map.names), "mean": list(ds.mean),
-                          "std": list(ds.std), "class_map": ds.class_map.to_dict()},
-    )
 
 
 @contextmanager
@@ -299,7 +142,7 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             card = finalize(cfg, run, stage, task, best, progress, device=device, settings=settings)
             card["pareto_front"] = pareto_summary(study)
             card["trials"] = trial_counts(study)
-            predictor = _predictor_card(study)
+            predictor = predictor_card(study)
             if predictor:
                 card["latency_predictor"] = predictor
             write_json_atomic(run.best / "model_card.json", card)  # the float net is done: keep its card
@@ -363,9 +206,9 @@ def finalize(
     tile = int(best.user_attrs["tile"])
     ds = stage.ds
     if cfg.train.final_data == "all":
-        key, train = _on_all_data(cfg, run, stage, task, arch, tile, best.number, progress, where)
+        key, train = on_all_data(cfg, run, stage, task, arch, tile, best.number, progress, where)
     else:
-        key, train = _on_reps(cfg, task, arch, tile, best.number, progress, where)
+        key, train = on_reps(cfg, task, arch, tile, best.number, progress, where)
     checkpoint = load_if_key(where / "model.pt", key)
     if checkpoint is not None:
         log.info("trial %d (%s) was retrained already: %s kept", best.number, arch.key(), where / "model.pt")
@@ -410,8 +253,8 @@ def finalize(
         "cv_score": best.user_attrs.get("cv_mean"),
         "cv_std": best.user_attrs.get("cv_std"),
         "fold_scores": best.user_attrs.get("fold_scores"),
-        "training": _training_summary(checkpoint.get("training")),
-        **_card_test_metrics(metrics),
+        "training": training_summary(checkpoint.get("training")),
+        **card_test_metrics(metrics),
         "test_images": len(stage.test_ids),
         "classes": list(ds.class_map.names),
         "in_channels": task.in_channels,
@@ -465,130 +308,6 @@ def chosen_latency(
     }
 
 
-RETRAIN_STATE = "retrain_state.pt"  # the final retrain in progress, in best/
-RETRAIN_SAVE_SHARE = 0.05  # saving the retrain's state may take at most this share of its time
-
-
-def retrain_key(trial: int, arch: Arch, tile: int, settings: TrainSettings, data: TileData) -> str:
-    """What the final retrain depends on: the same key gives the same net, bit for bit."""
-    h = hashlib.sha256(json.dumps({"trial": trial, "arch": arch.key(), "tile": tile, "settings": asdict(settings),
-                                   "x": list(data.x.shape)}, sort_keys=True).encode())
-    for a in (data.x, data.y):
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _on_reps(
-    cfg: Config, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool, where: Path
-) -> tuple[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]]:
-    """train.final_data: reps. Train on the representative tiles for final_epochs, as the search's folds do."""
-    data = task.data[tile]
-    settings = training_settings(cfg.train, cfg.seed, task.class_weights, epochs=cfg.train.final_epochs)
-    key = retrain_key(trial, arch, tile, settings, data)
-
-    def train() -> tuple[torch.nn.Module, dict[str, Any]]:
-        t0 = time.monotonic()
-        model = _retrain(where / RETRAIN_STATE, key, arch, task, data, settings, trial, progress)
-        return model, {"data": "reps", "images": None, "tiles": len(data.x), "epochs": settings.epochs,
-                       "tile_passes": settings.epochs * len(data.x), "seconds": time.monotonic() - t0,
-                       "stopped": "budget", "curve": []}
-
-    return key, train
-
-
-def _on_all_data(
-    cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, arch: Arch, tile: int, trial: int, progress: bool,
-    where: Path,
-) -> tuple[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]]:
-    """train.final_data: all. Crops of every training image; a validation split by image picks the weights."""
-    t = cfg.train
-    fit_ids, val_ids = split_validation(stage.train_ids, t.val_fraction, cfg.seed)
-    teacher = teacher_source(t.teacher, stage.ds, task.in_channels) if t.teacher else None
-    multiple = math.lcm(arch.multiple, teacher.arch.multiple if teacher else 1)  # both nets take the crops
-    crop = -(-(t.final_crop or tile) // multiple) * multiple
-    workers = loader_workers(t, stage.ds, fit_ids)
-    check_cache_memory(t, workers)
-    settings = training_settings(t, cfg.seed, task.class_weights, epochs=0)
-
-    def plan(a: Arch, teacher_key: str = "") -> tuple[FinalSettings, str]:
-        fs = final_settings(t, settings, crop, final_batch_size(t, a, task.in_channels, task.num_classes, crop),
-                            workers)
-        if not teacher_key:
-            fs = replace(fs, distill_weight=0.0)
-        return fs, final_key(a.key() + teacher_key, tile, fs, stage.ds, fit_ids, val_ids)
-
-    fs, key = plan(arch, teacher.key if teacher else "")
-
-    def fit(a: Arch, fs: FinalSettings, key: str, state: Path, what: str, soft: torch.nn.Module | None = None
-            ) -> tuple[torch.nn.Module, dict[str, Any]]:
-        log.info("training %s (%s) on %d training images (%d validate): %d crops of %d px, batch %d, %d steps%s%s",
-                 what, a.key(), len(fit_ids), len(val_ids), fs.tiles, crop, fs.batch_size, fs.steps,
-                 f", at most {fs.minutes:g} min" if fs.minutes else "",
-                 f", distilled from {teacher.name}" if soft is not None and teacher else "")
-        pixels = image_class_pixels(stage.ds, fit_ids, run.index, progress)
-        torch.manual_seed(cfg.seed)
-        model = build_unet(a, task.in_channels, task.num_classes)
-        r = train_final(model, stage.ds, fit_ids, val_ids, pixels, fs, state, key, progress, teacher=soft)
-        return r.model, {
-            "data": "all", "images": len(fit_ids), "val_images": [stage.ds.pairs[int(i)].stem for i in val_ids],
-            "crop": crop, "batch_size": fs.batch_size, "tile_passes": r.tile_passes, "budget_tiles": fs.tiles,
-            "best_step": r.best_step, "best_val_miou": r.best_val_miou, "stopped": r.stopped,
-            "seconds": r.seconds, "teacher": teacher.name if soft is not None and teacher else None,
-            "curve": r.curve,
-        }
-
-    def train() -> tuple[torch.nn.Module, dict[str, Any]]:
-        soft = None
-        if teacher is not None:
-            soft = teacher.model
-            if soft is None:  # the reference U-Net, trained once by the same final training and kept
-                t_fs, t_key = plan(teacher.arch)
-                path = run.best / "teacher.pt"
-                done = load_if_key(path, t_key)
-                if done is not None:
-                    soft = build_unet(teacher.arch, task.in_channels, task.num_classes)
-                    soft.load_state_dict(done["state_dict"])
-                else:
-                    soft, info = fit(teacher.arch, t_fs, t_key, run.best / "teacher_state.pt", "the teacher")
-                    save_checkpoint({"arch": teacher.arch.to_dict(), "state_dict": soft.state_dict(),
-                                     "retrain_key": t_key, "training": info}, path)
-                    (run.best / "teacher_state.pt").unlink(missing_ok=True)
-        return fit(arch, fs, key, where / RETRAIN_STATE, f"trial {trial}", soft)
-
-    return key, train
-
-
-def _training_summary(training: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The model card's view of the final training: everything but the curve (best/training.json has it)."""
-    return None if training is None else {k: v for k, v in training.items() if k != "curve"}
-
-
-def _retrain(
-    state_path: Path, key: str, arch: Arch, task: SearchTask, data: TileData, settings: TrainSettings, trial: int,
-    progress: bool,
-) -> torch.nn.Module:
-    """Train the chosen net from scratch, or on from the state an interrupted run of it saved."""
-    resume = load_if_key(state_path, key)
-    log.info("retraining trial %d (%s) for %d epochs%s", trial, arch.key(), settings.epochs,
-             f", going on after epoch {resume['epochs_done']}" if resume else "")
-    last, cost = time.monotonic(), 0.0
-
-    def keep(epochs_done: int, state: Callable[[], dict]) -> None:
-        # After every epoch that a save does not slow by more than RETRAIN_SAVE_SHARE: a small net's
-        # state is saved each epoch, a big one's (megabytes) every few epochs.
-        nonlocal last, cost
-        now = time.monotonic()
-        if epochs_done < settings.epochs and cost <= RETRAIN_SAVE_SHARE * (now - last):
-            save_checkpoint({**state(), "retrain_key": key}, state_path)
-            last = time.monotonic()
-            cost = last - now
-
-    torch.manual_seed(settings.seed)
-    model = build_unet(arch, task.in_channels, task.num_classes)
-    return train_model(model, data.x, data.y, task.num_classes, settings, progress=progress, resume=resume,
-                       on_epoch=keep)
-
-
 def int8_variant(
     cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, card: dict[str, Any], device: Device,
     settings: MeasureSettings, progress: bool = False,
@@ -614,7 +333,7 @@ def int8_variant(
     int8_m, fp32_m = timed.get("int8"), timed.get("fp32")
     out = {
         **info.to_dict(),
-        **_card_test_metrics(metrics),
+        **card_test_metrics(metrics),
         "latency_ms": int8_m.median_ms if int8_m else None,
         "fp32_latency_ms": fp32_m.median_ms if fp32_m else None,  # the float model, timed beside it
         "latency_flags": list(int8_m.flags) if int8_m else [],
@@ -625,32 +344,8 @@ def int8_variant(
         "latency_error": lost or next((m.message for m in timed.values() if m.median_ms is None), None),
     }
     log.info("int8: %s, %.1f kB, test mIoU %s (float %s), %s on %s", info.path.name, info.size_bytes / 1e3,
-             _fmt(out["test_miou"]), _fmt(card.get("test_miou")), _int8_comparison(out), out["device"])
+             fmt(out["test_miou"]), fmt(card.get("test_miou")), int8_comparison(out), out["device"])
     return out
-
-
-def _int8_comparison(q: dict[str, Any]) -> str:
-    """'X ms vs Y ms float', plain only when both figures are clean; else with why it is unreliable."""
-    flags = [*q.get("latency_flags", ()), *q.get("fp32_latency_flags", ())]
-    return (f"{_fmt(q.get('latency_ms'), '.2f')} ms vs {_fmt(q.get('fp32_latency_ms'), '.2f')} ms float"
-            f"{unreliable_note(flags)}")
-
-
-def _card_test_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """The model card's plain test-metric keys (None without test images)."""
-    if not metrics:
-        return dict.fromkeys(("test_miou", "test_dice", "test_pixel_acc", "test_per_class"))
-    mean = metrics["mean"]
-    return {
-        "test_miou": mean["miou"],
-        "test_dice": mean["macro_dice"],
-        "test_pixel_acc": mean["pixel_acc"],
-        "test_per_class": metrics["per_class"],
-    }
-
-
-def _fmt(v: Any, spec: str = ".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def export_checkpoint(checkpoint: dict[str, Any], model: torch.nn.Module, path: Path, cfg: Config) -> ExportInfo:
@@ -729,62 +424,3 @@ def _write_report(run: RunDir, storage: str | None = None) -> None:
         write_report(run.root, storage)
 
 
-def summary_lines(card: dict[str, Any]) -> list[str]:
-    return [
-        f"best architecture: {card['arch']} (trial {card['trial']}, tile {card['tile']})",
-        f"  CV mIoU:   {_fmt(card['cv_score'], '.3f')} ± {_fmt(card['cv_std'], '.3f')}",
-        f"  test mIoU: {_fmt(card['test_miou'], '.3f')} on {card['test_images']} image(s)",
-        f"  latency:   {_fmt(card['latency_ms'], '.2f')} ms median"
-        + (" in int8" if card.get("precision") == "int8" else "")
-        + (f" at {size}x{size} px" if (size := card.get("measure_size")) else "")
-        + f" on {card['device']} ({card['latency_source']})"
-        + unreliable_note(card.get("latency_flags") or ()),
-        f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
-        f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
-        *_training_lines(card.get("training")),
-        *_int8_summary(card.get("int8")),
-        *_trials_summary(card.get("trials")),
-    ]
-
-
-def _training_lines(t: dict[str, Any] | None) -> list[str]:
-    if not t:
-        return []
-    if t["data"] == "reps":
-        return [f"  trained:   {t['epochs']} epochs on {t['tiles']} representative tiles"]
-    val = (f", best validation mIoU {_fmt(t['best_val_miou'])} on {len(t['val_images'])} image(s) at "
-           f"{t['best_step']:,} steps" if t.get("best_val_miou") is not None else ", no validation split")
-    return [f"  trained:   {t['tile_passes']:,} crops of {t['crop']} px from {t['images']} training images "
-            f"({t['stopped'].replace('_', ' ')}, {t['seconds'] / 60:.1f} min){val}"]
-
-
-def _trials_summary(n: dict[str, int] | None) -> list[str]:
-    if not n:
-        return []
-    repeats = f"; {n['repeats']} repeated proposal(s) reused" if n["repeats"] else ""
-    failed = f"; {n['unmeasured']} the device could not measure" if n.get("unmeasured") else ""
-    guessed = f" ({n['predicted_over_budget']} predicted, not measured)" if n.get("predicted_over_budget") else ""
-    return [f"  searched:  {n['distinct']} distinct nets ({n['completed']} trained, {n['over_budget']} over the "
-            f"latency budget{guessed}, {n['distinct'] - n['completed'] - n['over_budget']} pruned otherwise)"
-            f"{repeats}{failed}"]
-
-
-def _predictor_card(study: Any) -> dict[str, Any] | None:
-    """The model card's account of the latency predictor (issue #26): nets measured and predicted, and its error
-    on the nets it predicted before they were measured; None when no predictor was fitted."""
-    from autoseg.report.collect import _trial_row
-    from autoseg.report.predicted import predictor_summary
-
-    s = predictor_summary([_trial_row(t) for t in study.get_trials(deepcopy=False)])
-    return None if s is None else {k: v for k, v in s.items() if k != "pairs"}
-
-
-def _int8_summary(q: dict[str, Any] | None) -> list[str]:
-    if not q:
-        return []
-    if "error" in q:
-        return [f"  int8:      not exported: {q['error']}"]
-    return [
-        f"  int8:      test mIoU {_fmt(q['test_miou'], '.3f')}, {_int8_comparison(q)}, "
-        f"ONNX {q['size_bytes'] / 1e3:.1f} kB: {q['path']}"
-    ]

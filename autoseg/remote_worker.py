@@ -23,10 +23,11 @@ import yaml
 from autoseg import __version__
 from autoseg.config import Config, config_from_dict, config_to_dict
 from autoseg.data import scan_dataset
+from autoseg.data_stage import search_task
 from autoseg.devices import open_device, settings_from_config
 from autoseg.errors import InputError
 from autoseg.gate import Gate
-from autoseg.pipeline import run_lock, search_task
+from autoseg.pipeline import run_lock
 from autoseg.rundir import RunDir, write_text_atomic
 from autoseg.search import (
     Objective,

@@ -62,9 +62,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 import autoseg
 from autoseg.config import Config, TrainConfig, load_config
+from autoseg.data_stage import DataStage, class_weights, prepare_data, select_reps
 from autoseg.devices import LocalDevice, MeasureError, open_device, settings_from_config
 from autoseg.errors import AutosegError
-from autoseg.pipeline import DataStage, class_weights, finalize, prepare_data, run_search, select_reps
+from autoseg.pipeline import finalize, run_search
 from autoseg.reps import rep_arrays
 from autoseg.rundir import RunDir, write_text_atomic
 from autoseg.search import (

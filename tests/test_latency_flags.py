@@ -25,7 +25,8 @@ from autoseg.devices import (
 )
 from autoseg.devices import measure as measure_module
 from autoseg.devices.cache import _graph_hash
-from autoseg.pipeline import _int8_summary, chosen_latency, summary_lines
+from autoseg.model_card import _int8_summary, summary_lines
+from autoseg.pipeline import chosen_latency
 from edge_agent.fingerprint import fingerprint_id, throttled_between
 
 FAST = MeasureSettings(warmup=1, min_runs=3, min_seconds=0.02)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from autoseg.config import load_config
+from autoseg.data_stage import class_weights, prepare_data
 from autoseg.errors import InputError
-from autoseg.pipeline import class_weights, prepare_data
 from autoseg.rundir import RunDir
 
 

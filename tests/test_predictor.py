@@ -408,13 +408,13 @@ def test_the_report_counts_measured_and_predicted_nets_and_labels_every_predicte
 
 
 def test_the_model_card_says_how_many_nets_were_predicted_and_how_well(tmp_path):
-    from autoseg.pipeline import _predictor_card, _trials_summary
+    from autoseg.model_card import _trials_summary, predictor_card
 
     _, study, _, _ = search(tmp_path, trials=2, seeded=40, **{"search.latency_budget_ms": 100.0})
-    card = _predictor_card(study)
+    card = predictor_card(study)
     assert card["dropped_on_prediction"] == 2 and card["measured"] == 0 and card["last_fit"]["usable"]
     assert "pairs" not in card
     line = _trials_summary(trial_counts(study))[0]
     assert "2 over the latency budget (2 predicted, not measured)" in line
     _, plain, _, _ = search(tmp_path / "plain", trials=1, seeded=0, **{"search.latency_budget_ms": 100.0})
-    assert _predictor_card(plain) is None
+    assert predictor_card(plain) is None
