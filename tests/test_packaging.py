@@ -113,7 +113,7 @@ def test_the_host_wheel_is_autoseg_edge_with_the_agent_inside(host_wheel: tuple[
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     # autoseg imports the agent's window blending and PNG writer, and uploads its sources to devices.
     assert {f"edge_agent/{p.name}" for p in (REPO / "edge_agent").glob("*.py")} <= names
-    assert {"autoseg/cli.py", "autoseg/infer.py", "autoseg/predict.py"} <= names
+    assert {"autoseg/cli/__init__.py", "autoseg/infer.py", "autoseg/predict.py"} <= names
     assert "edge_agent/pyproject.toml" not in names and "edge_agent/LICENSE" not in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
     assert "autoseg = autoseg.cli:main" in entry and "edge-agent = edge_agent.__main__:main" in entry
