@@ -57,7 +57,7 @@ def run(workers: int, args: argparse.Namespace, tmp: Path) -> dict:
     data = DATA_ROOT / DATASET
     cmd = [sys.executable, "-m", "autoseg", "search", "--config", str(cfg), "--images", str(data / "images"),
            "--masks", str(data / "masks"), "--tile", "64", "--num-reps", str(args.reps), "--folds", "2",
-           "--epochs", str(args.epochs), "--final-epochs", "1", "--trials", str(SPACE_NETS),
+           "--epochs", str(args.epochs), "--final-epochs", "1", "--final-data", "reps", "--trials", str(SPACE_NETS),
            "--workers", str(workers), "--out", str(out), "-q"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
