@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small budget of `make bench`: 5 nets, 40 reps, "
                     "30 final epochs")
-    ap.add_argument("--epochs", type=int, nargs="+", help="CV budgets, epochs per fold (default 3, 6 and "
-                    "autoseg's default; --quick 3 and the default)")
+    ap.add_argument("--epochs", type=int, nargs="+", help="CV budgets, epochs per fold, beside autoseg's "
+                    "default, which is always run (default 3 and 6; --quick 3)")
     ap.add_argument("--threads", type=int, default=1, help="train.threads (default 1, as bench_search)")
     ap.add_argument("--final-data", choices=["all", "reps"], default="all",
                     help="the final training: all training images (the product's default) or the representatives")
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         data = task.data[TILE]
         n = len(data.x)
         default = cv_epochs(cfg.train, n)
-        budgets = sorted(set(args.epochs or ([3, default] if args.quick else [3, 6, default])))
+        # the targets judge the default budget, so it is always one of them
+        budgets = sorted(set(args.epochs or ([3] if args.quick else [3, 6])) | {default})
         print(f"{len(nets)} nets, {n} representatives, {cfg.train.folds} folds, CV budgets {budgets} epochs "
               f"(default {default}), final training: {final_what}", flush=True)
 
