@@ -176,6 +176,12 @@ class SearchConfig:
     # is up stops at its next epoch (kept if a fold finished, else left to a rerun), and the run goes on to
     # train the best so far, within its own budget (train.final_tiles, train.final_minutes). null: no limit.
     max_minutes: float | None = field(default=None, metadata=_min(0.0, strict=True))
+    # The second stage: the top refine_top nets by the search's objective, each trained on refine_tiles crops of
+    # all training images (the shipped net's own training, shortened) and re-ranked by validation mIoU with the
+    # same latency penalty; the winner is the net trained to ship. 0 or 1: off, the search's best ships.
+    # The CV on the representatives alone ranked nets poorly once they trained on all data (issue #20).
+    refine_top: int = field(default=0, metadata=_min(0))
+    refine_tiles: int = field(default=25_000, metadata=_min(1))
     # Processes that run trials at once on this machine, each with an equal share of the cores (or
     # train.threads). Small nets use many cores poorly, so on a big machine several look at more nets.
     workers: int = field(default=1, metadata=_min(1))
@@ -413,6 +419,9 @@ def _settle(cfg: Config) -> Config:
     """What every config goes through once built: input paths made absolute, and one device given as a list made
     that device (device.target), so that below the door device.targets always means a pool of several."""
     _absolute(cfg)
+    if cfg.search.refine_top > 1 and cfg.train.val_fraction == 0:
+        raise InputError("search.refine_top: the second stage ranks nets on validation images, and "
+                         "train.val_fraction is 0; set train.val_fraction (e.g. 0.1) or search.refine_top: 0")
     if len(cfg.device.targets) == 1:
         cfg.device.target, cfg.device.targets = cfg.device.targets[0], []
     return cfg

@@ -50,10 +50,19 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
         + unreliable_note(card.get("latency_flags") or ()),
         f"  size:      {card['params']:,} params, {card['macs'] / 1e6:.1f}M MACs, "
         f"ONNX {card['onnx']['size_bytes'] / 1e3:.1f} kB",
+        *_second_stage_lines(card.get("second_stage")),
         *_training_lines(card.get("training")),
         *_int8_summary(card.get("int8")),
         *_trials_summary(card.get("trials")),
     ]
+
+
+def _second_stage_lines(s: dict[str, Any] | None) -> list[str]:
+    if not s:
+        return []
+    won = next(n for n in s["nets"] if n["trial"] == s["chosen"])
+    return [f"  chosen:    by the second stage, of the top {len(s['nets'])} by CV (rank {won['search_rank']}), "
+            f"validation mIoU {fmt(won['val_miou'])} after {s['tiles']:,} crops of all training images"]
 
 
 def _training_lines(t: dict[str, Any] | None) -> list[str]:

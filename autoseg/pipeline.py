@@ -1,10 +1,12 @@
 """One run of `autoseg search`, top to bottom.
 
-data -> tiles -> representative tiles -> device -> Optuna search -> retrain the best net
+data -> tiles -> representative tiles -> device -> Optuna search -> (optional second stage: the top nets trained
+briefly on all data) -> train the best net
 -> export (simplified, verified ONNX) -> evaluate on full test images -> model card -> report.
 
 The stages this calls: autoseg.data_stage (split, representatives, the trials' arrays), autoseg.search (the
-study), autoseg.retrain (the chosen net's final training), autoseg.model_card (what the card and summary say).
+study), autoseg.refine (the second stage), autoseg.retrain (the chosen net's final training), autoseg.model_card
+(what the card and summary say).
 
 With --storage URL the study is in a database server: `autoseg worker` processes on other hosts join its trials
 (autoseg.remote_worker, with what autoseg.study_data records here), and this process alone trains the best net.
@@ -53,6 +55,7 @@ from autoseg.export import ExportInfo, export_final, model_metadata, quantize_in
 from autoseg.gate import Gate
 from autoseg.infer import evaluate, ort_runner
 from autoseg.model_card import card_test_metrics, fmt, int8_comparison, predictor_card, training_summary
+from autoseg.refine import second_stage
 from autoseg.retrain import RETRAIN_STATE, on_all_data, on_reps
 from autoseg.rundir import RunDir, write_json_atomic, write_text_atomic
 from autoseg.search import (
@@ -65,6 +68,7 @@ from autoseg.search import (
     pareto_summary,
     plan_search,
     run_trials,
+    shortlist,
     study_storage,
     tile_choices,
     timed_size,
@@ -138,8 +142,14 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
                     break
                 log.info("running the trial(s) of a worker that stopped")
                 run_trials(study, objective, cfg.search.trials, progress, deadline=clock.deadline, clock=clock)
-            best = choose_best(study, cfg.search)
+            best, second = choose_best(study, cfg.search), None
+            if cfg.search.refine_top > 1:  # the top nets trained briefly on all data: the best of them ships
+                top = shortlist(study, cfg.search, cfg.search.refine_top)
+                if len(top) > 1:
+                    best, second = second_stage(cfg, run, stage, task, top, progress)
             card = finalize(cfg, run, stage, task, best, progress, device=device, settings=settings)
+            if second is not None:
+                card["second_stage"] = second
             card["pareto_front"] = pareto_summary(study)
             card["trials"] = trial_counts(study)
             predictor = predictor_card(study)

@@ -1,7 +1,7 @@
 """How many epochs per fold does the search need to rank nets the way their final training does?
 
     python -m benchmarks.bench_fidelity [--quick] [--epochs 3 6 12 ...] [--final-data all|reps] [--final-tiles N]
-                                        [--keep DIR]
+                                        [--refine-tiles N ...] [--keep DIR]
 
 Data: ../shared/datasets/semantic_drone_224, set up exactly as bench_search sets it up (same held-out split,
 tile 64, the same representative tiles, seed 0). Nets: small U-Nets within 10% of bench_search's reference
@@ -11,7 +11,9 @@ latency at 224x224, standard and separable, 2 to 4 levels. For each net:
           held-out images): what the search should predict. --final-data all (default, the product's):
           crops of all training images (--final-tiles, default the product's 200,000; --quick 3200);
           reps: the old retrain on the representatives for the final epochs;
-  CV      autoseg.train.cross_validate's mean fold mIoU (the search's score) at each --epochs budget.
+  CV      autoseg.train.cross_validate's mean fold mIoU (the search's score) at each --epochs budget;
+  second  with --refine-tiles N: the validation mIoU after autoseg.refine's short all-data training of N crops
+          (the second stage, search.refine_top), and the net a second stage over the top K by CV would ship.
 
 Reported: for each budget, the tiles a fold trains on and the Spearman rank correlation of the CV score with
 the final test mIoU, against the baseline of the 3-epoch budget in the same run. autoseg's default budget
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import tempfile
@@ -35,6 +38,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from autoseg.pipeline import finalize
+from autoseg.refine import train_briefly
 from autoseg.rundir import RunDir, write_text_atomic
 from autoseg.train import FOLD_TILE_PASSES, cross_validate, cv_epochs, training_settings
 from autoseg.unet import Arch
@@ -57,6 +61,8 @@ QUICK_NETS = [NETS[i] for i in (1, 2, 3, 5, 7)]
 TARGET_BASELINE_EPOCHS = 3
 TARGET_SPEARMAN_ALL = 0.7  # issue #20, with the final training on all data
 QUICK_FINAL_TILES = 3200
+QUICK_REFINE_TILES = 800
+SECOND_STAGE_TOP = (2, 3, 4)  # search.refine_top values whose choice is reported
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -76,6 +82,43 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def second_stage_choice(cv: list[float], val: list[float], k: int) -> int:
+    """The net a second stage over the top k by CV ships: the best validation mIoU among them (ties: CV order).
+    The bench's nets have near-equal latency, so the latency penalty is left out."""
+    top = sorted(range(len(cv)), key=lambda i: -cv[i])[:k]
+    return max(top, key=lambda i: val[i])
+
+
+def second_stage_lines(second: dict[int, list[float]], cv: list[float], finals: list[float], nets: list[Arch],
+                       default: int) -> list[str]:
+    """The second stage's fidelity (its validation mIoU against the final test mIoU) and what it would ship."""
+    if not second:
+        return []
+    best = max(range(len(finals)), key=lambda i: finals[i])
+    cv_pick = max(range(len(cv)), key=lambda i: cv[i])
+    lines = [
+        "## Second stage: a short all-data training (autoseg.refine)",
+        "",
+        f"Each net trained by `autoseg.refine.train_briefly` (the final training cut to N crops) and ranked by its "
+        f"best validation mIoU. Shipped: the net a second stage over the top K by the default CV ({default} epochs) "
+        f"would ship, by its final test mIoU. Without it the search ships `{nets[cv_pick].key()}` "
+        f"({finals[cv_pick]:.4f}); the best of the {len(nets)} nets is `{nets[best].key()}` ({finals[best]:.4f}).",
+        "",
+        "| crops per net | Spearman with the final test mIoU | "
+        + " | ".join(f"top {k}: ships (final test mIoU)" for k in SECOND_STAGE_TOP) + " |",
+        "|---|---|" + "---|" * len(SECOND_STAGE_TOP),
+    ]
+    for r, val in sorted(second.items()):
+        picks = [second_stage_choice(cv, val, k) for k in SECOND_STAGE_TOP]
+        lines.append(f"| {r:,} | {spearman(val, finals):.2f} | "
+                     + " | ".join(f"`{nets[i].key()}` ({finals[i]:.4f})" for i in picks) + " |")
+    lines += ["", "| net | final test mIoU | " + " | ".join(f"validation mIoU, {r:,} crops" for r in sorted(second))
+              + " |", "|---|---|" + "---|" * len(second)]
+    lines += [f"| `{a.key()}` | {finals[i]:.4f} | " + " | ".join(f"{second[r][i]:.4f}" for r in sorted(second)) + " |"
+              for i, a in sorted(enumerate(nets), key=lambda t: -finals[t[0]])]
+    return [*lines, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the small budget of `make bench`: 5 nets, 40 reps, "
@@ -87,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the final training: all training images (the product's default) or the representatives")
     ap.add_argument("--final-tiles", type=int, help="crops of the final training on all data (default: the "
                     f"product's; --quick {QUICK_FINAL_TILES})")
-    ap.add_argument("--keep", type=Path, help="keep the run directories here; a rerun reuses finished retrains")
+    ap.add_argument("--refine-tiles", type=int, nargs="*", help="second-stage budgets to measure, crops per net "
+                    f"(default none; --quick {QUICK_REFINE_TILES})")
+    ap.add_argument("--keep", type=Path, help="keep the run directories here; a rerun of the same command reuses "
+                    "finished trainings and CV scores")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -123,12 +169,33 @@ def main(argv: list[str] | None = None) -> int:
             card = finalize(cfg, RunDir(root / "final" / arch.key()).prepare(), stage, task, fake_trial)
             finals.append(card["test_miou"])
             for e in budgets:
+                kept = root / "cv" / f"{arch.key()}@{e}.json"  # a rerun with --keep reuses it
+                if kept.exists():
+                    cv[e].append(float(json.loads(kept.read_text())))
+                    continue
                 s = training_settings(cfg.train, cfg.seed, task.class_weights, e)
                 cv[e].append(float(np.mean(cross_validate(arch, data.x, data.y, data.groups, task.num_classes, s,
                                                           cfg.train.folds))))
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(kept, json.dumps(cv[e][-1]))
             print(f"  {arch.key():45s} final {finals[-1]:.4f}  " + "  ".join(f"cv@{e} {cv[e][-1]:.4f}"
                                                                             for e in budgets)
                   + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+        refine_budgets = args.refine_tiles if args.refine_tiles is not None else (
+            [QUICK_REFINE_TILES] if args.quick else [])
+        second: dict[int, list[float]] = {}
+        for r in refine_budgets:
+            cfg_r = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, refine_tiles=r))
+            second[r] = []
+            for arch in nets:
+                t0 = time.perf_counter()
+                where = root / "refine" / str(r) / arch.key()
+                fake_trial = SimpleNamespace(number=-1, user_attrs={"arch_dict": arch.to_dict(), "tile": TILE})
+                done = train_briefly(cfg_r, RunDir(where).prepare(), stage, task, fake_trial, 0, where)
+                second[r].append(done["val_miou"])
+                print(f"  {arch.key():45s} second stage @{r} crops: validation {second[r][-1]:.4f}  "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     per_fold = n * (cfg.train.folds - 1) // cfg.train.folds
     rho = {e: spearman(cv[e], finals) for e in budgets}
@@ -164,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         *[f"| `{a.key()}` | {f:.4f} | " + " | ".join(f"{cv[e][i]:.4f}" for e in budgets) + " |"
           for i, (a, f) in sorted(enumerate(zip(nets, finals, strict=True)), key=lambda t: -t[1][1])],
         "",
+        *second_stage_lines(second, cv[default], finals, nets, default),
         "## Targets",
         "",
         f"- {'PASS' if ok else 'FAIL'}: the default budget ({default} epochs, about {FOLD_TILE_PASSES} tiles a "

@@ -236,6 +236,32 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
     assert len(list((tmp_path / "pred8").glob("*.png"))) == 6
 
 
+def test_second_stage_trains_the_top_nets_on_all_data_and_ships_the_best_on_validation(demo, tmp_path):
+    images, masks = demo
+    out = tmp_path / "run"
+    args = [*search_args(tmp_path, images, masks, out, trials=3), "--pruner", "none", "--refine-top", "2",
+            "--refine-tiles", "48"]
+    proc = autoseg(*args)
+    assert proc.returncode == 0, proc.stderr
+    card = json.loads((out / "best" / "model_card.json").read_text())
+    second = card["second_stage"]
+    assert second["tiles"] == 48 and second["chosen"] == card["trial"] and len(second["nets"]) == 2
+    assert [n["search_rank"] for n in second["nets"]] == [1, 2]
+    won = max(second["nets"], key=lambda n: n["value"])
+    assert won["trial"] == card["trial"] and all(n["tile_passes"] >= 48 for n in second["nets"])  # whole batches
+    for n in second["nets"]:  # each kept where a rerun finds it; the training state is gone once done
+        assert (out / "trials" / str(n["trial"]) / "refine" / "result.json").exists()
+        assert not (out / "trials" / str(n["trial"]) / "refine" / "retrain_state.pt").exists()
+    assert "chosen:    by the second stage, of the top 2 by CV" in proc.stdout
+    assert "## Second stage: the top nets on all data" in (out / "report.md").read_text()
+    assert "Second stage" in (out / "report.html").read_text()
+
+    again = autoseg(*[a for a in args if a != "-q"], "-v")  # done: nothing is trained again
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("was done already") == 2 and "was retrained already" in again.stderr
+    assert json.loads((out / "best" / "model_card.json").read_text())["second_stage"] == second
+
+
 def test_failed_int8_export_keeps_the_float_model_and_its_card(demo, tmp_path):
     images, masks = demo
     out = tmp_path / "run"

@@ -191,12 +191,14 @@ def tiny_plan(tmp_path, started: float | None = None, wrap=lambda d: d, **overri
 def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path, caplog):
     started = time.time()
     with caplog.at_level(logging.INFO, logger="autoseg"):
-        cfg, run, study, device, clock = tiny_plan(tmp_path, started, **{"search.max_minutes": 30.0,
-                                                                          "train.final_minutes": 5.0})
+        cfg, run, study, device, clock = tiny_plan(tmp_path, started, **{
+            "search.max_minutes": 30.0, "train.final_minutes": 5.0, "search.refine_top": 3,
+            "search.refine_tiles": 500})
     text = caplog.text
     assert "the search stops by" in text and "(--max-minutes 30 from its start, a running trial included, less " \
         "60 s to export and test the net)" in text
-    assert "then the final training: at most 5 min (--final-minutes)" in text
+    assert re.search(r"then the second stage: 3 nets x 500 crops, about .+ to .+; then the final training: at "
+                     r"most 5 min \(--final-minutes\)", text)
     assert re.search(r"no latency budget: .* The space's nets take [\d.e-]+ ms \(k3_c4_standard_transpose\) to "
                      r"[\d.e-]+ ms \(k3-3_c8-8_standard_transpose\) at 16x16 px on local; --latency-budget-ms [\d.e-]+ "
                      r"\(a median net's, \S+\) drops the slower half", text)

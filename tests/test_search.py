@@ -39,6 +39,7 @@ from autoseg.search import (
     penalty_objective,
     run_trials,
     sample_candidate,
+    shortlist,
     study_storage,
     timed_size,
     trial_counts,
@@ -543,3 +544,12 @@ def test_the_shipped_nets_training_settings_do_not_change_what_a_trial_means():
              "train.val_fraction": 0.0, "train.teacher": "reference", "train.cache_mb": 1.0}
     assert config_fingerprint(load_config(None, {**TINY, **final})) == base  # a rerun may change them and resume
     assert config_fingerprint(load_config(None, {**TINY, "train.augment": False})) != base  # the folds use it
+
+
+def test_the_shortlist_is_the_searchs_ranking_with_its_choice_first(tmp_path):
+    cfg, _, study = run_search(tmp_path, 4, **{"search.pruner": "none"})
+    done = [t for t in distinct_trials(study) if t.state == TrialState.COMPLETE]
+    top = shortlist(study, cfg.search, 3)
+    assert len(done) >= 3 and top[0].number == choose_best(study, cfg.search).number
+    assert [t.value for t in top] == sorted((t.value for t in done), reverse=True)[:3]
+    assert len(shortlist(study, cfg.search, 99)) == len(done)

@@ -29,6 +29,8 @@ _FLAG_KEYS = {
     "startup": "search.startup",
     "latency_budget_ms": "search.latency_budget_ms",
     "max_minutes": "search.max_minutes",
+    "refine_top": "search.refine_top",
+    "refine_tiles": "search.refine_tiles",
     "workers": "search.workers",
     "storage": "search.storage",
     "study": "search.study_name",
@@ -154,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-tiles", type=int, help="crops the shipped net trains on with --final-data all "
                    f"(default {FINAL_TILE_PASSES:,})")
     p.add_argument("--final-minutes", type=float, help="wall-clock cap on the shipped net's training")
+    p.add_argument("--refine-top", type=int, help="second stage: train the top N nets by the search's score "
+                   "briefly on all training images and ship the best on the validation images (default 0: off)")
+    p.add_argument("--refine-tiles", type=int, help="crops each net of the second stage trains on (default 25,000)")
     p.add_argument("--final-epochs", type=int, help="epochs of the final retrain with --final-data reps (default 100)")
     p.add_argument("--batch-size", type=int, help="training batch (default: from free memory and the net's "
                    "size, at most 64 in the search and 32 for the shipped net)")

@@ -214,6 +214,7 @@ def write_report(run_dir: Path, storage: str | None = None) -> dict:
         "export": export,
         "model_card": card,
         "training": None if training is None else {**training, "curve": curve},
+        "second_stage": (card or {}).get("second_stage"),
         "other_evals": others,
         "time_limit": _time_limit(rows, config, study),
         "eval": {k: v for k, v in metrics.items() if k != "per_image"} if metrics else None,

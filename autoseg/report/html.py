@@ -13,10 +13,12 @@ from autoseg.report.predicted import summary_line
 from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
+    SECOND_STAGE_HEADERS,
     SHIP_NOTE,
     _export_rows,
     _fp_rows,
     _other_rows,
+    _second_stage_rows,
     _ship_command,
     _summary_lines,
     _training_rows,
@@ -155,6 +157,11 @@ def render_html(rep: dict, pngs: dict[str, bytes], examples: dict[str, bytes], c
     if rep.get("other_evals"):
         B += ["<h2>Evaluations on other images</h2>", _html_table(OTHER_HEADERS, _other_rows(rep["other_evals"])),
               f'<p class="source">{_h(OTHER_SOURCE.replace("`", ""))}</p>']
+
+    if rep.get("second_stage"):
+        line, rows = _second_stage_rows(rep["second_stage"])
+        B += ["<h2>Second stage: the top nets on all data</h2>", _html_table(SECOND_STAGE_HEADERS, rows),
+              f'<p class="source">{_h(line)}</p>']
 
     B.append("<h2>Training of the shipped net</h2>")
     if rep.get("training"):

@@ -11,10 +11,12 @@ from autoseg.report.predicted import summary_line
 from autoseg.report.tables import (
     OTHER_HEADERS,
     OTHER_SOURCE,
+    SECOND_STAGE_HEADERS,
     SHIP_NOTE,
     _export_rows,
     _fp_rows,
     _other_rows,
+    _second_stage_rows,
     _ship_command,
     _summary_lines,
     _training_rows,
@@ -99,6 +101,11 @@ def render_markdown(rep: dict, config_text: str | None, data_raw: Any) -> str:
     if rep.get("other_evals"):
         L += ["## Evaluations on other images", "", OTHER_SOURCE, ""]
         L += _md_table(OTHER_HEADERS, _other_rows(rep["other_evals"]))
+
+    if rep.get("second_stage"):
+        line, rows = _second_stage_rows(rep["second_stage"])
+        L += ["## Second stage: the top nets on all data", "", line, ""]
+        L += _md_table(SECOND_STAGE_HEADERS, rows)
 
     L += ["## Training of the shipped net", ""]
     if rep.get("training"):

@@ -29,6 +29,19 @@ def _training_rows(t: dict) -> list[list[str]]:
     return rows
 
 
+SECOND_STAGE_HEADERS = ["search rank", "#", "arch", "CV (search)", "validation mIoU", "value", "crops", "minutes"]
+
+
+def _second_stage_rows(s: dict) -> tuple[str, list[list[str]]]:
+    """The second stage (search.refine_top): its sentence and one row per net, ★ on the one that ships."""
+    line = (f"The top {len(s['nets'])} nets by the search's score, each trained on {s['tiles']:,} crops of all "
+            "training images and ranked by validation mIoU with the search's latency penalty (value); ★ ships.")
+    rows = [[str(n["search_rank"]), ("★ " if n["trial"] == s["chosen"] else "") + str(n["trial"]), str(n["arch"]),
+             _f(n.get("cv_score")), _f(n.get("val_miou")), _f(n.get("value")), f"{n.get('tile_passes') or 0:,}",
+             f"{(n.get('seconds') or 0) / 60:.1f}"] for n in s["nets"]]
+    return line, rows
+
+
 def _trial_table(rows: list[dict], objective: str, front: set[int], chosen: int | None,
                  show_source: bool) -> tuple[list[str], list[list[str]], list[str]]:
     headers = ["#", "state", "arch", "tile", "params", "MACs", "lat median ms", "lat p90 ms",

@@ -13,7 +13,8 @@ space: the nets search.space allows, params -> Candidate (Arch and tile), the co
 TileData, what the trials train on; trials: which trials count (repeats, twins, redone trials, no outcome);
 sampling: samplers seeded per trial, the pruner; study: open_study, load_study, the config fingerprint, requeueing
 interrupted trials; measure: a candidate exported and timed; objective: Objective, one trial's run; clock:
-calibration, SearchClock, the ETA, plan_search; loop: run_trials; summary: choose_best, trial_counts, pareto_summary.
+calibration, SearchClock, the ETA, plan_search; loop: run_trials; summary: choose_best, shortlist, trial_counts,
+pareto_summary.
 Every submodule logs as "autoseg.search". A constant is read in the submodule that defines it: patch it there.
 """
 
@@ -71,7 +72,7 @@ from autoseg.search.study import (
     redo_stale_trial,
     study_storage,
 )
-from autoseg.search.summary import choose_best, pareto_summary, trial_counts
+from autoseg.search.summary import choose_best, pareto_summary, shortlist, trial_counts
 from autoseg.search.task import SearchTask, TileData
 from autoseg.search.trials import (
     OVER_BUDGET,
@@ -146,6 +147,7 @@ __all__ = [
     "running_twin",
     "sample_candidate",
     "shared",
+    "shortlist",
     "space_corners",
     "space_pool",
     "startup_plan",

@@ -225,7 +225,7 @@ def plan_search(
     clock.typical = float(np.median([clock.cv_seconds(c) for c, _ in pool])) if pool else clock.cv_seconds(small)
     fit, _, epochs = clock.fold_shape(small.tile)
     one = MEASURE_SECONDS + clock.cv_seconds(small)
-    log.info("time: %s; then the final training: %s", _search_limit_text(cfg, clock),
+    log.info("time: %s; then %s", _search_limit_text(cfg, clock),
              _final_budget_text(cfg, task, clock, small, large))
 
     done = any(tr.state == TrialState.COMPLETE for tr in distinct_trials(study))
@@ -278,22 +278,31 @@ def _search_limit_text(cfg: Config, clock: SearchClock) -> str:
 def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small: Candidate, large: Candidate) -> str:
     t = cfg.train
     assert clock.cost is not None
-    if t.final_minutes is not None:
-        return f"at most {t.final_minutes:g} min (--final-minutes)"
     from autoseg.final_train import final_batch_size
 
+    def on_all_data(c: Candidate, tiles: int) -> float:
+        crop = -(-(t.final_crop or c.tile) // c.arch.multiple) * c.arch.multiple
+        bs = final_batch_size(t, c.arch, task.in_channels, task.num_classes, crop)
+        return math.ceil(tiles / bs) * clock.cost.step(bs, count_macs(c.arch, task.in_channels, task.num_classes,
+                                                                      crop, crop))
+
+    k = cfg.search.refine_top
+    second = "the final training: "
+    if k > 1:
+        second = (f"the second stage: {k} nets x {cfg.search.refine_tiles:,} crops, about "
+                  f"{minutes(k * on_all_data(small, cfg.search.refine_tiles))} to "
+                  f"{minutes(k * on_all_data(large, cfg.search.refine_tiles))}; then {second}")
+    if t.final_minutes is not None:
+        return f"{second}at most {t.final_minutes:g} min (--final-minutes)"
     secs = []
     for c in (small, large):
         if t.final_data == "all":
-            crop = -(-(t.final_crop or c.tile) // c.arch.multiple) * c.arch.multiple
-            bs = final_batch_size(t, c.arch, task.in_channels, task.num_classes, crop)
-            steps = math.ceil(t.final_tiles / bs)
-            secs.append(steps * clock.cost.step(bs, count_macs(c.arch, task.in_channels, task.num_classes, crop, crop)))
+            secs.append(on_all_data(c, t.final_tiles))
         else:
             n, bs = len(task.data[c.tile].x), fold_batch(cfg, task, c)
             secs.append(t.final_epochs * math.ceil(n / bs) * clock.cost.step(bs, tile_macs(c, task.in_channels,
                                                                                           task.num_classes)))
     what = f"{t.final_tiles:,} crops" if t.final_data == "all" else f"{t.final_epochs} epochs on the representatives"
     teacher = " plus the teacher's" if t.teacher == "reference" else ""
-    return (f"{what}, about {minutes(secs[0])} for the smallest net to {minutes(secs[1])} for the largest{teacher}, "
-            "no time cap (--final-minutes sets one)")
+    return (f"{second}{what}, about {minutes(secs[0])} for the smallest net to {minutes(secs[1])} for the largest"
+            f"{teacher}, no time cap (--final-minutes sets one)")

@@ -47,6 +47,8 @@ _RESUMABLE_KEYS = {
     # Later trials are chosen or stopped otherwise; what a finished trial scored stays what it means.
     "search.pruner",
     "search.startup",
+    "search.refine_top",  # what happens after the trials
+    "search.refine_tiles",
     "train.final_epochs",
     "train.final_data",
     "train.final_tiles",

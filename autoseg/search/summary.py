@@ -16,6 +16,11 @@ from autoseg.search.trials import OVER_BUDGET, cut_by_deadline, distinct_trials,
 
 def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
     """Penalty: the best value. Pareto: the front's member with the best penalty value."""
+    return shortlist(study, cfg, 1)[0]
+
+
+def shortlist(study: optuna.Study, cfg: SearchConfig, k: int) -> list[FrozenTrial]:
+    """The k nets the search rates best, best first (choose_best's pick first); ties keep trial order."""
     done = [t for t in distinct_trials(study) if t.state == TrialState.COMPLETE]
     if not done:
         raise InputError(
@@ -24,10 +29,10 @@ def choose_best(study: optuna.Study, cfg: SearchConfig) -> FrozenTrial:
         )
     # A repeat holds its twin's values; the first look at a net is the one to name.
     if cfg.objective == "penalty":
-        return max(done, key=lambda t: t.value)
+        return sorted(done, key=lambda t: -t.value)[:k]
     # A net whose latency is only predicted was beaten by a measured one (Objective._settle): never chosen.
     front = [t for t in study.best_trials if not is_repeat(t) and not t.user_attrs.get("latency_is_predicted")]
-    return max(front, key=lambda t: t.user_attrs.get("penalty_value", -math.inf))
+    return sorted(front, key=lambda t: -t.user_attrs.get("penalty_value", -math.inf))[:k]
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:

@@ -1,0 +1,107 @@
+"""The search's second stage: its top nets, each trained briefly on all training images, ranked again.
+
+The CV on a few hundred representative tiles is cheap enough to look at many nets, but on the drone data it
+did not rank nets as their training on all data did (benchmarks/results/full/fidelity_all.md). A short run of
+the shipped net's own training (crops of every training image, the validation split by image) on the top
+few nets by CV is the rung that decides, as successive halving would: the net that scores best on the
+validation images, with the same latency penalty the search applied, is the one trained to ship.
+
+Each net's result is kept in RUN/trials/N/refine/, keyed like the final training, so a rerun goes on
+where it stopped (an interrupted net from its last saved evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial
+
+from autoseg.config import Config
+from autoseg.data_stage import DataStage
+from autoseg.retrain import RETRAIN_STATE, on_all_data
+from autoseg.rundir import RunDir, write_json_atomic
+from autoseg.search import SearchTask
+from autoseg.unet import Arch
+
+log = logging.getLogger(__name__)
+
+REFINE_DIR = "refine"
+RESULT = "result.json"
+
+
+def refine_config(cfg: Config) -> Config:
+    """The final training cut to search.refine_tiles crops: no teacher, no time cap, its own evaluation steps."""
+    return replace(cfg, train=replace(cfg.train, final_tiles=cfg.search.refine_tiles, eval_every=None,
+                                      final_minutes=None, teacher=None))
+
+
+def refined_value(val_miou: float, trial: FrozenTrial) -> float:
+    """The validation mIoU with the latency (and MACs) penalty the search gave this net's CV score."""
+    a = trial.user_attrs
+    penalty = a["cv_mean"] - a["penalty_value"] if "penalty_value" in a and "cv_mean" in a else 0.0
+    return val_miou - penalty
+
+
+def pick(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best refined value; a tie goes to the net the search ranked higher (results come in its order)."""
+    return max(results, key=lambda r: r["value"])
+
+
+def _kept(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and done.get("key") == key else None
+
+
+def train_briefly(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, trial: Any, rank: int, where: Path,
+                  progress: bool = False) -> dict[str, Any]:
+    """One net of the second stage (the search's rank-th), trained on search.refine_tiles crops of all training
+    images, its result kept in `where` (a rerun with the same key reads it, an interrupted one goes on)."""
+    arch = Arch.from_dict(trial.user_attrs["arch_dict"])
+    where.mkdir(parents=True, exist_ok=True)
+    key, train = on_all_data(refine_config(cfg), run, stage, task, arch, int(trial.user_attrs["tile"]), trial.number,
+                             progress, where)
+    done = _kept(where / RESULT, key)
+    if done is not None:
+        log.info("second stage: trial %d (%s) was done already", trial.number, arch.key())
+        return done
+    _, info = train()
+    val = info["best_val_miou"]  # the config's check makes sure there are validation images
+    done = {
+        "key": key, "trial": trial.number, "arch": arch.key(), "search_rank": rank,
+        "cv_score": trial.user_attrs.get("cv_mean"), "search_value": trial.user_attrs.get("penalty_value"),
+        "val_miou": val, "value": refined_value(val, trial), "tile_passes": info["tile_passes"],
+        "seconds": info["seconds"], "stopped": info["stopped"],
+    }
+    write_json_atomic(where / RESULT, done)
+    (where / RETRAIN_STATE).unlink(missing_ok=True)
+    return done
+
+
+def second_stage(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, candidates: list[FrozenTrial],
+                 progress: bool = False) -> tuple[FrozenTrial, dict[str, Any]]:
+    """Train each candidate (best first by the search) on search.refine_tiles crops of all training images;
+    return the winner and what the model card and report show."""
+    log.info("second stage: the top %d nets by the search's score, each trained on %s crops of all training "
+             "images, ranked by validation mIoU", len(candidates), f"{cfg.search.refine_tiles:,}")
+    results = []
+    for rank, trial in enumerate(candidates, 1):
+        done = train_briefly(cfg, run, stage, task, trial, rank, run.trial(trial.number) / REFINE_DIR, progress)
+        log.info("second stage %d/%d: trial %d (%s): validation mIoU %.3f, value %.3f (the search's CV %s)", rank,
+                 len(candidates), trial.number, done["arch"], done["val_miou"], done["value"],
+                 "n/a" if done["cv_score"] is None else f"{done['cv_score']:.3f}")
+        results.append(done)
+    best = pick(results)
+    winner = next(t for t in candidates if t.number == best["trial"])
+    if winner.number != candidates[0].number:
+        log.info("second stage: trial %d (%s) ships instead of the search's best, trial %d", winner.number,
+                 best["arch"], candidates[0].number)
+    summary = {"tiles": cfg.search.refine_tiles, "chosen": winner.number,
+               "nets": [{k: v for k, v in r.items() if k != "key"} for r in results]}
+    return winner, summary
