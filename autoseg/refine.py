@@ -60,10 +60,11 @@ def _kept(path: Path, key: str) -> dict[str, Any] | None:
     return done if isinstance(done, dict) and done.get("key") == key else None
 
 
-def train_briefly(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, trial: Any, rank: int, where: Path,
+def train_briefly(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, trial: Any, where: Path,
                   progress: bool = False) -> dict[str, Any]:
-    """One net of the second stage (the search's rank-th), trained on search.refine_tiles crops of all training
-    images, its result kept in `where` (a rerun with the same key reads it, an interrupted one goes on)."""
+    """One net of the second stage, trained on search.refine_tiles crops of all training images: its best
+    validation mIoU and how it trained, kept in `where` (a rerun with the same key reads it, an interrupted one
+    goes on)."""
     arch = Arch.from_dict(trial.user_attrs["arch_dict"])
     where.mkdir(parents=True, exist_ok=True)
     key, train = on_all_data(refine_config(cfg), run, stage, task, arch, int(trial.user_attrs["tile"]), trial.number,
@@ -73,13 +74,8 @@ def train_briefly(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, 
         log.info("second stage: trial %d (%s) was done already", trial.number, arch.key())
         return done
     _, info = train()
-    val = info["best_val_miou"]  # the config's check makes sure there are validation images
-    done = {
-        "key": key, "trial": trial.number, "arch": arch.key(), "search_rank": rank,
-        "cv_score": trial.user_attrs.get("cv_mean"), "search_value": trial.user_attrs.get("penalty_value"),
-        "val_miou": val, "value": refined_value(val, trial), "tile_passes": info["tile_passes"],
-        "seconds": info["seconds"], "stopped": info["stopped"],
-    }
+    done = {"key": key, "arch": arch.key(), "val_miou": info["best_val_miou"], "tile_passes": info["tile_passes"],
+            "seconds": info["seconds"], "stopped": info["stopped"]}
     write_json_atomic(where / RESULT, done)
     (where / RETRAIN_STATE).unlink(missing_ok=True)
     return done
@@ -93,8 +89,13 @@ def second_stage(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, c
              "images, ranked by validation mIoU", len(candidates), f"{cfg.search.refine_tiles:,}")
     results = []
     for rank, trial in enumerate(candidates, 1):
-        done = train_briefly(cfg, run, stage, task, trial, rank, run.trial(trial.number) / REFINE_DIR, progress)
-        done = {**done, "search_rank": rank}  # kept from a run whose search ranked it otherwise
+        trained = train_briefly(cfg, run, stage, task, trial, run.trial(trial.number) / REFINE_DIR, progress)
+        a = trial.user_attrs  # the search's view of the net, from the study as it is now
+        done = {"trial": trial.number, "search_rank": rank, "cv_score": a.get("cv_mean"),
+                "search_value": a.get("penalty_value"),
+                # the config's check makes sure there are validation images
+                "value": refined_value(trained["val_miou"], trial),
+                **{k: v for k, v in trained.items() if k != "key"}}
         log.info("second stage %d/%d: trial %d (%s): validation mIoU %.3f, value %.3f (the search's CV %s)", rank,
                  len(candidates), trial.number, done["arch"], done["val_miou"], done["value"],
                  "n/a" if done["cv_score"] is None else f"{done['cv_score']:.3f}")
@@ -104,6 +105,4 @@ def second_stage(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, c
     if winner.number != candidates[0].number:
         log.info("second stage: trial %d (%s) ships instead of the search's best, trial %d", winner.number,
                  best["arch"], candidates[0].number)
-    summary = {"tiles": cfg.search.refine_tiles, "chosen": winner.number,
-               "nets": [{k: v for k, v in r.items() if k != "key"} for r in results]}
-    return winner, summary
+    return winner, {"tiles": cfg.search.refine_tiles, "chosen": winner.number, "nets": results}

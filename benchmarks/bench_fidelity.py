@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 where = root / "refine" / str(r) / arch.key()
                 fake_trial = SimpleNamespace(number=-1, user_attrs={"arch_dict": arch.to_dict(), "tile": TILE})
-                done = train_briefly(cfg_r, RunDir(where).prepare(), stage, task, fake_trial, 0, where)
+                done = train_briefly(cfg_r, RunDir(where).prepare(), stage, task, fake_trial, where)
                 second[r].append(done["val_miou"])
                 print(f"  {arch.key():45s} second stage @{r} crops: validation {second[r][-1]:.4f}  "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)

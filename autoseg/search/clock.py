@@ -287,13 +287,13 @@ def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small:
                                                                       crop, crop))
 
     k = cfg.search.refine_top
-    second = "the final training: "
+    head = "the final training: "
     if k > 1:
-        second = (f"the second stage: {k} nets x {cfg.search.refine_tiles:,} crops, about "
-                  f"{minutes(k * on_all_data(small, cfg.search.refine_tiles))} to "
-                  f"{minutes(k * on_all_data(large, cfg.search.refine_tiles))}; then {second}")
+        head = (f"the second stage: {k} nets x {cfg.search.refine_tiles:,} crops, about "
+                f"{minutes(k * on_all_data(small, cfg.search.refine_tiles))} to "
+                f"{minutes(k * on_all_data(large, cfg.search.refine_tiles))}; then {head}")
     if t.final_minutes is not None:
-        return f"{second}at most {t.final_minutes:g} min (--final-minutes)"
+        return f"{head}at most {t.final_minutes:g} min (--final-minutes)"
     secs = []
     for c in (small, large):
         if t.final_data == "all":
@@ -304,5 +304,5 @@ def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small:
                                                                                           task.num_classes)))
     what = f"{t.final_tiles:,} crops" if t.final_data == "all" else f"{t.final_epochs} epochs on the representatives"
     teacher = " plus the teacher's" if t.teacher == "reference" else ""
-    return (f"{second}{what}, about {minutes(secs[0])} for the smallest net to {minutes(secs[1])} for the largest"
+    return (f"{head}{what}, about {minutes(secs[0])} for the smallest net to {minutes(secs[1])} for the largest"
             f"{teacher}, no time cap (--final-minutes sets one)")
