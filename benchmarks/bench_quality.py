@@ -1,7 +1,7 @@
 """The shipped net's quality: trained on the representatives (the old final retrain) vs on all training images.
 
-    python -m benchmarks.bench_quality [--part nets|scaling|all] [--datasets drone,isbi] [--seeds N] [--quick]
-                                       [--variants reps,all,reference,distilled]
+    python -m benchmarks.bench_quality [--part nets|scaling|all] [--datasets drone,isbi] [--seeds N] [--first-seed S]
+                                       [--quick] [--variants reps,all,reference,distilled]
 
 nets     On each dataset, the same held-out split and representatives as bench_search (tile 64, 120 reps):
          (a) the chosen net retrained on the representatives (train.final_data: reps, 120 epochs),
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=["nets", "scaling", "all"], default="all")
     p.add_argument("--datasets", default=None, help="comma-separated: drone,isbi (default: drone; --quick: drone)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per variant")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the seeds run are first-seed .. first-seed+seeds-1 (to add seeds to an earlier run)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=None, help="where runs are kept (default: a temp dir)")
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if args.part in ("nets", "all"):
         for name in names:
-            rows += part_nets(name, work, b, list(range(args.seeds)), args.out, info)
+            rows += part_nets(name, work, b, list(range(args.first_seed, args.first_seed + args.seeds)), args.out, info)
     scaling = part_scaling(work, b) if args.part in ("scaling", "all") else None
     code = write_report(args.out, info, b, rows, scaling)
     print(args.out.read_text())
