@@ -1,7 +1,7 @@
 """How many epochs per fold does the search need to rank nets the way their final training does?
 
     python -m benchmarks.bench_fidelity [--quick] [--epochs 3 6 12 ...] [--final-data all|reps] [--final-tiles N]
-                                        [--refine-tiles N ...] [--keep DIR]
+                                        [--refine-tiles N ...] [--keep DIR] [--seed S] [--nets KEY ...]
 
 Data: ../shared/datasets/semantic_drone_224, set up exactly as bench_search sets it up (same held-out split,
 tile 64, the same representative tiles, seed 0). Nets: small U-Nets within 10% of bench_search's reference
@@ -14,6 +14,9 @@ latency at 224x224, standard and separable, 2 to 4 levels. For each net:
   CV      autoseg.train.cross_validate's mean fold mIoU (the search's score) at each --epochs budget;
   second  with --refine-tiles N: the validation mIoU after autoseg.refine's short all-data training of N crops
           (the second stage, search.refine_top), and the net a second stage over the top K by CV would ship.
+
+--seed S trains the finals and the second stage with seed S (the split, the representatives and the CV stay
+seed 0's), to tell a difference between nets from a seed's noise; --nets runs only the named nets of the 8.
 
 Reported: for each budget, the tiles a fold trains on and the Spearman rank correlation of the CV score with
 the final test mIoU, against the baseline of the 3-epoch budget in the same run. autoseg's default budget
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"(default none; --quick {QUICK_REFINE_TILES})")
     ap.add_argument("--keep", type=Path, help="keep the run directories here; a rerun of the same command reuses "
                     "finished trainings and CV scores")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the finals and the second stage (the "
+                    "split, representatives and CV stay seed 0's)")
+    ap.add_argument("--nets", nargs="+", metavar="KEY", help="only these of the 8 nets, by key")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -144,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     # --quick: the final retrain needs enough epochs to rank the nets at all, even on 40 reps
     b = dataclasses.replace(QUICK, final_epochs=30) if args.quick else FULL
     nets = QUICK_NETS if args.quick else NETS
+    if args.nets:
+        by_key = {a.key(): a for a in NETS}
+        if bad := [k for k in args.nets if k not in by_key]:
+            ap.error(f"--nets: unknown {', '.join(bad)}; choose from {', '.join(by_key)}")
+        nets = [by_key[k] for k in args.nets]
+    seeded = "" if args.seed == 0 else f"-s{args.seed}"  # a seed's trainings are kept apart from seed 0's
     info = machine_info()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_fidelity_") as tmp:
@@ -154,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         final_what = (f"{b.final_epochs} epochs on the representatives" if args.final_data == "reps" else
                       f"{cfg.train.final_tiles:,} crops of all training images (validation split, early stopping)")
         stage, task = prepare_task(cfg, RunDir(cfg.out).prepare())
+        cfg_train = dataclasses.replace(cfg, seed=args.seed)
         data = task.data[TILE]
         n = len(data.x)
         default = cv_epochs(cfg.train, n)
@@ -166,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in nets:
             t0 = time.perf_counter()
             fake_trial = SimpleNamespace(number=-1, user_attrs={"arch_dict": arch.to_dict(), "tile": TILE})
-            card = finalize(cfg, RunDir(root / "final" / arch.key()).prepare(), stage, task, fake_trial)
+            card = finalize(cfg_train, RunDir(root / f"final{seeded}" / arch.key()).prepare(), stage, task,
+                            fake_trial)
             finals.append(card["test_miou"])
             for e in budgets:
                 kept = root / "cv" / f"{arch.key()}@{e}.json"  # a rerun with --keep reuses it
@@ -186,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             [QUICK_REFINE_TILES] if args.quick else [])
         second: dict[int, list[float]] = {}
         for r in refine_budgets:
-            cfg_r = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, refine_tiles=r))
+            cfg_r = dataclasses.replace(cfg_train, search=dataclasses.replace(cfg.search, refine_tiles=r))
             second[r] = []
             for arch in nets:
                 t0 = time.perf_counter()
-                where = root / "refine" / str(r) / arch.key()
+                where = root / f"refine{seeded}" / str(r) / arch.key()
                 fake_trial = SimpleNamespace(number=-1, user_attrs={"arch_dict": arch.to_dict(), "tile": TILE})
                 done = train_briefly(cfg_r, RunDir(where).prepare(), stage, task, fake_trial, where)
                 second[r].append(done["val_miou"])
@@ -208,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`{' '.join(['python -m benchmarks.bench_fidelity', *(argv if argv is not None else sys.argv[1:])])}`",
         "",
         f"Data: `{DATASET}`, held-out split by image, tile {TILE}, {n} representative tiles, {cfg.train.folds} folds, "
-        f"seed 0, train threads {args.threads}. {len(nets)} nets, each trained by `autoseg.pipeline.finalize` "
+        f"seed 0 (split, representatives, CV), training seed {args.seed} (finals, second stage), train threads "
+        f"{args.threads}. {len(nets)} nets, each trained by `autoseg.pipeline.finalize` "
         f"({final_what}) and tested on {len(stage.test_ids)} held-out images (the final test mIoU), and "
         f"cross-validated by `autoseg.train.cross_validate` (the search's score) at each budget.",
         "",
