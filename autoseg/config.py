@@ -180,7 +180,8 @@ class SearchConfig:
     # all training images (the shipped net's own training, shortened) and re-ranked by validation mIoU with the
     # same latency penalty; the winner is the net trained to ship. 0 or 1: off, the search's best ships.
     # On the drone data the CV ranked 8 nets trained on all data with Spearman 0.79 but put the 3rd best first;
-    # this stage ranked them at 0.90 (benchmarks/results/full/fidelity_all.md). Off: its gain was within noise.
+    # this stage ranked them at 0.90 (benchmarks/results/full/fidelity_all.md). Off: over 2 training seeds the
+    # net it shipped from the top 3 was no better than the CV's pick (fidelity_all_seed1.md).
     refine_top: int = field(default=0, metadata=_min(0))
     refine_tiles: int = field(default=25_000, metadata=_min(1))
     # Processes that run trials at once on this machine, each with an equal share of the cores (or

@@ -6,6 +6,8 @@ the 3rd best first; 25,000 crops of this stage ranked them at 0.90 (benchmarks/r
 A short run of the shipped net's own training (crops of every training image, the validation split by image)
 on the top few nets by CV is the rung that decides, as successive halving would: the net that scores best on
 the validation images, with the same latency penalty the search applied, is the one trained to ship.
+Off by default (search.refine_top 0): among the top few by CV, nets 0.01-0.02 apart, a short training on 32
+validation images was no surer than the CV over 2 training seeds (benchmarks/results/full/fidelity_all_seed1.md).
 
 Each net's result is kept in RUN/trials/N/refine/, keyed like the final training, so a rerun goes on
 where it stopped (an interrupted net from its last saved evaluation).
