@@ -1,7 +1,7 @@
 """One run of `autoseg search`, top to bottom.
 
-data -> tiles -> representative tiles -> device -> Optuna search -> (optional second stage: the top nets trained
-briefly on all data) -> train the best net
+data -> tiles -> representative tiles -> device -> Optuna search -> second stage (the top nets trained briefly
+on all data; on by default when the shipped net trains on all data) -> train the best net
 -> export (simplified, verified ONNX) -> evaluate on full test images -> model card -> report.
 
 The stages this calls: autoseg.data_stage (split, representatives, the trials' arrays), autoseg.search (the

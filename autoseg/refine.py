@@ -1,13 +1,16 @@
 """The search's second stage: its top nets, each trained briefly on all training images, ranked again.
 
 The CV on a few hundred representative tiles is cheap enough to look at many nets, but it cannot see how much
-a net gains from all the data: on the drone data it ranked 8 nets trained on all data with Spearman 0.79 and put
-the 3rd best first; 25,000 crops of this stage ranked them at 0.90 (benchmarks/results/full/fidelity_all.md).
+a net gains from all the data: on the drone data it ranked 8 nets trained on all data (200,000 crops) with
+Spearman 0.62 and put the 3rd best first (benchmarks/results/full/fidelity_full.md).
 A short run of the shipped net's own training (crops of every training image, the validation split by image)
 on the top few nets by CV is the rung that decides, as successive halving would: the net that scores best on
 the validation images, with the same latency penalty the search applied, is the one trained to ship.
-Off by default (search.refine_top 0): among the top few by CV, nets 0.01-0.02 apart, a short training on 32
-validation images was no surer than the CV over 2 training seeds (benchmarks/results/full/fidelity_all_seed1.md).
+How short matters: at 25,000 crops (an eighth of the default final budget) the top nets' validation scores lay
+closer than a training seed moves them, and at one seed it shipped the 6th; at 50,000 (a quarter, the default
+search.refine_tiles) over the top 4 the search's order ranked the 8 nets at 0.90 / 0.86 (training seeds 0 / 1)
+and shipped the 2nd / the 1st. On by default (4 nets) when the shipped net trains on all data with a
+validation split.
 
 Each net's result is kept in RUN/trials/N/refine/, keyed like the final training, so a rerun goes on
 where it stopped (an interrupted net from its last saved evaluation).

@@ -42,3 +42,17 @@ def test_a_second_stage_without_validation_images_is_refused_at_the_door():
     with pytest.raises(InputError, match=r"search\.refine_top: .*train\.val_fraction"):
         load_config(None, {"search.refine_top": 3, "train.val_fraction": 0.0})
     load_config(None, {"search.refine_top": 1, "train.val_fraction": 0.0})  # 1: off
+
+
+def test_by_default_the_second_stage_is_on_when_the_shipped_net_trains_on_all_data_with_validation():
+    assert load_config(None, {}).search.refine_top == 4
+    assert load_config(None, {"train.val_fraction": 0.0}).search.refine_top == 0  # nothing to rank on: off
+    assert load_config(None, {"train.final_data": "reps"}).search.refine_top == 0  # the seed's retrain: off
+    assert load_config(None, {"search.refine_top": 0}).search.refine_top == 0
+
+
+def test_the_second_stage_budget_is_a_quarter_of_the_final_one_unless_given():
+    assert load_config(None, {}).search.refine_tiles == 50_000  # a quarter of the default 200,000
+    assert load_config(None, {"train.final_tiles": 1000}).search.refine_tiles == 250
+    assert load_config(None, {"train.final_tiles": 2}).search.refine_tiles == 1
+    assert load_config(None, {"train.final_tiles": 1000, "search.refine_tiles": 300}).search.refine_tiles == 300

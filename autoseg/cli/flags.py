@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {FINAL_TILE_PASSES:,})")
     p.add_argument("--final-minutes", type=float, help="wall-clock cap on the shipped net's training")
     p.add_argument("--refine-top", type=int, help="second stage: train the top N nets by the search's score "
-                   "briefly on all training images and ship the best on the validation images (default 0: off)")
-    p.add_argument("--refine-tiles", type=int, help="crops each net of the second stage trains on (default 25,000)")
+                   "briefly on all training images and ship the best on the validation images (default 4; 0: off)")
+    p.add_argument("--refine-tiles", type=int, help="crops each net of the second stage trains on (default: a "
+                   "quarter of --final-tiles)")
     p.add_argument("--final-epochs", type=int, help="epochs of the final retrain with --final-data reps (default 100)")
     p.add_argument("--batch-size", type=int, help="training batch (default: from free memory and the net's "
                    "size, at most 64 in the search and 32 for the shipped net)")
