@@ -101,22 +101,27 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def staged_order(cv: list[float], val: list[float], k: int) -> list[int]:
+    """The nets in the order a second stage over the top k by CV leaves them: those k by validation mIoU (ties: CV
+    order), then the rest by CV. The bench's nets have near-equal latency, so the latency penalty is left out."""
+    by_cv = sorted(range(len(cv)), key=lambda i: -cv[i])
+    return sorted(by_cv[:k], key=lambda i: -val[i]) + by_cv[k:]
+
+
 def second_stage_choice(cv: list[float], val: list[float], k: int) -> int:
-    """The net a second stage over the top k by CV ships: the best validation mIoU among them (ties: CV order).
-    The bench's nets have near-equal latency, so the latency penalty is left out."""
-    top = sorted(range(len(cv)), key=lambda i: -cv[i])[:k]
-    return max(top, key=lambda i: val[i])
+    """The net a second stage over the top k by CV ships."""
+    return staged_order(cv, val, k)[0]
 
 
 def search_order(cv: list[float], val: list[float], k: int) -> list[float]:
-    """Each net's rank score in the order the search presents them: its top k by CV re-ranked by the second
-    stage's validation mIoU, above the rest in CV order. Higher is better, for spearman()."""
-    by_cv = sorted(range(len(cv)), key=lambda i: -cv[i])
-    order = sorted(by_cv[:k], key=lambda i: -val[i]) + by_cv[k:]
+    """Each net's rank score in the search's order with the second stage (staged_order). Higher is better, for
+    spearman()."""
     score = [0.0] * len(cv)
-    for place, i in enumerate(order):
+    for place, i in enumerate(staged_order(cv, val, k)):
         score[i] = float(len(cv) - place)
     return score
+
+
 
 
 def second_stage_lines(second: dict[int, list[float]], cv: list[float], finals: list[float], nets: list[Arch],
