@@ -1003,6 +1003,11 @@ def main(argv: list[str] | None = None) -> int:
                     "reference, compared by their means (default 3)")
     ap.add_argument("--final-tiles", type=int, help="--part clock: crops of each tested net's final training "
                     "(default 200,000, --quick 1,000)")
+    ap.add_argument("--marks", help="--part clock: minutes at which the best so far is reported, comma-separated "
+                    "(default 15,30,60)")
+    ap.add_argument("--max-minutes", type=float, help="--part clock: --max-minutes of the whole-search run "
+                    "(default 15)")
+    ap.add_argument("--final-minutes", type=float, help="--part clock: its --final-minutes (default 15)")
     ap.add_argument("--quick", action="store_true", help="the small budget of `make bench` (<= 10 min; "
                     "--part clock <= 5 min)")
     ap.add_argument("--seed", type=int, default=0)
@@ -1047,7 +1052,15 @@ def main(argv: list[str] | None = None) -> int:
     cb = QUICK_CLOCK if args.quick else FULL_CLOCK
     cb = dataclasses.replace(cb, trials=args.trials or cb.trials, reps=args.reps or cb.reps,
                              epochs=args.epochs or cb.epochs, seeds=args.seeds or cb.seeds,
-                             final_tiles=args.final_tiles or cb.final_tiles)
+                             final_tiles=args.final_tiles or cb.final_tiles,
+                             deadline=args.max_minutes or cb.deadline,
+                             final_minutes=args.final_minutes or cb.final_minutes,
+                             fidelity_epochs=args.epochs or cb.fidelity_epochs)
+    if args.marks:
+        try:
+            cb = dataclasses.replace(cb, marks=tuple(float(m) for m in args.marks.split(",")))
+        except ValueError:
+            ap.error(f"--marks: minutes separated by commas, e.g. 5,10,20; got {args.marks!r}")
     info = machine_info()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print(f"budget: {cb if args.part == 'clock' else b}" + ("  (--quick: reduced trials, tiles and epochs)"
