@@ -172,9 +172,10 @@ class SearchConfig:
     # Stop after this many candidates in a row the device could not measure: the device, not the nets,
     # is the problem (an onnxruntime too old for export.opset, say).
     max_measure_failures: int = field(default=3, metadata=_min(1))
-    # Wall-clock limit of one run of the search, from its start to its last trial: a trial running when it
-    # is up stops at its next epoch (kept if a fold finished, else left to a rerun), and the run goes on to
-    # train the best so far, within its own budget (train.final_tiles, train.final_minutes). null: no limit.
+    # Wall-clock limit of one run of the search, from its start to the end of its second stage: the trials end
+    # early enough for the second stage (a trial running then stops at its next epoch, kept if a fold finished,
+    # else left to a rerun), whose nets train on as many crops as fit in the time left; then the run trains the
+    # best, within its own budget (train.final_tiles, train.final_minutes). null: no limit.
     max_minutes: float | None = field(default=None, metadata=_min(0.0, strict=True))
     # The second stage: the top refine_top nets by the search's objective, each trained on refine_tiles crops of
     # all training images (the shipped net's own training, shortened) and re-ranked by validation mIoU with the

@@ -146,7 +146,7 @@ def run_search(cfg: Config, resume_anyway: bool = False, progress: bool = False)
             if cfg.search.refine_top > 1:  # the top nets trained briefly on all data: the best of them ships
                 top = shortlist(study, cfg.search, cfg.search.refine_top)
                 if len(top) > 1:
-                    best, second = second_stage(cfg, run, stage, task, top, progress)
+                    best, second = second_stage(cfg, run, stage, task, top, progress, clock)
             card = finalize(cfg, run, stage, task, best, progress, device=device, settings=settings)
             if second is not None:
                 card["second_stage"] = second

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from autoseg.config import Config
 from autoseg.data_stage import DataStage
 from autoseg.retrain import RETRAIN_STATE, on_all_data
 from autoseg.rundir import RunDir, write_json_atomic
-from autoseg.search import SearchTask
+from autoseg.search import Candidate, SearchTask
+from autoseg.search.clock import MIN_SECOND_STAGE_SHARE, SearchClock, minutes
 from autoseg.unet import Arch
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,11 @@ REFINE_DIR = "refine"
 RESULT = "result.json"
 
 
-def refine_config(cfg: Config) -> Config:
-    """The final training cut to search.refine_tiles crops: no teacher, no time cap, its own evaluation steps."""
-    return replace(cfg, train=replace(cfg.train, final_tiles=cfg.search.refine_tiles, eval_every=None,
-                                      final_minutes=None, teacher=None))
+def refine_config(cfg: Config, tiles: int | None = None, minutes: float | None = None) -> Config:
+    """The final training cut to `tiles` crops (search.refine_tiles): no teacher, its own evaluation steps, and
+    no time cap but `minutes` (the share of search.max_minutes left to this net)."""
+    return replace(cfg, train=replace(cfg.train, final_tiles=tiles or cfg.search.refine_tiles, eval_every=None,
+                                      final_minutes=minutes, teacher=None))
 
 
 def refined_value(val_miou: float, trial: FrozenTrial) -> float:
@@ -66,14 +69,14 @@ def _kept(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def train_briefly(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, trial: Any, where: Path,
-                  progress: bool = False) -> dict[str, Any]:
-    """One net of the second stage, trained on search.refine_tiles crops of all training images: its best
-    validation mIoU and how it trained, kept in `where` (a rerun with the same key reads it, an interrupted one
-    goes on)."""
+                  progress: bool = False, tiles: int | None = None, minutes: float | None = None) -> dict[str, Any]:
+    """One net of the second stage, trained on `tiles` (search.refine_tiles) crops of all training images, for
+    at most `minutes`: its best validation mIoU and how it trained, kept in `where` (a rerun with the same key
+    reads it, an interrupted one goes on)."""
     arch = Arch.from_dict(trial.user_attrs["arch_dict"])
     where.mkdir(parents=True, exist_ok=True)
-    key, train = on_all_data(refine_config(cfg), run, stage, task, arch, int(trial.user_attrs["tile"]), trial.number,
-                             progress, where)
+    key, train = on_all_data(refine_config(cfg, tiles, minutes), run, stage, task, arch, int(trial.user_attrs["tile"]),
+                             trial.number, progress, where)
     done = _kept(where / RESULT, key)
     if done is not None:
         log.info("second stage: trial %d (%s) was done already", trial.number, arch.key())
@@ -87,14 +90,32 @@ def train_briefly(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, 
 
 
 def second_stage(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, candidates: list[FrozenTrial],
-                 progress: bool = False) -> tuple[FrozenTrial, dict[str, Any]]:
+                 progress: bool = False, clock: SearchClock | None = None) -> tuple[FrozenTrial, dict[str, Any] | None]:
     """Train each candidate (best first by the search) on search.refine_tiles crops of all training images;
-    return the winner and what the model card and report show."""
+    return the winner and what the model card and report show.
+
+    With search.max_minutes (`clock.end`), the nets train on as many crops as fit in the time left, each for at
+    most its share of it; with too little time left for a fair ranking, the search's best ships (None)."""
+    tiles, end = cfg.search.refine_tiles, None
+    if clock is not None and clock.end is not None:
+        end = clock.end
+        tiles = clock.second_stage_crops([candidate(t) for t in candidates])
+        if tiles < max(1, MIN_SECOND_STAGE_SHARE * cfg.search.refine_tiles):
+            log.info("second stage skipped: --max-minutes %g leaves %s, room for %s crops a net of the %s planned; "
+                     "the search's best ships", cfg.search.max_minutes, minutes(max(0.0, end - time.time())),
+                     f"{tiles:,}", f"{cfg.search.refine_tiles:,}")
+            return candidates[0], None
     log.info("second stage: the top %d nets by the search's score, each trained on %s crops of all training "
-             "images, ranked by validation mIoU", len(candidates), f"{cfg.search.refine_tiles:,}")
+             "images, ranked by validation mIoU%s", len(candidates), f"{tiles:,}",
+             "" if end is None else f", by {time.strftime('%H:%M:%S', time.localtime(end))} (--max-minutes)")
     results = []
     for rank, trial in enumerate(candidates, 1):
-        trained = train_briefly(cfg, run, stage, task, trial, run.trial(trial.number) / REFINE_DIR, progress)
+        cap = None if end is None else max(0.0, end - time.time()) / (len(candidates) - rank + 1) / 60.0
+        if cap is not None and cap <= 0:
+            log.info("second stage: the time limit is up after %d of its %d nets", len(results), len(candidates))
+            break
+        trained = train_briefly(cfg, run, stage, task, trial, run.trial(trial.number) / REFINE_DIR, progress, tiles,
+                                cap)
         a = trial.user_attrs  # the search's view of the net, from the study as it is now
         done = {"trial": trial.number, "search_rank": rank, "cv_score": a.get("cv_mean"),
                 "search_value": a.get("penalty_value"),
@@ -105,9 +126,15 @@ def second_stage(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, c
                  len(candidates), trial.number, done["arch"], done["val_miou"], done["value"],
                  "n/a" if done["cv_score"] is None else f"{done['cv_score']:.3f}")
         results.append(done)
+    if not results:
+        return candidates[0], None
     best = pick(results)
     winner = next(t for t in candidates if t.number == best["trial"])
     if winner.number != candidates[0].number:
         log.info("second stage: trial %d (%s) ships instead of the search's best, trial %d", winner.number,
                  best["arch"], candidates[0].number)
-    return winner, {"tiles": cfg.search.refine_tiles, "chosen": winner.number, "nets": results}
+    return winner, {"tiles": tiles, "chosen": winner.number, "nets": results}
+
+
+def candidate(trial: FrozenTrial) -> Candidate:
+    return Candidate(Arch.from_dict(trial.user_attrs["arch_dict"]), int(trial.user_attrs["tile"]))

@@ -94,6 +94,7 @@ from benchmarks import DATA_ROOT
 DATASET = DATA_ROOT / "semantic_drone_224"
 RESULTS = Path(__file__).resolve().parent / "results" / "search.md"
 RESULTS_CLOCK = Path(__file__).resolve().parent / "results" / "clock.md"
+RESULTS_DEADLINE = Path(__file__).resolve().parent / "results" / "clock_deadline.md"
 REF_ARCH = Arch((3, 3, 3, 3), (32, 64, 128, 256))
 TILE = 64
 TARGET_MIOU_RATIO = 0.95
@@ -622,7 +623,7 @@ def clock_deadline(data: Path, root: Path, cb: ClockBudget, seed: int, threads: 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             text = record.getMessage()
-            if text.startswith(("time:", "ETA:", "--max-minutes", "search: the time limit")):
+            if text.startswith(("time:", "ETA:", "--max-minutes", "search: the time limit", "second stage")):
                 said.append(text)
 
     handler = Keep()
@@ -698,6 +699,31 @@ def part_clock(data: Path, root: Path, cb: ClockBudget, seed: int, threads: int 
             "epochs": cv_epochs(base.train, len(task.data[TILE].x))}
 
 
+def deadline_check(cb: ClockBudget, dl: dict[str, Any]) -> tuple[bool, str]:
+    return (dl["ok"], f"--max-minutes {cb.deadline:g} ends the whole search within {cb.deadline:g} + "
+            f"{cb.final_minutes:g} min (--final-minutes, printed up front): {dl['wall'] / 60:.2f} min")
+
+
+def deadline_lines(cb: ClockBudget, dl: dict[str, Any]) -> list[str]:
+    second = dl["card"].get("second_stage")
+    stage = ("no second stage" if not second else
+             f"the second stage trained {len(second['nets'])} nets on {second['tiles']:,} crops each in "
+             f"{sum(n['seconds'] for n in second['nets']):.0f} s")
+    return [
+        f"### --max-minutes {cb.deadline:g}",
+        "",
+        f"A whole `autoseg search` (pipeline.run_search, data stage included) with `--max-minutes {cb.deadline:g} "
+        f"--final-minutes {cb.final_minutes:g}`: {dl['wall']:.0f} s against {dl['limit']:.0f} s (the last trial "
+        f"ended at {dl['trials_end']:.0f} s, {stage}, the final training took {dl['final']:.0f} s, the rest is the "
+        "data stage, export, test and report); it chose "
+        f"`{dl['card']['arch']}` (test mIoU {fmt(dl['card']['test_miou'], '.4f')}, "
+        f"{dl['card']['trials']['distinct']} nets looked at). It said up front:",
+        "",
+        *[f"    {line}" for line in dl["said"]],
+        "",
+    ]
+
+
 def clock_report(cb: ClockBudget, c: dict[str, Any]) -> tuple[list[str], list[tuple[bool, str]]]:
     before, after, fid, dl = c["before"], c["after"], c["fidelity"], c["deadline"]
     old_mean, old_std = c["old"]
@@ -707,8 +733,7 @@ def clock_report(cb: ClockBudget, c: dict[str, Any]) -> tuple[list[str], list[tu
                                                  f"{c['speedup']:.2f}x")),
         (c["new_mean"] >= old_mean - old_std, f"the new chosen net's mean test mIoU is within one standard deviation "
          f"of today's (or better): {c['new_mean']:.4f} vs {old_mean:.4f} ± {old_std:.4f}"),
-        (dl["ok"], f"--max-minutes {cb.deadline:g} ends the whole search within {cb.deadline:g} + {cb.final_minutes:g} "
-         f"min (--final-minutes, printed up front): {dl['wall'] / 60:.2f} min"),
+        deadline_check(cb, dl),
     ]
 
     def secs(v: float | None) -> str:
@@ -771,17 +796,7 @@ def clock_report(cb: ClockBudget, c: dict[str, Any]) -> tuple[list[str], list[tu
         "The ranking that matters in the end is the shipped nets' test mIoU; `bench_fidelity` relates the whole CV "
         "to it (8 nets retrained in full and tested).",
         "",
-        f"### --max-minutes {cb.deadline:g}",
-        "",
-        f"A whole `autoseg search` (pipeline.run_search, data stage included) with `--max-minutes {cb.deadline:g} "
-        f"--final-minutes {cb.final_minutes:g}`: {dl['wall']:.0f} s against {dl['limit']:.0f} s (the last trial "
-        f"ended at {dl['trials_end']:.0f} s, the final training took {dl['final']:.0f} s, the rest is the data stage, "
-        "export, test and report); it chose "
-        f"`{dl['card']['arch']}` (test mIoU {fmt(dl['card']['test_miou'], '.4f')}, "
-        f"{dl['card']['trials']['distinct']} nets looked at). It said up front:",
-        "",
-        *[f"    {line}" for line in dl["said"]],
-        "",
+        *deadline_lines(cb, dl),
         "Wall time by phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in c["phases"].items()) + ".",
         "",
     ]
@@ -955,15 +970,21 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
     return lines, checks
 
 
-def clock_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, Any], c: dict[str, Any],
-                   total_s: float) -> tuple[list[str], list[tuple[bool, str]]]:
+def deadline_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, Any], dl: dict[str, Any],
+                      total_s: float) -> tuple[list[str], list[tuple[bool, str]]]:
+    return clock_document(args, cb, info, None, total_s, (deadline_lines(cb, dl), [deadline_check(cb, dl)]))
+
+
+def clock_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, Any], c: dict[str, Any] | None,
+                   total_s: float, given: tuple[list[str], list[tuple[bool, str]]] | None = None,
+                   ) -> tuple[list[str], list[tuple[bool, str]]]:
     cmd = "python -m benchmarks.bench_search " + " ".join(args.argv)
-    section, checks = clock_report(cb, c)
-    if args.quick:
+    section, checks = given or clock_report(cb, c)
+    if args.quick and c is not None:
         checks.append((total_s <= CLOCK_QUICK_LIMIT_S,
                        f"--quick finishes in <= {CLOCK_QUICK_LIMIT_S:.0f} s: {total_s:.0f} s"))
     lines = [
-        "# Search benchmark: the user's clock",
+        "# Search benchmark: the user's clock" + ("" if c is not None else " (the --max-minutes run alone)"),
         "",
         f"`{cmd.strip()}`" + (" (`make bench` budget)" if args.quick else ""),
         "",
@@ -991,8 +1012,9 @@ def clock_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("real", "efficiency", "clock", "all"), default="all",
-                    help="all: real and efficiency (results/search.md); clock writes results/clock.md")
+    ap.add_argument("--part", choices=("real", "efficiency", "clock", "deadline", "all"), default="all",
+                    help="all: real and efficiency (results/search.md); clock writes results/clock.md; deadline: "
+                    "only clock's --max-minutes run (results/clock_deadline.md)")
     ap.add_argument("--trials", type=int, help="trials of each search (default 40 real / 16 per variant; "
                     "--quick 16 / 6)")
     ap.add_argument("--epochs", type=int, help="epochs per fold (default: autoseg's, about "
@@ -1048,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds=args.seeds or b.seeds,
     )
     args.threads = args.threads or None
-    args.out = args.out or (RESULTS_CLOCK if args.part == "clock" else RESULTS)
+    args.out = args.out or {"clock": RESULTS_CLOCK, "deadline": RESULTS_DEADLINE}.get(args.part, RESULTS)
     cb = QUICK_CLOCK if args.quick else FULL_CLOCK
     cb = dataclasses.replace(cb, trials=args.trials or cb.trials, reps=args.reps or cb.reps,
                              epochs=args.epochs or cb.epochs, seeds=args.seeds or cb.seeds,
@@ -1063,16 +1085,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--marks: minutes separated by commas, e.g. 5,10,20; got {args.marks!r}")
     info = machine_info()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(f"budget: {cb if args.part == 'clock' else b}" + ("  (--quick: reduced trials, tiles and epochs)"
-                                                           if args.quick else ""), flush=True)
+    shown = cb if args.part in ("clock", "deadline") else b
+    print(f"budget: {shown}" + ("  (--quick: reduced trials, tiles and epochs)" if args.quick else ""), flush=True)
 
     start = time.perf_counter()
-    real = eff = clock = None
+    real = eff = clock = deadline = None
     with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
         root = args.keep or Path(tmp)
         try:
             if args.part == "clock":
                 clock = part_clock(args.data, root, cb, args.seed, args.threads)
+            if args.part == "deadline":
+                deadline = clock_deadline(args.data, root, cb, args.seed, args.threads)
             if args.part in ("real", "all"):
                 real = part_real(args.data, root, b, args.seed, args.threads, args.measure_size)
             if args.part in ("efficiency", "all"):
@@ -1084,6 +1108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if clock is not None:
         lines, checks = clock_document(args, cb, info, clock, total)
+    elif deadline is not None:
+        lines, checks = deadline_document(args, cb, info, deadline, total)
     else:
         lines, checks = report(args, b, info, real, eff, total)
     print()

@@ -239,8 +239,9 @@ def test_search_end_to_end_then_eval_export_report(demo, tmp_path):
 def test_second_stage_trains_the_top_nets_on_all_data_and_ships_the_best_on_validation(demo, tmp_path):
     images, masks = demo
     out = tmp_path / "run"
+    # --max-minutes: the second stage runs within the search's limit, which leaves it all 48 crops here
     args = [*search_args(tmp_path, images, masks, out, trials=3), "--pruner", "none", "--refine-top", "2",
-            "--refine-tiles", "48"]
+            "--refine-tiles", "48", "--max-minutes", "20"]
     proc = autoseg(*args)
     assert proc.returncode == 0, proc.stderr
     card = json.loads((out / "best" / "model_card.json").read_text())

@@ -22,11 +22,14 @@ from autoseg.config import TrainConfig, load_config
 from autoseg.demo_data import generate_demo
 from autoseg.devices import open_device, settings_from_config
 from autoseg.errors import InputError
+from autoseg.refine import second_stage
 from autoseg.report import _trial_row
 from autoseg.rundir import RunDir
 from autoseg.search import (
     STUDY_NAME,
+    Candidate,
     Objective,
+    SearchClock,
     StepCost,
     choose_best,
     cut_by_deadline,
@@ -195,16 +198,17 @@ def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path,
             "search.max_minutes": 30.0, "train.final_minutes": 5.0, "search.refine_top": 3,
             "search.refine_tiles": 500})
     text = caplog.text
-    assert "the search stops by" in text and "(--max-minutes 30 from its start, a running trial included, less " \
-        "60 s to export and test the net)" in text
-    assert re.search(r"then the second stage: 3 nets x 500 crops, about .+ to .+; then the final training: at "
+    assert re.search(r"time: the search stops by \S+ \(--max-minutes 30 from its start, less 60 s to export and test "
+                     r"the net\), its trials by \S+ \(a running one included\); then the second stage: 3 nets x up "
+                     r"to 500 crops, as many as fit in the \d+ s before the search stops; then the final training: at "
                      r"most 5 min \(--final-minutes\)", text)
     assert re.search(r"no latency budget: .* The space's nets take [\d.e-]+ ms \(k3_c4_standard_transpose\) to "
                      r"[\d.e-]+ ms \(k3-3_c8-8_standard_transpose\) at 16x16 px on local; --latency-budget-ms [\d.e-]+ "
                      r"\(a median net's, \S+\) drops the slower half", text)
     assert "ETA: a trial's whole CV (2 folds x 1 epochs on 6 tiles) takes about" in text
     assert "for the 4 trial(s) to run, with halving pruning" in text
-    assert clock.deadline == pytest.approx(started + 1800 - 60)
+    assert clock.end == pytest.approx(started + 1800 - 60)
+    assert 0 < clock.second_stage < 600 and clock.deadline == pytest.approx(clock.end - clock.second_stage)
     assert clock.cost is not None and clock.cost.per_tile(1e9) >= clock.cost.per_tile(1e3) > 0
     with closing(device):
         objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
@@ -217,6 +221,53 @@ def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path,
         assert clock.eta_text(study, 4, since).startswith("time limit in 1 s, about 0 more")
         clock.eta_text(study, 4, since)
     assert caplog.text.count("cuts the search: about 0 of the 2 nets left fit") == 1
+
+
+def limited_clock(minutes: float, refine_top: int, tile_seconds: float) -> SearchClock:
+    cfg = load_config(None, {**TINY, "search.max_minutes": minutes, "search.refine_top": refine_top,
+                             "search.refine_tiles": 50_000})
+    clock = SearchClock(cfg, tiny_task(), time.time())
+    clock.cost = StepCost((1e6, 1e6), (tile_seconds, tile_seconds))  # every crop costs tile_seconds
+    return clock
+
+
+def test_a_time_limit_keeps_time_for_the_second_stage_and_fits_its_crops_to_what_is_left():
+    nets = [Candidate(Arch((3,), (4,)), 16), Candidate(Arch((3, 3), (8, 8)), 16)]
+    slow = limited_clock(30.0, 2, 0.01)  # 2 nets x 50,000 crops x 10 ms = 1,000 s: more than a third of 30 min
+    assert slow.all_data_seconds(nets[0], 50_000) == pytest.approx(500, rel=0.01)
+    slow.keep_for_second_stage(nets[0])
+    assert slow.second_stage == pytest.approx(600) and slow.deadline == pytest.approx(slow.end - 600)
+    # ~1,740 s left before the end, planned at 80%: 1,392 s / (2 x 10 ms a crop) = ~69,600 crops: all 50,000
+    assert slow.second_stage_crops(nets) == 50_000
+    slow.end = time.time() + 600  # the trials used their time: 80% of 600 s over 2 nets at 10 ms = 24,000 crops
+    assert slow.second_stage_crops(nets) == pytest.approx(24_000, rel=0.01)
+    slow.end = time.time() - 1
+    assert slow.second_stage_crops(nets) == 0
+
+    fast = limited_clock(30.0, 2, 1e-4)  # 2 x 5 s: the estimate, less than a third of the limit
+    fast.keep_for_second_stage(nets[0])
+    assert fast.second_stage == pytest.approx(2 * 5 / 0.8, rel=0.01)
+    single = limited_clock(30.0, 1, 0.01)  # no second stage: nothing kept
+    single.keep_for_second_stage(nets[0])
+    assert single.second_stage == 0 and single.deadline == single.end
+    unlimited = SearchClock(load_config(None, {**TINY, "search.refine_top": 3, "search.refine_tiles": 500}),
+                            tiny_task(), time.time())
+    unlimited.cost = StepCost((1e6, 1e6), (0.01, 0.01))
+    unlimited.keep_for_second_stage(nets[0])  # no time limit: the trials end when they are done, all crops train
+    assert unlimited.second_stage == 0 and unlimited.deadline is None
+    assert unlimited.second_stage_crops(nets) == 500
+
+
+def test_a_second_stage_the_time_limit_leaves_no_room_for_is_skipped_and_the_search_best_ships(caplog):
+    clock = limited_clock(1.0, 2, 0.01)
+    clock.end = time.time() + 5  # 4 s of training at 20 ms a crop pair: 200 crops, under a tenth of 50,000
+    top = [optuna.trial.create_trial(value=v, user_attrs={"arch_dict": Arch((3,), (c,)).to_dict(), "tile": 16})
+           for v, c in ((0.5, 4), (0.4, 8))]
+    with caplog.at_level(logging.INFO, logger="autoseg"):
+        best, second = second_stage(clock.cfg, None, None, None, top, clock=clock)  # nothing is trained
+    assert best is top[0] and second is None
+    assert re.search(r"second stage skipped: --max-minutes 1 leaves \d+ s, room for [\d,]+ crops a net of the "
+                     r"50,000 planned; the search's best ships", caplog.text)
 
 
 def test_a_latency_budget_no_net_meets_is_refused_after_timing_only_the_smallest(tmp_path):

@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images", help="folder of full-size test images")
     p.add_argument("--test-masks", help="folder of their masks")
     p.add_argument("--trials", type=int, help="distinct nets to try (default 20); repeated proposals do not count")
-    p.add_argument("--max-minutes", type=float, help="end the trials this many minutes after the start, a running "
-                   "one at its next epoch, then train the best so far (its own budget: --final-tiles, --final-minutes)")
+    p.add_argument("--max-minutes", type=float, help="end the search this many minutes after the start, a running "
+                   "trial at its next epoch and the second stage included, then train the best so far (its own "
+                   "budget: --final-tiles, --final-minutes)")
     p.add_argument("--workers", type=int, help="processes running trials at once, each with an equal share of the "
                    "cores (default 1); small nets use many cores poorly")
     p.add_argument("--folds", type=int, help="cross-validation folds per candidate on the representatives "

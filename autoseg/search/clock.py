@@ -39,6 +39,14 @@ EVAL_SHARE = 1 / 3  # a validation pass costs about a third of a training pass o
 # What search.max_minutes leaves after the trials for exporting, testing and reporting the net (its final
 # training has a budget of its own): this share of it, within these bounds.
 FINISH_SHARE, FINISH_MIN_S, FINISH_MAX_S = 0.05, 5.0, 60.0
+# With search.max_minutes and a second stage: at most this share of the limit is kept for the second stage (its
+# estimate for the space's median net otherwise); fewer crops a net than MIN_SECOND_STAGE_SHARE of
+# search.refine_tiles would rank the nets on too little training, and the search's best ships without one.
+SECOND_STAGE_SHARE = 1 / 3
+MIN_SECOND_STAGE_SHARE = 0.1
+# The second stage's crops are planned for this share of the time left: validation passes and data loading come
+# on top of the training steps the calibration times.
+SECOND_STAGE_SAFETY = 0.8
 # Share of its whole CV that a trial trains, on average, under each pruner: the ETA's prior, which the search
 # corrects with the trials it finishes (bench_search --part clock prints the shares it saw).
 PRUNED_SHARE = {"none": 1.0, "median": 0.7, "halving": 0.55, "hyperband": 0.75}
@@ -113,7 +121,10 @@ class SearchClock:
         self.cfg, self.task, self.started = cfg, task, started
         m = cfg.search.max_minutes
         self.finish = 0.0 if m is None else min(FINISH_MAX_S, max(FINISH_MIN_S, FINISH_SHARE * 60.0 * m))
-        self.deadline = None if m is None else started + 60.0 * m - self.finish  # time.time()
+        # time.time() by which the search (trials and second stage) ends, and by which its trials end
+        self.end = None if m is None else started + 60.0 * m - self.finish
+        self.deadline = self.end
+        self.second_stage = 0.0  # seconds kept for the second stage after the trials
         self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
         self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
         self.typical = 0.0  # whole-CV seconds of the space's median net
@@ -133,6 +144,37 @@ class SearchClock:
         bs = fold_batch(self.cfg, self.task, cand)
         train = epochs * math.ceil(fit / bs) * self.cost.step(bs, macs)
         return self.cfg.train.folds * (train + EVAL_SHARE * val * self.cost.per_tile(macs))
+
+    def all_data_seconds(self, cand: Candidate, tiles: int) -> float:
+        """Training steps of `tiles` crops of all training images (the final training's, or the second stage's)."""
+        assert self.cost is not None
+        from autoseg.final_train import final_batch_size
+
+        t = self.cfg.train
+        crop = -(-(t.final_crop or cand.tile) // cand.arch.multiple) * cand.arch.multiple
+        bs = final_batch_size(t, cand.arch, self.task.in_channels, self.task.num_classes, crop)
+        macs = count_macs(cand.arch, self.task.in_channels, self.task.num_classes, crop, crop)
+        return math.ceil(tiles / bs) * self.cost.step(bs, macs)
+
+    def keep_for_second_stage(self, typical: Candidate) -> None:
+        """With a time limit and a second stage: end the trials early enough for the second stage to train its
+        nets (as long as `typical` would take, at most SECOND_STAGE_SHARE of the limit)."""
+        k, m = self.cfg.search.refine_top, self.cfg.search.max_minutes
+        if self.end is None or m is None or k <= 1 or self.cost is None:
+            return
+        want = k * self.all_data_seconds(typical, self.cfg.search.refine_tiles) / SECOND_STAGE_SAFETY
+        self.second_stage = min(want, SECOND_STAGE_SHARE * 60.0 * m)
+        self.deadline = self.end - self.second_stage
+
+    def second_stage_crops(self, nets: list[Candidate]) -> int:
+        """Crops each net of the second stage trains on: search.refine_tiles, or as many as the time left before
+        the search's end fits for all of `nets` (0: none)."""
+        tiles = self.cfg.search.refine_tiles
+        if self.end is None or self.cost is None:
+            return tiles
+        per_crop = sum(self.all_data_seconds(c, tiles) for c in nets) / tiles
+        fit = SECOND_STAGE_SAFETY * max(0.0, self.end - time.time()) / per_crop
+        return int(min(tiles, fit))
 
     def spent(self, t: FrozenTrial) -> float:
         """What the model says a finished trial cost."""
@@ -222,7 +264,11 @@ def plan_search(
     pool = space_pool(cfg)
     clock.start_costs = [clock.cv_seconds(sample_candidate(optuna.trial.FixedTrial(p), scfg.space, tile_choices(cfg)))
                          for p in startup_plan(cfg)]
-    clock.typical = float(np.median([clock.cv_seconds(c) for c, _ in pool])) if pool else clock.cv_seconds(small)
+    costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool), key=lambda sc: sc[0])
+    if not costs:
+        costs = [(clock.cv_seconds(small), small)]
+    clock.typical = float(np.median([sec for sec, _ in costs]))
+    clock.keep_for_second_stage(costs[len(costs) // 2][1])  # the median net by cost
     fit, _, epochs = clock.fold_shape(small.tile)
     one = MEASURE_SECONDS + clock.cv_seconds(small)
     log.info("time: %s; then %s", _search_limit_text(cfg, clock),
@@ -268,27 +314,30 @@ def plan_search(
 
 
 def _search_limit_text(cfg: Config, clock: SearchClock) -> str:
-    if clock.deadline is None:
+    if clock.end is None or clock.deadline is None:
         return "no limit on the search (--max-minutes sets one)"
-    return (f"the search stops by {time.strftime('%H:%M:%S', time.localtime(clock.deadline))} (--max-minutes "
-            f"{cfg.search.max_minutes:g} from its start, a running trial included, less {clock.finish:.0f} s to "
-            "export and test the net)")
+
+    def hms(t: float) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(t))
+
+    if not clock.second_stage:
+        return (f"the search stops by {hms(clock.deadline)} (--max-minutes {cfg.search.max_minutes:g} from its start, "
+                f"a running trial included, less {clock.finish:.0f} s to export and test the net)")
+    return (f"the search stops by {hms(clock.end)} (--max-minutes {cfg.search.max_minutes:g} from its start, less "
+            f"{clock.finish:.0f} s to export and test the net), its trials by {hms(clock.deadline)} (a running one "
+            "included)")
 
 
 def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small: Candidate, large: Candidate) -> str:
     t = cfg.train
     assert clock.cost is not None
-    from autoseg.final_train import final_batch_size
-
-    def on_all_data(c: Candidate, tiles: int) -> float:
-        crop = -(-(t.final_crop or c.tile) // c.arch.multiple) * c.arch.multiple
-        bs = final_batch_size(t, c.arch, task.in_channels, task.num_classes, crop)
-        return math.ceil(tiles / bs) * clock.cost.step(bs, count_macs(c.arch, task.in_channels, task.num_classes,
-                                                                      crop, crop))
-
+    on_all_data = clock.all_data_seconds
     k = cfg.search.refine_top
     head = "the final training: "
-    if k > 1:
+    if k > 1 and clock.second_stage:
+        head = (f"the second stage: {k} nets x up to {cfg.search.refine_tiles:,} crops, as many as fit in the "
+                f"{minutes(clock.second_stage)} before the search stops; then {head}")
+    elif k > 1:
         head = (f"the second stage: {k} nets x {cfg.search.refine_tiles:,} crops, about "
                 f"{minutes(k * on_all_data(small, cfg.search.refine_tiles))} to "
                 f"{minutes(k * on_all_data(large, cfg.search.refine_tiles))}; then {head}")

@@ -1,0 +1,137 @@
+"""The clock benchmark's two searches at more seeds: how soon each reaches 95% of the better best of the pair.
+
+    python -m benchmarks.bench_clock_seeds --seeds 1 2 [--variants new old median] [--trials 12] [--epochs 12]
+
+`bench_search --part clock` compares autoseg's search defaults with those before issue #21 at one seed, where one
+lucky random draw decides a lot. This runs the searches alone (no second stage, a token final training), through
+the CLI as a user would, for each seed and variant, then reads each study: when a completed trial first reached 95%
+of the better final best of the variants at that seed, by CV mIoU and by the search's objective (CV mIoU with the
+latency penalty), timed from the first trial's start. Variants: new (the defaults: cost-ordered start, successive
+halving), old (TPE's random start, the median pruner), median (the cost-ordered start with the median pruner).
+Each seed gives its own split and representatives, shared by its variants. Results: results/clock_seeds.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from autoseg.rundir import write_text_atomic
+from benchmarks import DATA_ROOT
+
+DATASET = DATA_ROOT / "semantic_drone_224"
+RESULTS = Path(__file__).resolve().parent / "results" / "clock_seeds.md"
+VARIANTS = {
+    "new": [],
+    "old": ["--startup", "random", "--pruner", "median"],
+    "median": ["--pruner", "median"],
+}
+REACH = 0.95
+
+
+def search(data: Path, out: Path, seed: int, variant: str, a: argparse.Namespace) -> float:
+    """One search through the CLI; its wall time."""
+    config = out.parent / "bench.yml"
+    config.write_text(f"train:\n  threads: {a.threads}\n  val_fraction: 0.0\n")
+    cmd = [sys.executable, "-m", "autoseg", "-q", "search", "--config", str(config), "--images", str(data / "images"),
+           "--masks", str(data / "masks"), "--out", str(out), "--trials", str(a.trials), "--num-reps", str(a.reps),
+           "--epochs", str(a.epochs), "--tile", "64", "--device", "local", "--refine-top", "0", "--final-tiles",
+           "256", "--seed", str(seed), *VARIANTS[variant]]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def score(t: optuna.trial.FrozenTrial, key: str) -> float:
+    return float(t.value) if key == "objective" else float(t.user_attrs["cv_mean"])
+
+
+def reading(study: optuna.Study) -> dict:
+    t0 = min(t.datetime_start for t in study.trials).timestamp()
+    done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
+    return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
+            "wall": max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp() - t0}
+
+
+def reach(r: dict, key: str, target: float) -> float | None:
+    return next((t.datetime_complete.timestamp() - r["t0"] for t in r["done"] if score(t, key) >= target), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["new", "old", "median"])
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--reps", type=int, default=120)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data", type=Path, default=DATASET)
+    ap.add_argument("--keep", type=Path, required=True, help="run directories (a rerun reads the finished ones)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    a.keep.mkdir(parents=True, exist_ok=True)
+    rows, pairs = [], []
+    for seed in a.seeds:
+        runs = {}
+        for v in a.variants:
+            out = a.keep / f"s{seed}_{v}"
+            if not (out / "best" / "model_card.json").exists():
+                print(f"seed {seed} {v}: {search(a.data, out, seed, v, a):.0f} s", flush=True)
+            runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"))
+        for key in ("cv", "objective"):
+            if "new" in runs and "old" in runs:  # the issue's target: the new defaults against the old, alone
+                both = max(score(t, key) for v in ("new", "old") for t in runs[v]["done"])
+                pairs.append((seed, key, both, reach(runs["new"], key, REACH * both),
+                              reach(runs["old"], key, REACH * both)))
+            best = max(score(t, key) for r in runs.values() for t in r["done"])
+            rows.append((seed, key, best, {v: (reach(r, key, REACH * best), max(score(t, key) for t in r["done"]),
+                                               r["wall"], r["distinct"]) for v, r in runs.items()}))
+
+    def secs(x: float | None) -> str:
+        return "never" if x is None else f"{x:.0f} s"
+
+    lines = [
+        "# The clock's searches at more seeds",
+        "",
+        f"`python -m benchmarks.bench_clock_seeds {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        "",
+        f"Data `{a.data}`, {a.trials} trials, {a.reps} representatives, 3 folds x {a.epochs} epochs, tile 64, no "
+        "latency budget, local latency, train threads "
+        f"{a.threads}. Time to {REACH:.0%} of the better final best of the variants at each seed, from the first "
+        "trial's start; each variant's own best, its trial loop's wall time and the distinct nets it completed.",
+        "",
+        "| seed | by | best | " + " | ".join(f"{v}: reach / own best / wall / completed" for v in a.variants) + " |",
+        "|---|---|---|" + "---|" * len(a.variants),
+    ]
+    for seed, key, best, per in rows:
+        lines.append(f"| {seed} | {key} | {best:.4f} | " + " | ".join(
+            f"{secs(per[v][0])} / {per[v][1]:.4f} / {per[v][2]:.0f} s / {per[v][3]}" for v in a.variants) + " |")
+    lines.append("")
+    for key in ("cv", "objective"):
+        for v in a.variants:
+            hits = [per[v][0] for _, k, _, per in rows if k == key]
+            own = [per[v][1] / best for _, k, best, per in rows if k == key]
+            lines.append(f"- {v}, by {key}: reached {sum(h is not None for h in hits)} of {len(hits)} seeds; its own "
+                         f"best {statistics.fmean(own):.1%} of the seed's best on average")
+    if pairs:
+        lines += ["", f"The new defaults against the old alone (time to {REACH:.0%} of the better best of the two):",
+                  "", "| seed | by | better best | new | old | speed-up (old / new) |", "|---|---|---|---|---|---|"]
+        for seed, key, both, rn, ro in pairs:
+            speed = "-" if rn is None else ("inf (old never)" if ro is None else f"{ro / rn:.2f}x")
+            lines.append(f"| {seed} | {key} | {both:.4f} | {secs(rn)} | {secs(ro)} | {speed} |")
+    lines.append("")
+    write_text_atomic(a.out, "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
