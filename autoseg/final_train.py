@@ -303,6 +303,11 @@ def check_cache_memory(t: TrainConfig, workers: int) -> None:
         )
 
 
+def final_crop(t: TrainConfig, tile: int, multiple: int) -> int:
+    """Side of the final training's crops: train.final_crop (else the tile), rounded up to what the net takes."""
+    return -(-(t.final_crop or tile) // multiple) * multiple
+
+
 def final_batch_size(t: TrainConfig, arch: Any, in_channels: int, num_classes: int, crop: int) -> int:
     return t.batch_size or min(FINAL_MAX_BATCH, auto_batch_size(arch, in_channels, num_classes, crop))
 

@@ -31,9 +31,9 @@ from autoseg.config import Config
 from autoseg.data_stage import DataStage
 from autoseg.retrain import RETRAIN_STATE, on_all_data
 from autoseg.rundir import RunDir, write_json_atomic
-from autoseg.search import Candidate, SearchTask
+from autoseg.search import SearchTask
 from autoseg.search.clock import MIN_SECOND_STAGE_SHARE, SearchClock, minutes
-from autoseg.unet import Arch
+from autoseg.search.space import trial_candidate
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,11 @@ def train_briefly(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, 
     """One net of the second stage, trained on `tiles` (search.refine_tiles) crops of all training images, for
     at most `minutes`: its best validation mIoU and how it trained, kept in `where` (a rerun with the same key
     reads it, an interrupted one goes on)."""
-    arch = Arch.from_dict(trial.user_attrs["arch_dict"])
+    net = trial_candidate(trial.user_attrs)
+    arch = net.arch
     where.mkdir(parents=True, exist_ok=True)
-    key, train = on_all_data(refine_config(cfg, tiles, minutes), run, stage, task, arch, int(trial.user_attrs["tile"]),
-                             trial.number, progress, where)
+    key, train = on_all_data(refine_config(cfg, tiles, minutes), run, stage, task, arch, net.tile, trial.number,
+                             progress, where)
     done = _kept(where / RESULT, key)
     if done is not None:
         log.info("second stage: trial %d (%s) was done already", trial.number, arch.key())
@@ -99,7 +100,7 @@ def second_stage(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, c
     tiles, end = cfg.search.refine_tiles, None
     if clock is not None and clock.end is not None:
         end = clock.end
-        tiles = clock.second_stage_crops([candidate(t) for t in candidates])
+        tiles = clock.second_stage_crops([trial_candidate(t.user_attrs) for t in candidates])
         if tiles < max(1, MIN_SECOND_STAGE_SHARE * cfg.search.refine_tiles):
             log.info("second stage skipped: --max-minutes %g leaves %s, room for %s crops a net of the %s planned; "
                      "the search's best ships", cfg.search.max_minutes, minutes(max(0.0, end - time.time())),
@@ -134,7 +135,3 @@ def second_stage(cfg: Config, run: RunDir, stage: DataStage, task: SearchTask, c
         log.info("second stage: trial %d (%s) ships instead of the search's best, trial %d", winner.number,
                  best["arch"], candidates[0].number)
     return winner, {"tiles": tiles, "chosen": winner.number, "nets": results}
-
-
-def candidate(trial: FrozenTrial) -> Candidate:
-    return Candidate(Arch.from_dict(trial.user_attrs["arch_dict"]), int(trial.user_attrs["tile"]))

@@ -23,6 +23,7 @@ from autoseg.final_train import (
     FinalSettings,
     check_cache_memory,
     final_batch_size,
+    final_crop,
     final_key,
     final_settings,
     image_class_pixels,
@@ -79,7 +80,7 @@ def on_all_data(
     fit_ids, val_ids = split_validation(stage.train_ids, t.val_fraction, cfg.seed)
     teacher = teacher_source(t.teacher, stage.ds, task.in_channels) if t.teacher else None
     multiple = math.lcm(arch.multiple, teacher.arch.multiple if teacher else 1)  # both nets take the crops
-    crop = -(-(t.final_crop or tile) // multiple) * multiple
+    crop = final_crop(t, tile, multiple)
     workers = loader_workers(t, stage.ds, fit_ids)
     check_cache_memory(t, workers)
     settings = training_settings(t, cfg.seed, task.class_weights, epochs=0)

@@ -122,8 +122,6 @@ def search_order(cv: list[float], val: list[float], k: int) -> list[float]:
     return score
 
 
-
-
 def second_stage_lines(second: dict[int, list[float]], cv: list[float], finals: list[float], nets: list[Arch],
                        default: int) -> list[str]:
     """The second stage's fidelity (its validation mIoU against the final test mIoU) and what it would ship."""

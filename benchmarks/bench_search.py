@@ -970,21 +970,11 @@ def report(args: argparse.Namespace, b: Budget, info: dict[str, Any], real: dict
     return lines, checks
 
 
-def deadline_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, Any], dl: dict[str, Any],
-                      total_s: float) -> tuple[list[str], list[tuple[bool, str]]]:
-    return clock_document(args, cb, info, None, total_s, (deadline_lines(cb, dl), [deadline_check(cb, dl)]))
-
-
-def clock_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, Any], c: dict[str, Any] | None,
-                   total_s: float, given: tuple[list[str], list[tuple[bool, str]]] | None = None,
-                   ) -> tuple[list[str], list[tuple[bool, str]]]:
+def clock_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, Any], section: list[str],
+                   checks: list[tuple[bool, str]], total_s: float, title: str = "") -> list[str]:
     cmd = "python -m benchmarks.bench_search " + " ".join(args.argv)
-    section, checks = given or clock_report(cb, c)
-    if args.quick and c is not None:
-        checks.append((total_s <= CLOCK_QUICK_LIMIT_S,
-                       f"--quick finishes in <= {CLOCK_QUICK_LIMIT_S:.0f} s: {total_s:.0f} s"))
     lines = [
-        "# Search benchmark: the user's clock" + ("" if c is not None else " (the --max-minutes run alone)"),
+        "# Search benchmark: the user's clock" + title,
         "",
         f"`{cmd.strip()}`" + (" (`make bench` budget)" if args.quick else ""),
         "",
@@ -1004,7 +994,7 @@ def clock_document(args: argparse.Namespace, cb: ClockBudget, info: dict[str, An
         *[f"- {check_line(ok, text)}" for ok, text in checks],
         "",
     ]
-    return lines, checks
+    return lines
 
 
 # ---------------------------------------------------------------- main
@@ -1107,9 +1097,15 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
 
     if clock is not None:
-        lines, checks = clock_document(args, cb, info, clock, total)
+        section, checks = clock_report(cb, clock)
+        if args.quick:
+            checks.append((total <= CLOCK_QUICK_LIMIT_S,
+                           f"--quick finishes in <= {CLOCK_QUICK_LIMIT_S:.0f} s: {total:.0f} s"))
+        lines = clock_document(args, cb, info, section, checks, total)
     elif deadline is not None:
-        lines, checks = deadline_document(args, cb, info, deadline, total)
+        checks = [deadline_check(cb, deadline)]
+        lines = clock_document(args, cb, info, deadline_lines(cb, deadline), checks, total,
+                               " (the --max-minutes run alone)")
     else:
         lines, checks = report(args, b, info, real, eff, total)
     print()

@@ -25,11 +25,12 @@ from autoseg.search.space import (
     startup_plan,
     tile_choices,
     tile_macs,
+    trial_candidate,
 )
 from autoseg.search.task import SearchTask
 from autoseg.search.trials import distinct_trials, finished_trials, is_repeat
 from autoseg.train import auto_batch_size, cv_epochs, train_model, training_settings
-from autoseg.unet import Arch, build_unet, count_macs
+from autoseg.unet import build_unet, count_macs
 
 log = logging.getLogger("autoseg.search")  # one logger for the package: log lines keep the name they had
 
@@ -148,10 +149,10 @@ class SearchClock:
     def all_data_seconds(self, cand: Candidate, tiles: int) -> float:
         """Training steps of `tiles` crops of all training images (the final training's, or the second stage's)."""
         assert self.cost is not None
-        from autoseg.final_train import final_batch_size
+        from autoseg.final_train import final_batch_size, final_crop
 
         t = self.cfg.train
-        crop = -(-(t.final_crop or cand.tile) // cand.arch.multiple) * cand.arch.multiple
+        crop = final_crop(t, cand.tile, cand.arch.multiple)
         bs = final_batch_size(t, cand.arch, self.task.in_channels, self.task.num_classes, crop)
         macs = count_macs(cand.arch, self.task.in_channels, self.task.num_classes, crop, crop)
         return math.ceil(tiles / bs) * self.cost.step(bs, macs)
@@ -184,7 +185,7 @@ class SearchClock:
         trained = a.get("epochs_trained", 0)
         if not trained or "arch_dict" not in a:
             return MEASURE_SECONDS
-        cand = Candidate(Arch.from_dict(a["arch_dict"]), int(a["tile"]))
+        cand = trial_candidate(a)
         _, _, epochs = self.fold_shape(cand.tile)
         return MEASURE_SECONDS + self.cv_seconds(cand) * min(1.0, trained / (epochs * self.cfg.train.folds))
 

@@ -28,6 +28,11 @@ class Candidate:
     tile: int
 
 
+def trial_candidate(attrs: dict[str, Any]) -> Candidate:
+    """The net a trial looked at, from its user attributes (arch_dict and tile)."""
+    return Candidate(Arch.from_dict(attrs["arch_dict"]), int(attrs["tile"]))
+
+
 def tile_choices(cfg: Config) -> list[int]:
     return sorted(set(cfg.search.space.tile_sizes) or {cfg.tiles.size})
 
