@@ -72,6 +72,7 @@ from autoseg.search import (
     study_storage,
     tile_choices,
     timed_size,
+    trial_candidate,
     trial_counts,
 )
 from autoseg.storage import MAX_RETRY, describe, storage_errors
@@ -212,8 +213,8 @@ def finalize(
     A rerun keeps a training that finished (a later step failed) and goes on with one that was interrupted.
     """
     where = folder or run.best
-    arch = Arch.from_dict(best.user_attrs["arch_dict"])
-    tile = int(best.user_attrs["tile"])
+    net = trial_candidate(best.user_attrs)
+    arch, tile = net.arch, net.tile
     ds = stage.ds
     if cfg.train.final_data == "all":
         key, train = on_all_data(cfg, run, stage, task, arch, tile, best.number, progress, where)
@@ -326,7 +327,8 @@ def int8_variant(
 
     Both are timed alike, waiting for a quiet device (measure_quiet); latency_flags and fp32_latency_flags
     say why a figure is not clean, and the summary prints the comparison as unreliable then."""
-    arch, tile = Arch.from_dict(card["arch_dict"]), int(card["tile"])
+    net = trial_candidate(card)
+    arch, tile = net.arch, net.tile
     fp32 = run.best / "model.onnx"
     try:
         info = quantize_int8(fp32, run.best / "model.int8.onnx", task.data[tile].x)

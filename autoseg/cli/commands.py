@@ -130,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from autoseg.export import check_loads
     from autoseg.pipeline import evaluate_model, other_eval_folder
     from autoseg.rundir import RunDir, write_json_atomic
-    from autoseg.unet import Arch
+    from autoseg.search.space import trial_candidate
 
     run = RunDir(args.run)
     if args.trial is not None:
@@ -155,9 +155,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if other:  # other images: their own folder, the run's results stay
         out = other_eval_folder(run, Path(args.test_images), Path(args.test_masks))
     check_data_digest(cfg, run, stage, test=not other)
-    arch = Arch.from_dict(card["arch_dict"])
+    net = trial_candidate(card)
     metrics = evaluate_model(
-        cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, arch, card["tile"], progress_enabled(),
+        cfg, run, run.best / "model.onnx", stage.test_ds, stage.test_ids, net.arch, net.tile, progress_enabled(),
         out=out,
     )
     if metrics is None:

@@ -60,6 +60,7 @@ from autoseg.search.space import (
     startup_trials,
     tile_choices,
     tile_macs,
+    trial_candidate,
 )
 from autoseg.search.study import (
     METRIC_NAMES,
@@ -157,6 +158,7 @@ __all__ = [
     "tile_macs",
     "timed_size",
     "trained_like_batchnorm",
+    "trial_candidate",
     "trial_counts",
     "trial_place",
     "unmeasured",
