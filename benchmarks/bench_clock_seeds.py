@@ -1,19 +1,22 @@
-"""The clock benchmark's two searches at more seeds: how soon each reaches 95% of the better best of the pair.
+"""The clock benchmark's searches at more seeds and pruners: how soon each reaches 95% of the best at its seed.
 
-    python -m benchmarks.bench_clock_seeds --seeds 1 2 [--variants new old median] [--trials 12] [--epochs 12]
+    python -m benchmarks.bench_clock_seeds --seeds 0 1 2 3 4 --keep DIR [--variants new old median ...]
 
 `bench_search --part clock` compares autoseg's search defaults with those before issue #21 at one seed, where one
 lucky random draw decides a lot. This runs the searches alone (no second stage, a token final training), through
 the CLI as a user would, for each seed and variant, then reads each study: when a completed trial first reached 95%
-of the better final best of the variants at that seed, by CV mIoU and by the search's objective (CV mIoU with the
-latency penalty), timed from the first trial's start. Variants: new (the defaults: cost-ordered start, successive
-halving), old (TPE's random start, the median pruner), median (the cost-ordered start with the median pruner).
-Each seed gives its own split and representatives, shared by its variants. Results: results/clock_seeds.md.
+of the best final score of the variants at that seed, by CV mIoU and by the search's objective (CV mIoU with the
+latency penalty), timed from the first trial's start. Variants: new (the defaults: the cost-ordered start,
+successive halving at reduction factor 3), old (before #21: TPE's random start, the median pruner), and the
+cost-ordered start with the median pruner (median), Hyperband (hyperband) or successive halving at reduction
+factor 2 (halving2). Each seed gives its own split and representatives, shared by its variants. Results:
+results/clock_seeds.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -28,11 +31,17 @@ from benchmarks import DATA_ROOT
 
 DATASET = DATA_ROOT / "semantic_drone_224"
 RESULTS = Path(__file__).resolve().parent / "results" / "clock_seeds.md"
-VARIANTS = {
-    "new": [],
-    "old": ["--startup", "random", "--pruner", "median"],
-    "median": ["--pruner", "median"],
+# name: (flags, successive halving's reduction factor, None for the default's)
+VARIANTS: dict[str, tuple[list[str], int | None]] = {
+    "new": ([], None),
+    "old": (["--startup", "random", "--pruner", "median"], None),
+    "median": (["--pruner", "median"], None),
+    "hyperband": (["--pruner", "hyperband"], None),
+    "halving2": (["--pruner", "halving"], 2),
 }
+# The rate is a constant of autoseg's, not a setting: set it in the CLI's process.
+WITH_RATE = ("import sys; import autoseg.search.sampling as s; s.HALVING_RATE = {}; from autoseg.cli import main; "
+             "sys.exit(main(sys.argv[1:]))")
 REACH = 0.95
 
 
@@ -40,10 +49,12 @@ def search(data: Path, out: Path, seed: int, variant: str, a: argparse.Namespace
     """One search through the CLI; its wall time."""
     config = out.parent / "bench.yml"
     config.write_text(f"train:\n  threads: {a.threads}\n  val_fraction: 0.0\n")
-    cmd = [sys.executable, "-m", "autoseg", "-q", "search", "--config", str(config), "--images", str(data / "images"),
+    flags, rate = VARIANTS[variant]
+    launch = ["-m", "autoseg"] if rate is None else ["-c", WITH_RATE.format(rate)]
+    cmd = [sys.executable, *launch, "-q", "search", "--config", str(config), "--images", str(data / "images"),
            "--masks", str(data / "masks"), "--out", str(out), "--trials", str(a.trials), "--num-reps", str(a.reps),
            "--epochs", str(a.epochs), "--tile", "64", "--device", "local", "--refine-top", "0", "--final-tiles",
-           "256", "--seed", str(seed), *VARIANTS[variant]]
+           "256", "--seed", str(seed), *flags]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -114,13 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     for seed, key, best, per in rows:
         lines.append(f"| {seed} | {key} | {best:.4f} | " + " | ".join(
             f"{secs(per[v][0])} / {per[v][1]:.4f} / {per[v][2]:.0f} s / {per[v][3]}" for v in a.variants) + " |")
-    lines.append("")
+    lines += ["", f"Over the seeds (a run that never reached {REACH:.0%} counts as the slowest in the median):", "",
+              "| variant | by | reached | median time to reach | own best / seed's best | wall | completed |",
+              "|---|---|---|---|---|---|---|"]
     for key in ("cv", "objective"):
         for v in a.variants:
-            hits = [per[v][0] for _, k, _, per in rows if k == key]
-            own = [per[v][1] / best for _, k, best, per in rows if k == key]
-            lines.append(f"- {v}, by {key}: reached {sum(h is not None for h in hits)} of {len(hits)} seeds; its own "
-                         f"best {statistics.fmean(own):.1%} of the seed's best on average")
+            per = [(p[v], best) for _, k, best, p in rows if k == key]
+            hits = [math.inf if x[0] is None else x[0] for x, _ in per]
+            med = statistics.median(hits)
+            lines.append(
+                f"| {v} | {key} | {sum(h < math.inf for h in hits)} of {len(hits)} | "
+                f"{'never' if med == math.inf else f'{med:.0f} s'} | "
+                f"{statistics.fmean(x[1] / best for x, best in per):.1%} | "
+                f"{statistics.fmean(x[2] for x, _ in per):.0f} s | {statistics.fmean(x[3] for x, _ in per):.1f} |")
     if pairs:
         lines += ["", f"The new defaults against the old alone (time to {REACH:.0%} of the better best of the two):",
                   "", "| seed | by | better best | new | old | speed-up (old / new) |", "|---|---|---|---|---|---|"]
