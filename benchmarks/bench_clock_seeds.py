@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
               "|---|---|---|---|---|---|---|"]
     for key in ("cv", "objective"):
         for v in a.variants:
-            per = [(p[v], best) for _, k, best, p in rows if k == key]
-            hits = [math.inf if x[0] is None else x[0] for x, _ in per]
+            seeds = [(per[v], best) for _, k, best, per in rows if k == key]
+            hits = [math.inf if x[0] is None else x[0] for x, _ in seeds]
             med = statistics.median(hits)
             lines.append(
                 f"| {v} | {key} | {sum(h < math.inf for h in hits)} of {len(hits)} | "
-                f"{'never' if med == math.inf else f'{med:.0f} s'} | "
-                f"{statistics.fmean(x[1] / best for x, best in per):.1%} | "
-                f"{statistics.fmean(x[2] for x, _ in per):.0f} s | {statistics.fmean(x[3] for x, _ in per):.1f} |")
+                f"{secs(None if med == math.inf else med)} | "
+                f"{statistics.fmean(x[1] / best for x, best in seeds):.1%} | "
+                f"{statistics.fmean(x[2] for x, _ in seeds):.0f} s | {statistics.fmean(x[3] for x, _ in seeds):.1f} |")
     if pairs:
         lines += ["", f"The new defaults against the old alone (time to {REACH:.0%} of the better best of the two):",
                   "", "| seed | by | better best | new | old | speed-up (old / new) |", "|---|---|---|---|---|---|"]
