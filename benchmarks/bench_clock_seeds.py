@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -46,26 +47,52 @@ REACH = 0.95
 
 
 def search(data: Path, out: Path, seed: int, variant: str, a: argparse.Namespace) -> float:
-    """One search through the CLI; its wall time."""
+    """One search through the CLI; its wall time. Its log goes to OUT.log, each line with the time it came."""
     config = out.parent / "bench.yml"
-    config.write_text(f"train:\n  threads: {a.threads}\n  val_fraction: 0.0\n")
+    # Searches side by side: a latency is taken under the others' load (and labelled so), not retried until they
+    # are quiet, which would add waits that time the other searches.
+    busy = "device:\n  max_busy_cores: null\n" if a.jobs > 1 else ""
+    config.write_text(f"train:\n  threads: {a.threads}\n  val_fraction: 0.0\n{busy}")
     flags, rate = VARIANTS[variant]
     launch = ["-m", "autoseg"] if rate is None else ["-c", WITH_RATE.format(rate)]
-    cmd = [sys.executable, *launch, "-q", "search", "--config", str(config), "--images", str(data / "images"),
+    budget = [*(["--epochs", str(a.epochs)] if a.epochs else []),
+              *(["--max-minutes", f"{a.max_minutes:g}"] if a.max_minutes else [])]
+    cmd = [sys.executable, *launch, "search", "--config", str(config), "--images", str(data / "images"),
            "--masks", str(data / "masks"), "--out", str(out), "--trials", str(a.trials), "--num-reps", str(a.reps),
-           "--epochs", str(a.epochs), "--tile", "64", "--device", "local", "--refine-top", "0", "--final-tiles",
-           "256", "--seed", str(seed), *flags]
+           *budget, "--tile", "64", "--device", "local", "--refine-top", "0", "--final-tiles", "256",
+           "--seed", str(seed), *flags]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc, \
+            open(log_path(out), "w") as log:
+        for line in proc.stderr:
+            log.write(f"{time.time():.1f} {line}")
+            log.flush()
+    if proc.returncode:
+        raise SystemExit(f"{out}: the search exited {proc.returncode}; see {log_path(out)}")
     return time.perf_counter() - t0
+
+
+def log_path(out: Path) -> Path:
+    return out.parent / f"{out.name}.log"
+
+
+def search_start(out: Path, first_trial: float) -> float:
+    """When the search proper began, after the data stage: the log's "measuring ... latency" line, so the plan
+    (calibration, latency range, ETA) counts; without a log, the first trial's start."""
+    if log_path(out).exists():
+        for line in log_path(out).read_text().splitlines():
+            at, _, text = line.partition(" ")
+            if text.startswith("measuring ") and " latency on " in text:
+                return float(at)
+    return first_trial
 
 
 def score(t: optuna.trial.FrozenTrial, key: str) -> float:
     return float(t.value) if key == "objective" else float(t.user_attrs["cv_mean"])
 
 
-def reading(study: optuna.Study) -> dict:
-    t0 = min(t.datetime_start for t in study.trials).timestamp()
+def reading(study: optuna.Study, out: Path) -> dict:
+    t0 = search_start(out, min(t.datetime_start for t in study.trials).timestamp())
     done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
     return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
             "wall": max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp() - t0}
@@ -75,34 +102,57 @@ def reach(r: dict, key: str, target: float) -> float | None:
     return next((t.datetime_complete.timestamp() - r["t0"] for t in r["done"] if score(t, key) >= target), None)
 
 
+def best_at(r: dict, key: str, seconds: float) -> tuple[float, str] | None:
+    """The best score of the trials completed by then, and the net the search would ship if it ended then (the
+    best by the objective)."""
+    done = [t for t in r["done"] if t.datetime_complete.timestamp() - r["t0"] <= seconds]
+    if not done:
+        return None
+    return max(score(t, key) for t in done), max(done, key=lambda t: t.value).user_attrs["arch"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["new", "old", "median"])
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--reps", type=int, default=120)
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=12, help="per fold; 0: autoseg's default (about 3000 tiles a "
+                    "fold)")
+    ap.add_argument("--max-minutes", type=float, help="each search's --max-minutes")
+    ap.add_argument("--marks", type=float, nargs="+", default=[],
+                    help="minutes at which each search's best so far and chosen net are reported")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="searches run at once (give each --threads)")
     ap.add_argument("--data", type=Path, default=DATASET)
     ap.add_argument("--keep", type=Path, required=True, help="run directories (a rerun reads the finished ones)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     a.keep.mkdir(parents=True, exist_ok=True)
-    rows, pairs = [], []
+    todo = [(seed, v) for seed in a.seeds for v in a.variants
+            if not (a.keep / f"s{seed}_{v}" / "best" / "model_card.json").exists()]
+
+    def run(job: tuple[int, str]) -> None:
+        seed, v = job
+        print(f"seed {seed} {v}: {search(a.data, a.keep / f's{seed}_{v}', seed, v, a):.0f} s", flush=True)
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        list(pool.map(run, todo))
+    rows, pairs, marks = [], [], []
     for seed in a.seeds:
         runs = {}
         for v in a.variants:
             out = a.keep / f"s{seed}_{v}"
-            if not (out / "best" / "model_card.json").exists():
-                print(f"seed {seed} {v}: {search(a.data, out, seed, v, a):.0f} s", flush=True)
-            runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"))
+            runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out)
         for key in ("cv", "objective"):
             if "new" in runs and "old" in runs:  # the issue's target: the new defaults against the old, alone
                 both = max(score(t, key) for v in ("new", "old") for t in runs[v]["done"])
                 pairs.append((seed, key, both, reach(runs["new"], key, REACH * both),
                               reach(runs["old"], key, REACH * both)))
             best = max(score(t, key) for r in runs.values() for t in r["done"])
+            for v, r in runs.items():
+                marks.append((seed, key, v, [best_at(r, key, 60 * m) for m in a.marks]))
             rows.append((seed, key, best, {v: (reach(r, key, REACH * best), max(score(t, key) for t in r["done"]),
                                                r["wall"], r["distinct"]) for v, r in runs.items()}))
 
@@ -114,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python -m benchmarks.bench_clock_seeds {' '.join(sys.argv[1:] if argv is None else argv)}`",
         "",
-        f"Data `{a.data}`, {a.trials} trials, {a.reps} representatives, 3 folds x {a.epochs} epochs, tile 64, no "
-        "latency budget, local latency, train threads "
-        f"{a.threads}. Time to {REACH:.0%} of the better final best of the variants at each seed, from the first "
-        "trial's start; each variant's own best, its trial loop's wall time and the distinct nets it completed.",
+        f"Data `{a.data}`, {a.trials} trials, {a.reps} representatives, 3 folds x "
+        f"{a.epochs or 'autoseg' + chr(39) + 's default'} epochs, tile 64, no latency budget, local latency, train "
+        f"threads {a.threads}, {a.jobs} search(es) at once"
+        + (f", --max-minutes {a.max_minutes:g}" if a.max_minutes else "") +
+        f". Time to {REACH:.0%} of the better final best of the variants at each seed, from the search's start "
+        "(after the data stage, its plan counted; the first trial's start where the search kept no log); each "
+        "variant's own best, its trials' wall time and the distinct nets it completed.",
         "",
         "| seed | by | best | " + " | ".join(f"{v}: reach / own best / wall / completed" for v in a.variants) + " |",
         "|---|---|---|" + "---|" * len(a.variants),
@@ -144,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         for seed, key, both, rn, ro in pairs:
             speed = "-" if rn is None else ("inf (old never)" if ro is None else f"{ro / rn:.2f}x")
             lines.append(f"| {seed} | {key} | {both:.4f} | {secs(rn)} | {secs(ro)} | {speed} |")
+    if a.marks:
+        lines += ["", "The best so far at each mark, and the net the search would ship if it ended then (the best by "
+                  "the objective):", "", "| seed | by | variant | " + " | ".join(f"{m:g} min" for m in a.marks) + " |",
+                  "|---|---|---|" + "---|" * len(a.marks)]
+        for seed, key, v, at in marks:
+            lines.append(f"| {seed} | {key} | {v} | " + " | ".join(
+                "-" if x is None else f"{x[0]:.4f} `{x[1]}`" for x in at) + " |")
     lines.append("")
     write_text_atomic(a.out, "\n".join(lines))
     print("\n".join(lines))
