@@ -16,6 +16,7 @@ results/clock_seeds.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import subprocess
@@ -87,6 +88,44 @@ def search_start(out: Path, first_trial: float) -> float:
     return first_trial
 
 
+def test_net(run: Path, number: int, tiles: int, train_seed: int, threads: int, dest: Path) -> None:
+    """Trial `number` of the search in `run`, trained as a shipped net on `tiles` crops with training seed
+    `train_seed` (split and representatives stay the run's), tested on the run's held-out images; its card into
+    dest/model_card.json. Run in a process of its own (python -c TEST), so side by side ones keep their threads."""
+    import dataclasses
+
+    from autoseg.config import load_run_config
+    from autoseg.data_stage import data_stage, prepare_data
+    from autoseg.pipeline import finalize
+    from autoseg.rundir import RunDir, write_json_atomic
+    from autoseg.search import load_study
+
+    cfg = load_run_config(run, {"train.final_tiles": tiles, "train.threads": threads})
+    rd = RunDir(run)
+    trials = {t.number: t for t in load_study(rd, cfg, 0).trials}
+    trial = trials[number]
+    trial = trials.get(trial.user_attrs.get("same_as_trial"), trial)
+    stage, _, task = data_stage(cfg, rd, False, prepare_data(cfg))
+    card = finalize(dataclasses.replace(cfg, seed=train_seed), RunDir(dest).prepare(), stage, task, trial)
+    write_json_atomic(dest / "model_card.json", card)
+
+
+TEST = ("import sys; from pathlib import Path; from benchmarks.bench_clock_seeds import test_net; "
+        "a = sys.argv[1:]; test_net(Path(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), Path(a[5]))")
+
+
+def tested(a: argparse.Namespace, run: Path, number: int, train_seed: int) -> float:
+    """Test mIoU of a trial's net trained on --test-tiles crops (kept under KEEP/tests; a rerun reads it)."""
+    dest = a.keep / "tests" / f"{run.name}_t{number}_seed{train_seed}"
+    if not (dest / "model_card.json").exists():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", TEST, str(run), str(number), str(a.test_tiles), str(train_seed),
+                        str(a.threads), str(dest)], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
+        print(f"{run.name} trial {number} training seed {train_seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return float(json.loads((dest / "model_card.json").read_text())["test_miou"])
+
+
 def score(t: optuna.trial.FrozenTrial, key: str) -> float:
     return float(t.value) if key == "objective" else float(t.user_attrs["cv_mean"])
 
@@ -102,13 +141,13 @@ def reach(r: dict, key: str, target: float) -> float | None:
     return next((t.datetime_complete.timestamp() - r["t0"] for t in r["done"] if score(t, key) >= target), None)
 
 
-def best_at(r: dict, key: str, seconds: float) -> tuple[float, str] | None:
-    """The best score of the trials completed by then, and the net the search would ship if it ended then (the
+def best_at(r: dict, key: str, seconds: float) -> tuple[float, optuna.trial.FrozenTrial] | None:
+    """The best score of the trials completed by then, and the trial the search would ship if it ended then (the
     best by the objective)."""
     done = [t for t in r["done"] if t.datetime_complete.timestamp() - r["t0"] <= seconds]
     if not done:
         return None
-    return max(score(t, key) for t in done), max(done, key=lambda t: t.value).user_attrs["arch"]
+    return max(score(t, key) for t in done), max(done, key=lambda t: t.value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="minutes at which each search's best so far and chosen net are reported")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="searches run at once (give each --threads)")
+    ap.add_argument("--test-tiles", type=int, default=0, help="train the nets chosen at the marks and at the end "
+                    "as shipped nets on this many crops, and test them on the held-out images (0: no tests)")
+    ap.add_argument("--test-seeds", type=int, default=2, help="training seeds of each search's chosen net's tests")
     ap.add_argument("--data", type=Path, default=DATASET)
     ap.add_argument("--keep", type=Path, required=True, help="run directories (a rerun reads the finished ones)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -139,12 +181,27 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(run, todo))
-    rows, pairs, marks = [], [], []
+    rows, pairs, marks, ends = [], [], [], []
+    miou: dict[tuple[Path, int, int], float] = {}  # (run, trial, training seed)
     for seed in a.seeds:
         runs = {}
         for v in a.variants:
             out = a.keep / f"s{seed}_{v}"
             runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out)
+            runs[v]["chosen"] = json.loads((out / "best" / "model_card.json").read_text())["trial"]
+        if a.test_tiles:
+            jobs = {(a.keep / f"s{seed}_{v}", runs[v]["chosen"], s) for v in a.variants
+                    for s in range(seed, seed + a.test_seeds)}
+            jobs |= {(a.keep / f"s{seed}_{v}", at[1].number, seed) for v in a.variants
+                     for at in (best_at(runs[v], "cv", 60 * m) for m in a.marks) if at}
+            order = sorted(jobs, key=str)
+            with ThreadPoolExecutor(a.jobs) as pool:
+                miou.update(zip(order, pool.map(lambda j: tested(a, *j), order), strict=True))
+            for v in a.variants:
+                out = a.keep / f"s{seed}_{v}"
+                card = json.loads((out / "best" / "model_card.json").read_text())
+                ends.append((seed, v, card["arch"], [miou[(out, card["trial"], s)]
+                                                     for s in range(seed, seed + a.test_seeds)]))
         for key in ("cv", "objective"):
             if "new" in runs and "old" in runs:  # the issue's target: the new defaults against the old, alone
                 both = max(score(t, key) for v in ("new", "old") for t in runs[v]["done"])
@@ -152,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                               reach(runs["old"], key, REACH * both)))
             best = max(score(t, key) for r in runs.values() for t in r["done"])
             for v, r in runs.items():
-                marks.append((seed, key, v, [best_at(r, key, 60 * m) for m in a.marks]))
+                marks.append((seed, key, v, a.keep / f"s{seed}_{v}", [best_at(r, key, 60 * m) for m in a.marks]))
             rows.append((seed, key, best, {v: (reach(r, key, REACH * best), max(score(t, key) for t in r["done"]),
                                                r["wall"], r["distinct"]) for v, r in runs.items()}))
 
@@ -201,9 +258,19 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "The best so far at each mark, and the net the search would ship if it ended then (the best by "
                   "the objective):", "", "| seed | by | variant | " + " | ".join(f"{m:g} min" for m in a.marks) + " |",
                   "|---|---|---|" + "---|" * len(a.marks)]
-        for seed, key, v, at in marks:
-            lines.append(f"| {seed} | {key} | {v} | " + " | ".join(
-                "-" if x is None else f"{x[0]:.4f} `{x[1]}`" for x in at) + " |")
+        for seed, key, v, out, at in marks:
+            lines.append(f"| {seed} | {key} | {v} | " + " | ".join("-" if x is None else (
+                f"{x[0]:.4f} `{x[1].user_attrs['arch']}`" + (f", test mIoU {miou[(out, x[1].number, seed)]:.4f}"
+                                                             if (out, x[1].number, seed) in miou else ""))
+                for x in at) + " |")
+    if ends:
+        lines += ["", f"The net each search chose at its end, trained as a shipped net on {a.test_tiles} crops with "
+                  f"{a.test_seeds} training seeds and tested on the held-out images:", "",
+                  "| seed | variant | chosen | test mIoU per training seed | mean ± sd |", "|---|---|---|---|---|"]
+        for seed, v, arch, scores in ends:
+            sd = statistics.stdev(scores) if len(scores) > 1 else math.nan
+            lines.append(f"| {seed} | {v} | `{arch}` | {', '.join(f'{x:.4f}' for x in scores)} | "
+                         f"{statistics.fmean(scores):.4f} ± {sd:.4f} |")
     lines.append("")
     write_text_atomic(a.out, "\n".join(lines))
     print("\n".join(lines))
