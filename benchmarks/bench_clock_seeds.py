@@ -148,7 +148,7 @@ def reach(r: dict, key: str, target: float) -> float | None:
 
 
 def fastest(runs: list[dict], key: str, target: float) -> float:
-    """The shortest training (start to end of a trial) of a net that reached `target` in any of `runs`."""
+    """The shortest trial (start to end) of a net that reached `target` in any of `runs`, repeats left out."""
     return min((t.datetime_complete - t.datetime_start).total_seconds() for r in runs for t in r["done"]
                if t.user_attrs.get("same_as_trial") is None and score(t, key) >= target)
 
@@ -229,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     def secs(x: float | None) -> str:
         return "never" if x is None else f"{x:.0f} s"
 
+    epochs = a.epochs or "autoseg's default"
     lines = [
         "# The clock's searches at more seeds",
         "",
         f"`python -m benchmarks.bench_clock_seeds {' '.join(sys.argv[1:] if argv is None else argv)}`",
         "",
-        f"Data `{a.data}`, {a.trials} trials, {a.reps} representatives, 3 folds x "
-        f"{a.epochs or 'autoseg' + chr(39) + 's default'} epochs, tile 64, no latency budget, local latency, train "
+        f"Data `{a.data}`, {a.trials} trials, {a.reps} representatives, 3 folds x {epochs} epochs, tile 64, no "
+        "latency budget, local latency, train "
         f"threads {a.threads}, {a.jobs} search(es) at once"
         + (f", --max-minutes {a.max_minutes:g}" if a.max_minutes else "") +
         f". Time to {REACH:.0%} of the better final best of the variants at each seed, from the search's start "
