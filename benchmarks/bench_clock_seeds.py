@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         for v in a.variants:
             out = a.keep / f"s{seed}_{v}"
             runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out)
-            runs[v]["chosen"] = json.loads((out / "best" / "model_card.json").read_text())["trial"]
+            runs[v]["card"] = json.loads((out / "best" / "model_card.json").read_text())  # what the search shipped
         if a.test_tiles:
-            jobs = {(a.keep / f"s{seed}_{v}", runs[v]["chosen"], s) for v in a.variants
+            jobs = {(a.keep / f"s{seed}_{v}", runs[v]["card"]["trial"], s) for v in a.variants
                     for s in range(seed, seed + a.test_seeds)}
             jobs |= {(a.keep / f"s{seed}_{v}", at[1].number, seed) for v in a.variants
                      for at in (best_at(runs[v], "cv", 60 * m) for m in a.marks) if at}
@@ -210,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             with ThreadPoolExecutor(a.jobs) as pool:
                 miou.update(zip(order, pool.map(lambda j: tested(a, *j), order), strict=True))
             for v in a.variants:
-                out = a.keep / f"s{seed}_{v}"
-                card = json.loads((out / "best" / "model_card.json").read_text())
-                ends.append((seed, v, card["arch"], [miou[(out, card["trial"], s)]
+                card = runs[v]["card"]
+                ends.append((seed, v, card["arch"], [miou[(a.keep / f"s{seed}_{v}", card["trial"], s)]
                                                      for s in range(seed, seed + a.test_seeds)]))
         for key in ("cv", "objective"):
             if "new" in runs and "old" in runs:  # the target: the new defaults against the old, alone
