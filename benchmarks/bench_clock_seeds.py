@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def search(data: Path, out: Path, seed: int, variant: str, a: argparse.Namespace
     launch = ["-m", "autoseg"] if rate is None else ["-c", WITH_RATE.format(rate)]
     budget = [*(["--epochs", str(a.epochs)] if a.epochs else []),
               *(["--max-minutes", f"{a.max_minutes:g}"] if a.max_minutes else [])]
-    cmd = [sys.executable, *launch, "search", "--config", str(config), "--images", str(data / "images"),
+    cmd = [sys.executable, *launch, "search", "--verbose", "--config", str(config), "--images", str(data / "images"),
            "--masks", str(data / "masks"), "--out", str(out), "--trials", str(a.trials), "--num-reps", str(a.reps),
            *budget, "--tile", "64", "--device", "local", "--refine-top", "0", "--final-tiles", "256",
            "--seed", str(seed), *flags]
@@ -83,15 +84,31 @@ def log_path(out: Path) -> Path:
     return out.parent / f"{out.name}.log"
 
 
+def log_lines(out: Path) -> list[tuple[float, str]]:
+    """The search's log lines: when each came, and its message (--verbose's time, level and logger cut off)."""
+    if not log_path(out).exists():
+        return []
+    rows = []
+    for line in log_path(out).read_text().splitlines():
+        at, _, text = line.partition(" ")
+        rows.append((float(at), re.sub(r"^\d\d:\d\d:\d\d [A-Z]+ [\w.]+: ", "", text)))
+    return rows
+
+
 def search_start(out: Path, first_trial: float) -> float:
     """When the search proper began, after the data stage: the log's "measuring ... latency" line, so the plan
     (calibration, latency range, ETA) counts; without a log, the first trial's start."""
-    if log_path(out).exists():
-        for line in log_path(out).read_text().splitlines():
-            at, _, text = line.partition(" ")
-            if text.startswith("measuring ") and " latency on " in text:
-                return float(at)
-    return first_trial
+    return next((at for at, text in log_lines(out) if text.startswith("measuring ") and " latency on " in text),
+                first_trial)
+
+
+def eta_said(out: Path) -> tuple[float, float] | None:
+    """The ETA said before the first trial, in seconds, and when it was said (the log's "ETA:" line)."""
+    for at, text in log_lines(out):
+        m = re.search(r"about ([\d.]+) (s|min|h) for the \d+ trial", text) if text.startswith("ETA:") else None
+        if m:
+            return float(m[1]) * {"s": 1, "min": 60, "h": 3600}[m[2]], at
+    return None
 
 
 def test_net(run: Path, number: int, tiles: int, train_seed: int, threads: int, dest: Path) -> None:
@@ -139,8 +156,10 @@ def score(t: optuna.trial.FrozenTrial, key: str) -> float:
 def reading(study: optuna.Study, out: Path) -> dict:
     t0 = search_start(out, min(t.datetime_start for t in study.trials).timestamp())
     done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
+    end = max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp()
+    said = eta_said(out)
     return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
-            "wall": max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp() - t0}
+            "wall": end - t0, "eta": None if said is None else (said[0], end - said[1])}
 
 
 def reach(r: dict, key: str, target: float) -> float | None:
@@ -193,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(run, todo))
-    rows, pairs, marks, ends = [], [], [], []
+    rows, pairs, marks, ends, etas = [], [], [], [], []
     miou: dict[tuple[Path, int, int], float] = {}  # (run, trial, training seed)
     for seed in a.seeds:
         runs = {}
@@ -201,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             out = a.keep / f"s{seed}_{v}"
             runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out)
             runs[v]["card"] = json.loads((out / "best" / "model_card.json").read_text())  # what the search shipped
+            if runs[v]["eta"]:
+                etas.append((seed, v, *runs[v]["eta"]))
         if a.test_tiles:
             jobs = {(a.keep / f"s{seed}_{v}", runs[v]["card"]["trial"], s) for v in a.variants
                     for s in range(seed, seed + a.test_seeds)}
@@ -282,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{x[0]:.4f} `{x[1].user_attrs['arch']}`" + (f", test mIoU {miou[(out, x[1].number, seed)]:.4f}"
                                                              if (out, x[1].number, seed) in miou else ""))
                 for x in at) + " |")
+    if etas:
+        lines += ["", "The ETA said before the first trial, against the time the trials took after it (a deadline "
+                  "cuts the trials short):", "", "| seed | variant | ETA said | trials took | took / said |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {seed} | {v} | {said:.0f} s | {took:.0f} s | {took / said:.2f} |"
+                  for seed, v, said, took in etas]
+        ratios = [took / said for *_, said, took in etas]
+        lines.append(f"| all | | | | median {statistics.median(ratios):.2f}, {min(ratios):.2f} to {max(ratios):.2f} |")
     if ends:
         lines += ["", f"The net each search chose at its end, trained as a shipped net on {a.test_tiles} crops with "
                   f"{a.test_seeds} training seeds and tested on the held-out images:", "",

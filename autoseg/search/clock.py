@@ -300,6 +300,12 @@ def plan_search(
 
     place = len(study.trials) - len(study.user_attrs.get("requeued", []))
     costs = clock.expected(place, left)
+    c = clock.cost
+    log.debug("clock: a training step takes %.3g s + per tile %.3g s at %.3g MMACs, %.3g s at %.3g MMACs; the "
+              "start's whole CVs %s s; later trials priced at %.0f s (%.0f%% of a whole CV of %.0f s)", c.step_seconds,
+              c.tile_seconds[0], c.macs[0] / 1e6, c.tile_seconds[1], c.macs[1] / 1e6,
+              " ".join(f"{x:.0f}" for x in clock.start_costs), MEASURE_SECONDS + clock.share * clock.typical,
+              100 * clock.share, clock.typical)
     log.info("ETA: a trial's whole CV (%d folds x %d epochs on %.0f tiles) takes about %s (%s) to %s (%s); "
              "about %s for the %d trial(s) to run%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)),
              small.arch.key(), minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left,
