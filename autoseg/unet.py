@@ -216,6 +216,22 @@ def count_params(model: nn.Module) -> int:
 # ---------------------------------------------------------------- MACs
 
 
+def depthwise_macs(arch: Arch, in_channels: int, h: int, w: int) -> int:
+    """The share of count_macs done by the depthwise convs of a separable net (0 for a standard one). Training
+    on a CPU pays far more per MAC for these than for dense convs: the clock prices them apart."""
+    if arch.conv != "separable":
+        return 0
+    c, k = arch.channels, arch.kernels
+    pixels = [(h >> i) * (w >> i) for i in range(arch.levels)]
+    prev, macs = in_channels, 0
+    for i in range(arch.levels):
+        macs += pixels[i] * (prev + c[i]) * k[i] * k[i]  # each of the two convs: k*k per channel it reads
+        prev = c[i]
+    for i in range(arch.levels - 1):
+        macs += pixels[i] * (2 * c[i] + c[i]) * k[i] * k[i]
+    return int(macs)
+
+
 def _double_conv_macs(cin: int, cout: int, k: int, conv: str) -> int:
     """Multiply-accumulates per output pixel of a double conv (BN and ReLU ignored)."""
     total = 0

@@ -34,6 +34,7 @@ from autoseg.search import (
     choose_best,
     cut_by_deadline,
     distinct_trials,
+    fit_step_cost,
     fold_scores,
     make_pruner,
     open_study,
@@ -47,6 +48,7 @@ from autoseg.search import (
     startup_trials,
     tile_macs,
 )
+from autoseg.search.clock import MEASURE_SECONDS, PRIOR_TRIALS
 from autoseg.train import cross_validate, training_settings
 from autoseg.unet import Arch
 
@@ -223,11 +225,27 @@ def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path,
     assert caplog.text.count("cuts the search: about 0 of the 2 nets left fit") == 1
 
 
+def test_the_eta_prices_later_trials_by_what_the_later_trials_cost_so_far():
+    cfg = load_config(None, TINY)
+    clock = SearchClock(cfg, tiny_task(), time.time())
+    clock.cost, clock.start_costs, clock.typical = StepCost(0.01, 0.0), [10.0], 100.0
+    prior = MEASURE_SECONDS + clock.share * 100.0
+    study = optuna.create_study(direction="maximize")
+    assert clock.later_price(study) == pytest.approx(prior) == clock.later_price()
+    # The start's trial (place 0) and a repeat say nothing of the later trials; two trials dropped after their
+    # latency alone (MEASURE_SECONDS each) count as two trials against the prior's PRIOR_TRIALS.
+    for attrs in ({"latency": 1.0}, {"latency": 1.0}, {"latency": 1.0, "same_as_trial": 1}, {"latency": 1.0}):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs=attrs))
+    assert clock.later_price(study) == pytest.approx((2 * MEASURE_SECONDS + PRIOR_TRIALS * prior) / (2 + PRIOR_TRIALS))
+    assert clock.expected(0, 3, study) == pytest.approx(
+        [MEASURE_SECONDS + clock.share * 10.0, clock.later_price(study), clock.later_price(study)])
+
+
 def limited_clock(minutes: float, refine_top: int, tile_seconds: float) -> SearchClock:
     cfg = load_config(None, {**TINY, "search.max_minutes": minutes, "search.refine_top": refine_top,
                              "search.refine_tiles": 50_000})
     clock = SearchClock(cfg, tiny_task(), time.time())
-    clock.cost = StepCost((1e6, 1e6), (tile_seconds, tile_seconds))  # every crop costs tile_seconds
+    clock.cost = StepCost(tile_seconds, 0.0)  # every crop costs tile_seconds
     return clock
 
 
@@ -252,7 +270,7 @@ def test_a_time_limit_keeps_time_for_the_second_stage_and_fits_its_crops_to_what
     assert single.second_stage == 0 and single.deadline == single.end
     unlimited = SearchClock(load_config(None, {**TINY, "search.refine_top": 3, "search.refine_tiles": 500}),
                             tiny_task(), time.time())
-    unlimited.cost = StepCost((1e6, 1e6), (0.01, 0.01))
+    unlimited.cost = StepCost(0.01, 0.0)
     unlimited.keep_for_second_stage(nets[0])  # no time limit: the trials end when they are done, all crops train
     assert unlimited.second_stage == 0 and unlimited.deadline is None
     assert unlimited.second_stage_crops(nets) == 500
@@ -292,12 +310,31 @@ def test_a_max_minutes_too_short_for_one_trial_is_refused_before_any_trial(tmp_p
     assert study.trials == []
 
 
-def test_the_step_cost_is_a_line_through_the_two_calibrated_nets():
-    cost = StepCost((1e6, 1e9), (0.01, 1.0), 0.05)
-    assert cost.per_tile(1e6) == pytest.approx(0.01) and cost.per_tile(1e9) == pytest.approx(1.0)
-    assert cost.per_tile(5.005e8) == pytest.approx(0.505)
-    assert cost.step(4, 1e6) == pytest.approx(0.05 + 4 * 0.01)  # a step's own cost, then its tiles'
-    assert StepCost((1e6, 1e9), (0.02, 0.01)).per_tile(1e9) == pytest.approx(0.02)  # noise never makes big nets cheaper
+def test_the_step_cost_prices_depthwise_macs_apart_from_dense_ones():
+    # base 10 ms a tile, 0.1 ms a dense MMAC, 3 ms a depthwise MMAC (CPU training's ~25x, and then some)
+    def truth(macs: float, dw: float) -> float:
+        return 0.01 + 1e-10 * (macs - dw) + 3e-9 * dw
+
+    nets = [(4e6, 2e6), (2e9, 0.0), (1.2e8, 3e7)]  # small separable, large standard, the depthwise-heaviest
+    cost = fit_step_cost([(m, d, truth(m, d)) for m, d in nets], step_seconds=0.05)
+    assert cost.per_tile(5e8, 1e7) == pytest.approx(truth(5e8, 1e7))
+    assert cost.step(4, 4e6, 2e6) == pytest.approx(0.05 + 4 * truth(4e6, 2e6))  # a step's own cost, then its tiles'
+    # A separable net of few MACs can cost as much as a standard one of many: MACs alone would miss it 3x here.
+    assert cost.per_tile(1.2e8, 3e7) > cost.per_tile(8e8)
+    line = fit_step_cost([(1e6, 0.0, 0.01), (1e9, 0.0, 1.0)])  # no depthwise net timed: a line through the two
+    assert line.per_tile(5.005e8) == pytest.approx(0.505) and line.per_tile(1e6, 1e6) == pytest.approx(0.01)
+    noisy = fit_step_cost([(1e6, 0.0, 0.02), (1e9, 0.0, 0.01)])
+    assert noisy.per_tile(1e9) == pytest.approx(0.02)  # noise never makes big nets cheaper
+
+
+def test_the_plan_times_the_depthwise_heaviest_net_when_the_space_has_separable_convs(tmp_path, caplog):
+    with caplog.at_level(logging.DEBUG, logger="autoseg"):
+        *_, clock = tiny_plan(tmp_path, time.time(), **{"search.space.conv": ["standard", "separable"]})
+    assert clock.cost is not None and clock.cost.per_depthwise_mac >= 0
+    # the smallest net, the largest, and the separable one with the most depthwise MACs
+    assert re.search(r"clock: timed k3_c4_\w+, k3-3_c8-8_standard_\w+, k3-3_c8-8_separable_\w+; a training step "
+                     r"takes [\d.e-]+ s \+ per tile [\d.e-]+ s \+ [\d.e-]+ s a dense GMAC \+ [\d.e-]+ s a "
+                     r"depthwise GMAC", caplog.text)
 
 
 def test_a_study_from_before_the_clock_resumes_with_the_new_defaults(tmp_path):

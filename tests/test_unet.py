@@ -1,5 +1,6 @@
 import hashlib
 import io
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
+from autoseg.unet import Arch, build_unet, count_macs, count_params, depthwise_macs, validate_arch
 
 # Ops that export cleanly with dynamic H/W (BatchNormalization may survive if not folded into Conv).
 ALLOWED_OPS = {"Conv", "ConvTranspose", "MaxPool", "Resize", "Concat", "Relu", "BatchNormalization", "Constant"}
@@ -101,6 +102,16 @@ def test_count_macs_matches_hooks(arch):
     assert count_macs(arch, 3, 4, h, w) == _hook_macs(net, torch.randn(1, 3, h, w))
 
 
+@pytest.mark.parametrize("arch", [Arch((5, 3, 7), (4, 8, 16), "separable", "transpose"),
+                                  Arch((3, 5), (8, 8), "separable", "bilinear"), Arch((3, 3), (8, 16))])
+def test_depthwise_macs_are_the_depthwise_convs_share_of_the_macs(arch):
+    net = build_unet(arch, 3, 4)
+    h, w = 2 * arch.multiple, 3 * arch.multiple
+    depthwise = _hook_macs(net, torch.randn(1, 3, h, w), lambda m: m.groups > 1)
+    assert depthwise_macs(arch, 3, h, w) == depthwise
+    assert (depthwise > 0) == (arch.conv == "separable")
+
+
 def test_count_macs_rejects_bad_size():
     with pytest.raises(ValueError, match="height 30 is not divisible by 4"):
         count_macs(Arch((3, 3, 3), (4, 8, 8)), 3, 2, 30, 32)
@@ -141,8 +152,8 @@ def test_onnx_export_dynamic_hw(upsample):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def _hook_macs(net: nn.Module, x: torch.Tensor) -> int:
-    """MACs of Conv2d/ConvTranspose2d layers seen on a real forward pass (batch of 1)."""
+def _hook_macs(net: nn.Module, x: torch.Tensor, which: Callable[[nn.Module], bool] = lambda m: True) -> int:
+    """MACs of the Conv2d/ConvTranspose2d layers (`which` of them) seen on a real forward pass (batch of 1)."""
     total = 0
 
     def hook(m, inputs, out):
@@ -154,7 +165,8 @@ def _hook_macs(net: nn.Module, x: torch.Tensor) -> int:
         else:
             total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and which(m)]
     with torch.no_grad():
         net.eval()(x)
     for h in handles:

@@ -28,9 +28,9 @@ from autoseg.search.space import (
     trial_candidate,
 )
 from autoseg.search.task import SearchTask
-from autoseg.search.trials import distinct_trials, finished_trials, is_repeat
+from autoseg.search.trials import distinct_trials, finished_trials, is_repeat, original_trial, trial_place
 from autoseg.train import auto_batch_size, cv_epochs, train_model, training_settings
-from autoseg.unet import build_unet, count_macs
+from autoseg.unet import build_unet, count_macs, depthwise_macs
 
 log = logging.getLogger("autoseg.search")  # one logger for the package: log lines keep the name they had
 
@@ -51,24 +51,46 @@ SECOND_STAGE_SAFETY = 0.8
 # Share of its whole CV that a trial trains, on average, under each pruner: the ETA's prior, which the search
 # corrects with the trials it finishes (bench_search --part clock prints the shares it saw).
 PRUNED_SHARE = {"none": 1.0, "median": 0.7, "halving": 0.55, "hyperband": 0.75}
+# The price of a trial after the start: the prior counts as this many trials against the later trials finished.
+PRIOR_TRIALS = 2
 
 
 @dataclass(frozen=True)
 class StepCost:
-    """Seconds a training step takes: a fixed cost per step, plus per tile a cost that grows with the net's MACs
-    per tile along the line through two calibrated nets."""
+    """Seconds a training step takes: a fixed cost per step, plus per tile a base cost, a cost per dense MAC and
+    one per depthwise MAC. A depthwise conv trains some 25x slower per MAC than a dense one on a CPU (36 nets of
+    the default space, timed: benchmarks/results/full/clock_cost.md), so a separable net's time does not follow
+    its MACs."""
 
-    macs: tuple[float, float]
-    tile_seconds: tuple[float, float]
+    base: float
+    per_mac: float
+    per_depthwise_mac: float = 0.0
     step_seconds: float = 0.0
 
-    def per_tile(self, macs: float) -> float:
-        (m0, m1), (s0, s1) = self.macs, self.tile_seconds
-        slope = max(0.0, (s1 - s0) / (m1 - m0)) if m1 > m0 else 0.0
-        return max(s0 + slope * (macs - m0), 1e-9)
+    def per_tile(self, macs: float, depthwise: float = 0.0) -> float:
+        """`macs` of a forward pass on a tile, `depthwise` of them in depthwise convs."""
+        return max(self.base + self.per_mac * (macs - depthwise) + self.per_depthwise_mac * depthwise, 1e-9)
 
-    def step(self, batch: int, macs: float) -> float:
-        return self.step_seconds + batch * self.per_tile(macs)
+    def step(self, batch: int, macs: float, depthwise: float = 0.0) -> float:
+        return self.step_seconds + batch * self.per_tile(macs, depthwise)
+
+
+def fit_step_cost(points: list[tuple[float, float, float]], step_seconds: float = 0.0) -> StepCost:
+    """The step cost through calibrated nets, each (MACs, depthwise MACs, seconds a tile): base, dense and
+    depthwise costs when a depthwise-heavy net was timed beside a small and a large one; otherwise (or when
+    noise gives a negative cost) all MACs alike, along the line through the nets, never falling as they grow."""
+    m, d, y = (np.array(col, dtype=float) for col in zip(*points, strict=True))
+    scale = max(float(m.max()), 1.0)  # MACs in units of the largest net's, for a well-conditioned solve
+    if len(points) >= 3 and d.max() > 0:
+        x = np.column_stack([np.ones_like(m), (m - d) / scale, d / scale])
+        w = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)[0]  # relative errors
+        if (w[1:] >= 0).all():
+            return StepCost(float(w[0]), float(w[1]) / scale, float(w[2]) / scale, step_seconds)
+    x = np.column_stack([np.ones_like(m), m / scale])
+    w = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)[0]
+    if w[1] < 0:  # noise: the smallest net's cost for all
+        return StepCost(float(y[np.argmin(m)]), 0.0, 0.0, step_seconds)
+    return StepCost(float(w[0]), float(w[1]) / scale, float(w[1]) / scale, step_seconds)
 
 
 def _step_seconds(cfg: Config, task: SearchTask, cand: Candidate, batch: int) -> float:
@@ -91,9 +113,16 @@ def fold_batch(cfg: Config, task: SearchTask, cand: Candidate) -> int:
     return max(1, min(bs, n_fit))
 
 
-def calibrate(cfg: Config, task: SearchTask, small: Candidate, large: Candidate) -> StepCost:
-    """Time a few training steps of a small net at two batch sizes (the cost of a step apart from its tiles)
-    and of a large one at the batch its folds use."""
+def tile_work(cand: Candidate, task: SearchTask) -> tuple[float, float]:
+    """MACs of a forward pass on one of the candidate's tiles, and the depthwise convs' share of them."""
+    return (float(tile_macs(cand, task.in_channels, task.num_classes)),
+            float(depthwise_macs(cand.arch, task.in_channels, cand.tile, cand.tile)))
+
+
+def calibrate(cfg: Config, task: SearchTask, nets: list[Candidate]) -> StepCost:
+    """Time a few training steps of the first (small) net at two batch sizes (the cost of a step apart from
+    its tiles) and of the others at the batch their folds use, and fit the step cost through them."""
+    small = nets[0]
     b0 = fold_batch(cfg, task, small)
     b1 = max(4 * b0, 16)
     t0, t1 = _step_seconds(cfg, task, small, b0), _step_seconds(cfg, task, small, b1)
@@ -101,10 +130,11 @@ def calibrate(cfg: Config, task: SearchTask, small: Candidate, large: Candidate)
     fixed = t0 - b0 * per_tile
     if per_tile <= 0 or fixed < 0:  # too noisy to split: all of it per tile
         per_tile, fixed = t1 / b1, 0.0
-    bl = fold_batch(cfg, task, large)
-    large_tile = max((_step_seconds(cfg, task, large, bl) - fixed) / bl, per_tile)
-    return StepCost((float(tile_macs(small, task.in_channels, task.num_classes)),
-                     float(tile_macs(large, task.in_channels, task.num_classes))), (per_tile, large_tile), fixed)
+    points = [(*tile_work(small, task), per_tile)]
+    for net in nets[1:]:
+        b = fold_batch(cfg, task, net)
+        points.append((*tile_work(net, task), max((_step_seconds(cfg, task, net, b) - fixed) / b, 1e-9)))
+    return fit_step_cost(points, fixed)
 
 
 def minutes(seconds: float) -> str:
@@ -128,7 +158,7 @@ class SearchClock:
         self.second_stage = 0.0  # seconds kept for the second stage after the trials
         self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
         self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
-        self.typical = 0.0  # whole-CV seconds of the space's median net
+        self.typical = 0.0  # whole-CV seconds of the space's mean net
         self.share = PRUNED_SHARE[pruner_kind(cfg)]
         self.warned = False  # the log has said that the time limit cuts the search
 
@@ -141,10 +171,10 @@ class SearchClock:
         """Training and validation of the whole CV of `cand`."""
         assert self.cost is not None
         fit, val, epochs = self.fold_shape(cand.tile)
-        macs = tile_macs(cand, self.task.in_channels, self.task.num_classes)
+        work = tile_work(cand, self.task)
         bs = fold_batch(self.cfg, self.task, cand)
-        train = epochs * math.ceil(fit / bs) * self.cost.step(bs, macs)
-        return self.cfg.train.folds * (train + EVAL_SHARE * val * self.cost.per_tile(macs))
+        train = epochs * math.ceil(fit / bs) * self.cost.step(bs, *work)
+        return self.cfg.train.folds * (train + EVAL_SHARE * val * self.cost.per_tile(*work))
 
     def all_data_seconds(self, cand: Candidate, tiles: int) -> float:
         """Training steps of `tiles` crops of all training images (the final training's, or the second stage's)."""
@@ -155,7 +185,8 @@ class SearchClock:
         crop = final_crop(t, cand.tile, cand.arch.multiple)
         bs = final_batch_size(t, cand.arch, self.task.in_channels, self.task.num_classes, crop)
         macs = count_macs(cand.arch, self.task.in_channels, self.task.num_classes, crop, crop)
-        return math.ceil(tiles / bs) * self.cost.step(bs, macs)
+        return math.ceil(tiles / bs) * self.cost.step(bs, macs, depthwise_macs(cand.arch, self.task.in_channels,
+                                                                              crop, crop))
 
     def keep_for_second_stage(self, typical: Candidate) -> None:
         """With a time limit and a second stage: end the trials early enough for the second stage to train its
@@ -189,9 +220,22 @@ class SearchClock:
         _, _, epochs = self.fold_shape(cand.tile)
         return MEASURE_SECONDS + self.cv_seconds(cand) * min(1.0, trained / (epochs * self.cfg.train.folds))
 
-    def expected(self, place: int, count: int) -> list[float]:
-        """Expected seconds of the next `count` trials, the first at `place`."""
-        return [MEASURE_SECONDS + self.share * (self.start_costs[p] if p < len(self.start_costs) else self.typical)
+    def later_price(self, study: optuna.Study | None = None) -> float:
+        """Expected seconds of a trial after the start: the space's mean net at the pruner's mean share, moved
+        towards what the later trials of `study` finished so far cost (the nets the sampler favours, and how
+        much of them the pruner let train)."""
+        prior = MEASURE_SECONDS + self.share * self.typical
+        if study is None:
+            return prior
+        start = len(self.start_costs)
+        seen = [self.spent(t) for t in finished_trials(study) if not is_repeat(t) and "latency" in t.user_attrs
+                and trial_place(study, original_trial(study, t)) >= start]
+        return (sum(seen) + PRIOR_TRIALS * prior) / (len(seen) + PRIOR_TRIALS)
+
+    def expected(self, place: int, count: int, study: optuna.Study | None = None) -> list[float]:
+        """Expected seconds of the next `count` trials, the first at `place` (the later ones as `study` says)."""
+        later = self.later_price(study)
+        return [MEASURE_SECONDS + self.share * self.start_costs[p] if p < len(self.start_costs) else later
                 for p in range(place, place + count)]
 
     def remaining(self, study: optuna.Study, n_trials: int, since: float) -> tuple[float, int, int]:
@@ -202,7 +246,7 @@ class SearchClock:
         mine = [t for t in finished_trials(study) if t.datetime_start and t.datetime_start.timestamp() >= since]
         modelled = sum(self.spent(t) for t in mine)
         k = min(4.0, max(0.25, (time.time() - since) / modelled)) if modelled > 0 else 1.0
-        costs = [k * c for c in self.expected(place, left)]
+        costs = [k * c for c in self.expected(place, left, study)]
         fit = left
         if self.deadline is not None:
             budget = self.deadline - time.time()
@@ -261,15 +305,19 @@ def plan_search(
             )
 
     small, large = space_corners(cfg, lambda c: tile_macs(c, task.in_channels, task.num_classes))
-    clock.cost = calibrate(cfg, task, small, large)
+    _, heavy = space_corners(cfg, lambda c: depthwise_macs(c.arch, task.in_channels, c.tile, c.tile))
+    with_depthwise = tile_work(heavy, task)[1] > 0 and heavy not in (small, large)
+    timed = [small, large, *([heavy] if with_depthwise else [])]
+    clock.cost = calibrate(cfg, task, timed)
     pool = space_pool(cfg)
     clock.start_costs = [clock.cv_seconds(sample_candidate(optuna.trial.FixedTrial(p), scfg.space, tile_choices(cfg)))
                          for p in startup_plan(cfg)]
-    costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool), key=lambda sc: sc[0])
-    if not costs:
-        costs = [(clock.cv_seconds(small), small)]
-    clock.typical = float(np.median([sec for sec, _ in costs]))
-    clock.keep_for_second_stage(costs[len(costs) // 2][1])  # the median net by cost
+    net_costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool), key=lambda sc: sc[0])
+    if not net_costs:
+        net_costs = [(clock.cv_seconds(small), small)]
+    # The mean, not the median: the ETA is a sum of trials, and a space's costs are skewed to its dear end.
+    clock.typical = float(np.mean([sec for sec, _ in net_costs]))
+    clock.keep_for_second_stage(net_costs[len(net_costs) // 2][1])  # the median net by cost
     fit, _, epochs = clock.fold_shape(small.tile)
     one = MEASURE_SECONDS + clock.cv_seconds(small)
     log.info("time: %s; then %s", _search_limit_text(cfg, clock),
@@ -301,11 +349,11 @@ def plan_search(
     place = len(study.trials) - len(study.user_attrs.get("requeued", []))
     costs = clock.expected(place, left)
     c = clock.cost
-    log.debug("clock: a training step takes %.3g s + per tile %.3g s at %.3g MMACs, %.3g s at %.3g MMACs; the "
-              "start's whole CVs %s s; later trials priced at %.0f s (%.0f%% of a whole CV of %.0f s)", c.step_seconds,
-              c.tile_seconds[0], c.macs[0] / 1e6, c.tile_seconds[1], c.macs[1] / 1e6,
-              " ".join(f"{x:.0f}" for x in clock.start_costs), MEASURE_SECONDS + clock.share * clock.typical,
-              100 * clock.share, clock.typical)
+    log.debug("clock: timed %s; a training step takes %.3g s + per tile %.3g s + %.3g s a dense GMAC + %.3g s "
+              "a depthwise GMAC; the start's whole CVs %s s; later trials priced at %.0f s (%.0f%% of the space's "
+              "mean whole CV, %.0f s; its median is %.0f s)", ", ".join(n.arch.key() for n in timed), c.step_seconds,
+              c.base, 1e9 * c.per_mac, 1e9 * c.per_depthwise_mac, " ".join(f"{x:.0f}" for x in clock.start_costs),
+              clock.later_price(), 100 * clock.share, clock.typical, np.median([sec for sec, _ in net_costs]))
     log.info("ETA: a trial's whole CV (%d folds x %d epochs on %.0f tiles) takes about %s (%s) to %s (%s); "
              "about %s for the %d trial(s) to run%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)),
              small.arch.key(), minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left,
@@ -356,8 +404,7 @@ def _final_budget_text(cfg: Config, task: SearchTask, clock: SearchClock, small:
             secs.append(on_all_data(c, t.final_tiles))
         else:
             n, bs = len(task.data[c.tile].x), fold_batch(cfg, task, c)
-            secs.append(t.final_epochs * math.ceil(n / bs) * clock.cost.step(bs, tile_macs(c, task.in_channels,
-                                                                                          task.num_classes)))
+            secs.append(t.final_epochs * math.ceil(n / bs) * clock.cost.step(bs, *tile_work(c, task)))
     what = f"{t.final_tiles:,} crops" if t.final_data == "all" else f"{t.final_epochs} epochs on the representatives"
     teacher = " plus the teacher's" if t.teacher == "reference" else ""
     return (f"{head}{what}, about {minutes(secs[0])} for the smallest net to {minutes(secs[1])} for the largest"
