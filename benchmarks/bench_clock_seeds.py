@@ -102,6 +102,13 @@ def search_start(out: Path, first_trial: float) -> float:
                 first_trial)
 
 
+def model_said(out: Path) -> tuple[float, float]:
+    """The clock's model of the trials this search ran (--verbose's "trial N took X s; the clock's model says Y s"
+    lines): what it said they cost, and what they took, in seconds."""
+    pairs = [re.search(r"took (\d+) s; the clock's model says (\d+) s", text) for _, text in log_lines(out)]
+    return sum(float(m[2]) for m in pairs if m), sum(float(m[1]) for m in pairs if m)
+
+
 def eta_said(out: Path) -> tuple[float, float] | None:
     """The ETA said before the first trial, in seconds, and when it was said (the log's "ETA:" line)."""
     for at, text in log_lines(out):
@@ -159,7 +166,7 @@ def reading(study: optuna.Study, out: Path) -> dict:
     end = max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp()
     said = eta_said(out)
     return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
-            "wall": end - t0, "eta": None if said is None else (said[0], end - said[1])}
+            "wall": end - t0, "eta": None if said is None else (said[0], end - said[1], *model_said(out))}
 
 
 def reach(r: dict, key: str, target: float) -> float | None:
@@ -305,12 +312,17 @@ def main(argv: list[str] | None = None) -> int:
                 for x in at) + " |")
     if etas:
         lines += ["", "The ETA said before the first trial, against the time the trials took after it (a deadline "
-                  "cuts the trials short):", "", "| seed | variant | ETA said | trials took | took / said |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {seed} | {v} | {said:.0f} s | {took:.0f} s | {took / said:.2f} |"
-                  for seed, v, said, took in etas]
-        ratios = [took / said for *_, said, took in etas]
-        lines.append(f"| all | | | | median {statistics.median(ratios):.2f}, {min(ratios):.2f} to {max(ratios):.2f} |")
+                  "cuts the trials short); and the clock's cost model of the nets the trials trained (as far as "
+                  "each trained), against the time they took:", "",
+                  "| seed | variant | ETA said | trials took | took / said | model of the trials / took |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {seed} | {v} | {said:.0f} s | {took:.0f} s | {took / said:.2f} | "
+                  + (f"{modelled / ran:.2f} |" if ran else "- |") for seed, v, said, took, modelled, ran in etas]
+        ratios = [took / said for _, _, said, took, *_ in etas]
+        models = [modelled / ran for *_, modelled, ran in etas if ran]
+        lines.append(f"| all | | | | median {statistics.median(ratios):.2f}, {min(ratios):.2f} to {max(ratios):.2f} | "
+                     + (f"median {statistics.median(models):.2f}, {min(models):.2f} to {max(models):.2f} |"
+                        if models else "- |"))
     if ends:
         lines += ["", f"The net each search chose at its end, trained as a shipped net on {a.test_tiles} crops with "
                   f"{a.test_seeds} training seeds and tested on the held-out images:", "",

@@ -158,7 +158,7 @@ class SearchClock:
         self.second_stage = 0.0  # seconds kept for the second stage after the trials
         self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
         self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
-        self.typical = 0.0  # whole-CV seconds of the space's mean net
+        self.typical = 0.0  # whole-CV seconds of the space's median net
         self.share = PRUNED_SHARE[pruner_kind(cfg)]
         self.warned = False  # the log has said that the time limit cuts the search
 
@@ -221,7 +221,7 @@ class SearchClock:
         return MEASURE_SECONDS + self.cv_seconds(cand) * min(1.0, trained / (epochs * self.cfg.train.folds))
 
     def later_price(self, study: optuna.Study | None = None) -> float:
-        """Expected seconds of a trial after the start: the space's mean net at the pruner's mean share, moved
+        """Expected seconds of a trial after the start: the space's median net at the pruner's mean share, moved
         towards what the later trials of `study` finished so far cost (the nets the sampler favours, and how
         much of them the pruner let train)."""
         prior = MEASURE_SECONDS + self.share * self.typical
@@ -315,8 +315,9 @@ def plan_search(
     net_costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool), key=lambda sc: sc[0])
     if not net_costs:
         net_costs = [(clock.cv_seconds(small), small)]
-    # The mean, not the median: the ETA is a sum of trials, and a space's costs are skewed to its dear end.
-    clock.typical = float(np.mean([sec for sec, _ in net_costs]))
+    # The median, not the mean: after the start TPE keeps near the best nets so far, which under the latency
+    # penalty are seldom the space's dear tail (bench_clock_seeds' ETA table).
+    clock.typical = float(np.median([sec for sec, _ in net_costs]))
     clock.keep_for_second_stage(net_costs[len(net_costs) // 2][1])  # the median net by cost
     fit, _, epochs = clock.fold_shape(small.tile)
     one = MEASURE_SECONDS + clock.cv_seconds(small)
@@ -351,9 +352,9 @@ def plan_search(
     c = clock.cost
     log.debug("clock: timed %s; a training step takes %.3g s + per tile %.3g s + %.3g s a dense GMAC + %.3g s "
               "a depthwise GMAC; the start's whole CVs %s s; later trials priced at %.0f s (%.0f%% of the space's "
-              "mean whole CV, %.0f s; its median is %.0f s)", ", ".join(n.arch.key() for n in timed), c.step_seconds,
+              "median whole CV, %.0f s; its mean is %.0f s)", ", ".join(n.arch.key() for n in timed), c.step_seconds,
               c.base, 1e9 * c.per_mac, 1e9 * c.per_depthwise_mac, " ".join(f"{x:.0f}" for x in clock.start_costs),
-              clock.later_price(), 100 * clock.share, clock.typical, np.median([sec for sec, _ in net_costs]))
+              clock.later_price(), 100 * clock.share, clock.typical, np.mean([sec for sec, _ in net_costs]))
     log.info("ETA: a trial's whole CV (%d folds x %d epochs on %.0f tiles) takes about %s (%s) to %s (%s); "
              "about %s for the %d trial(s) to run%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)),
              small.arch.key(), minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left,
