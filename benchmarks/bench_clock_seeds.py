@@ -109,6 +109,16 @@ def model_said(out: Path) -> tuple[float, float]:
     return sum(float(m[2]) for m in pairs if m), sum(float(m[1]) for m in pairs if m)
 
 
+def eta_halfway(out: Path, trials: int) -> tuple[float, float] | None:
+    """The ETA the search gave once half its trials were done (--verbose's "N trial(s) left, about X s"), and
+    when."""
+    for at, text in log_lines(out):
+        m = re.search(r"(\d+) trial\(s\) left, about (\d+) s", text)
+        if m and int(m[1]) <= trials // 2:
+            return float(m[2]), at
+    return None
+
+
 def eta_said(out: Path) -> tuple[float, float] | None:
     """The ETA said before the first trial, in seconds, and when it was said (the log's "ETA:" line)."""
     for at, text in log_lines(out):
@@ -160,13 +170,14 @@ def score(t: optuna.trial.FrozenTrial, key: str) -> float:
     return float(t.value) if key == "objective" else float(t.user_attrs["cv_mean"])
 
 
-def reading(study: optuna.Study, out: Path) -> dict:
+def reading(study: optuna.Study, out: Path, trials: int) -> dict:
     t0 = search_start(out, min(t.datetime_start for t in study.trials).timestamp())
     done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
     end = max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp()
-    said = eta_said(out)
+    said, half = eta_said(out), eta_halfway(out, trials)
     return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
-            "wall": end - t0, "eta": None if said is None else (said[0], end - said[1], *model_said(out))}
+            "wall": end - t0, "eta": None if said is None else (said[0], end - said[1], *model_said(out),
+                                                               *((half[0], end - half[1]) if half else (0.0, 0.0)))}
 
 
 def reach(r: dict, key: str, target: float) -> float | None:
@@ -225,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for v in a.variants:
             out = a.keep / f"s{seed}_{v}"
-            runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out)
+            runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out,
+                              a.trials)
             runs[v]["card"] = json.loads((out / "best" / "model_card.json").read_text())  # what the search shipped
             if runs[v]["eta"]:
                 etas.append((seed, v, *runs[v]["eta"]))
@@ -312,17 +324,20 @@ def main(argv: list[str] | None = None) -> int:
                 for x in at) + " |")
     if etas:
         lines += ["", "The ETA said before the first trial, against the time the trials took after it (a deadline "
-                  "cuts the trials short); and the clock's cost model of the nets the trials trained (as far as "
-                  "each trained), against the time they took:", "",
-                  "| seed | variant | ETA said | trials took | took / said | model of the trials / took |",
-                  "|---|---|---|---|---|---|"]
+                  "cuts the trials short); the same once half the trials were done; and the clock's cost model of "
+                  "the nets the trials trained (as far as each trained), against the time they took:", "",
+                  "| seed | variant | ETA said | trials took | took / said | half way: said / took | "
+                  "model of the trials / took |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {seed} | {v} | {said:.0f} s | {took:.0f} s | {took / said:.2f} | "
-                  + (f"{modelled / ran:.2f} |" if ran else "- |") for seed, v, said, took, modelled, ran in etas]
-        ratios = [took / said for _, _, said, took, *_ in etas]
-        models = [modelled / ran for *_, modelled, ran in etas if ran]
-        lines.append(f"| all | | | | median {statistics.median(ratios):.2f}, {min(ratios):.2f} to {max(ratios):.2f} | "
-                     + (f"median {statistics.median(models):.2f}, {min(models):.2f} to {max(models):.2f} |"
-                        if models else "- |"))
+                  + (f"{h_said:.0f} s / {h_took:.0f} s ({h_took / h_said:.2f}) | " if h_said else "- | ")
+                  + (f"{modelled / ran:.2f} |" if ran else "- |")
+                  for seed, v, said, took, modelled, ran, h_said, h_took in etas]
+
+        def spread(xs: list[float]) -> str:
+            return f"median {statistics.median(xs):.2f}, {min(xs):.2f} to {max(xs):.2f}" if xs else "-"
+
+        lines.append(f"| all | | | | {spread([e[3] / e[2] for e in etas])} | "
+                     f"{spread([e[7] / e[6] for e in etas if e[6]])} | {spread([e[4] / e[5] for e in etas if e[5]])} |")
     if ends:
         lines += ["", f"The net each search chose at its end, trained as a shipped net on {a.test_tiles} crops with "
                   f"{a.test_seeds} training seeds and tested on the held-out images:", "",

@@ -26,6 +26,8 @@ SUITE = [
     ("benchmarks.bench_search", ["--quick"], "search.md", "a small real search; latency-first pruning vs train-first"),
     ("benchmarks.bench_search", ["--part", "clock", "--quick"], "clock.md",
      "the user's clock: small nets first, pruning after a fold, --max-minutes"),
+    ("benchmarks.bench_step_cost", [], "clock_cost.md",
+     "the clock's training-step cost model: predicted from the 3 calibrated nets vs measured, vs MACs alone"),
     ("benchmarks.bench_fidelity", ["--quick"], "fidelity.md", "CV epochs per fold vs the final ranking of nets"),
     ("benchmarks.bench_workers", ["--quick"], "workers.md", "search workers: nets per minute, 2 processes vs 1"),
     ("benchmarks.bench_memory", [], "memory.md",

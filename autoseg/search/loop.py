@@ -61,9 +61,12 @@ def run_trials(
         nonlocal done, repeats
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
-        if clock is not None and clock.cost is not None and not is_repeat(trial) and not unmeasured(trial):
-            log.debug("trial %d took %.0f s; the clock's model says %.0f s for what it trained", trial.number,
-                      (trial.datetime_complete - trial.datetime_start).total_seconds(), clock.spent(trial))
+        if (clock is not None and clock.cost is not None and not is_repeat(trial) and not unmeasured(trial)
+                and log.isEnabledFor(logging.DEBUG)):
+            eta_s, left, _ = clock.remaining(study, n_trials, since)
+            log.debug("trial %d took %.0f s; the clock's model says %.0f s for what it trained; %d trial(s) left, "
+                      "about %.0f s", trial.number, (trial.datetime_complete - trial.datetime_start).total_seconds(),
+                      clock.spent(trial), left, eta_s)
         done = len(distinct_trials(study))  # other processes add theirs too: after a repeat as after a new net
         bar.update(done - bar.n)
         if done >= n_trials:
