@@ -6,7 +6,8 @@
 lucky random draw decides a lot. This runs the searches alone (no second stage, a token final training), through
 the CLI as a user would, for each seed and variant, then reads each study: when a completed trial first reached 95%
 of the best final score of the variants at that seed, by CV mIoU and by the search's objective (CV mIoU with the
-latency penalty), timed from the first trial's start. Variants: new (the defaults: the cost-ordered start,
+latency penalty), timed from the first trial's start; and how the clock's ETA and cost model held (the searches
+run --verbose, and their logs are read). Variants: new (the defaults: the cost-ordered start,
 successive halving at reduction factor 3), old (before #21: TPE's random start, the median pruner), and the
 cost-ordered start with the median pruner (median), Hyperband (hyperband) or successive halving at reduction
 factor 2 (halving2). Each seed gives its own split and representatives, shared by its variants. Results:
@@ -175,9 +176,13 @@ def reading(study: optuna.Study, out: Path, trials: int) -> dict:
     done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
     end = max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp()
     said, half = eta_said(out), eta_halfway(out, trials)
+    eta = None
+    if said is not None:  # seconds: said before the first trial, taken after; modelled and taken per trial; half way
+        modelled, ran = model_said(out)
+        eta = {"said": said[0], "took": end - said[1], "modelled": modelled, "ran": ran,
+               "half_said": half[0] if half else 0.0, "half_took": end - half[1] if half else 0.0}
     return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
-            "wall": end - t0, "eta": None if said is None else (said[0], end - said[1], *model_said(out),
-                                                               *((half[0], end - half[1]) if half else (0.0, 0.0)))}
+            "wall": end - t0, "eta": eta}
 
 
 def reach(r: dict, key: str, target: float) -> float | None:
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                               a.trials)
             runs[v]["card"] = json.loads((out / "best" / "model_card.json").read_text())  # what the search shipped
             if runs[v]["eta"]:
-                etas.append((seed, v, *runs[v]["eta"]))
+                etas.append((seed, v, runs[v]["eta"]))
         if a.test_tiles:
             jobs = {(a.keep / f"s{seed}_{v}", runs[v]["card"]["trial"], s) for v in a.variants
                     for s in range(seed, seed + a.test_seeds)}
@@ -328,16 +333,18 @@ def main(argv: list[str] | None = None) -> int:
                   "the nets the trials trained (as far as each trained), against the time they took:", "",
                   "| seed | variant | ETA said | trials took | took / said | half way: said / took | "
                   "model of the trials / took |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {seed} | {v} | {said:.0f} s | {took:.0f} s | {took / said:.2f} | "
-                  + (f"{h_said:.0f} s / {h_took:.0f} s ({h_took / h_said:.2f}) | " if h_said else "- | ")
-                  + (f"{modelled / ran:.2f} |" if ran else "- |")
-                  for seed, v, said, took, modelled, ran, h_said, h_took in etas]
+        lines += [f"| {seed} | {v} | {e['said']:.0f} s | {e['took']:.0f} s | {e['took'] / e['said']:.2f} | "
+                  + (f"{e['half_said']:.0f} s / {e['half_took']:.0f} s ({e['half_took'] / e['half_said']:.2f}) | "
+                     if e["half_said"] else "- | ")
+                  + (f"{e['modelled'] / e['ran']:.2f} |" if e["ran"] else "- |") for seed, v, e in etas]
 
         def spread(xs: list[float]) -> str:
             return f"median {statistics.median(xs):.2f}, {min(xs):.2f} to {max(xs):.2f}" if xs else "-"
 
-        lines.append(f"| all | | | | {spread([e[3] / e[2] for e in etas])} | "
-                     f"{spread([e[7] / e[6] for e in etas if e[6]])} | {spread([e[4] / e[5] for e in etas if e[5]])} |")
+        es = [e for *_, e in etas]
+        lines.append(f"| all | | | | {spread([e['took'] / e['said'] for e in es])} | "
+                     f"{spread([e['half_took'] / e['half_said'] for e in es if e['half_said']])} | "
+                     f"{spread([e['modelled'] / e['ran'] for e in es if e['ran']])} |")
     if ends:
         lines += ["", f"The net each search chose at its end, trained as a shipped net on {a.test_tiles} crops with "
                   f"{a.test_seeds} training seeds and tested on the held-out images:", "",
