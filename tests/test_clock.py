@@ -215,7 +215,11 @@ def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path,
     with closing(device):
         objective = Objective(cfg, tiny_task(), device, settings_from_config(cfg.device), run, on_trial=lambda s: None)
         since = time.time()
-        run_trials(study, objective, 2, progress=True, deadline=clock.deadline, clock=clock)
+        with caplog.at_level(logging.DEBUG, logger="autoseg"):
+            run_trials(study, objective, 2, progress=True, deadline=clock.deadline, clock=clock)
+    # --verbose: each trial's time against the clock's model, and the ETA after it
+    assert re.search(r"trial 0 took \d+ s; the clock's model says \d+ s for what it trained; 1 trial\(s\) left, "
+                     r"about \d+ s", caplog.text)
     eta, left, fit = clock.remaining(study, 4, since)
     assert left == 2 == fit and eta > 0 and clock.eta_text(study, 4, since).startswith("ETA ")
     clock.deadline = time.time()  # the limit is up: the bar says so, and the log says once that it cuts the search
