@@ -217,8 +217,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def depthwise_macs(arch: Arch, in_channels: int, h: int, w: int) -> int:
-    """The share of count_macs done by the depthwise convs of a separable net (0 for a standard one). Training
-    on a CPU pays far more per MAC for these than for dense convs: the clock prices them apart."""
+    """The MACs of count_macs done in the depthwise convs of a separable net (0 for a standard one). Training on a
+    CPU pays far more per MAC for these than for dense convs: the clock prices them apart."""
     if arch.conv != "separable":
         return 0
     c, k = arch.channels, arch.kernels

@@ -90,9 +90,10 @@ def log_lines(out: Path) -> list[tuple[float, str]]:
     if not log_path(out).exists():
         return []
     rows = []
-    for line in log_path(out).read_text().splitlines():
+    for line in log_path(out).read_text().split("\n"):
         at, _, text = line.partition(" ")
-        rows.append((float(at), re.sub(r"^\d\d:\d\d:\d\d [A-Z]+ [\w.]+: ", "", text)))
+        if re.fullmatch(r"\d+\.\d", at):  # a line the bench stamped (not a carriage return's tail)
+            rows.append((float(at), re.sub(r"^\d\d:\d\d:\d\d [A-Z]+ [\w.]+: ", "", text)))
     return rows
 
 
@@ -331,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "The ETA said before the first trial, against the time the trials took after it (a deadline "
                   "cuts the trials short); the same once half the trials were done; and the clock's cost model of "
                   "the nets the trials trained (as far as each trained), against the time they took:", "",
-                  "| seed | variant | ETA said | trials took | took / said | half way: said / took | "
-                  "model of the trials / took |", "|---|---|---|---|---|---|---|"]
+                  "| seed | variant | ETA said | trials took | took / said | half way: said / took (took / said) | "
+                  "the model of the trials / their time |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {seed} | {v} | {e['said']:.0f} s | {e['took']:.0f} s | {e['took'] / e['said']:.2f} | "
                   + (f"{e['half_said']:.0f} s / {e['half_took']:.0f} s ({e['half_took'] / e['half_said']:.2f}) | "
                      if e["half_said"] else "- | ")

@@ -11,7 +11,8 @@ measured seconds a tile with two models fitted on the corners alone:
 - MACs + depthwise: fit_step_cost through all three corners (dense and depthwise MACs priced apart).
 
 Reported: predicted / measured per net, its median and range, by conv type, and for the sum over the nets (what an
-ETA adds up). `make bench` runs it with 8 nets; results/full/clock_cost.md has 36.
+ETA adds up). `make bench` runs it with 8 nets; results/full/clock_cost.md has 36. Each net is timed here as its
+whole step over its batch; calibrate also splits off a fixed cost per step from two batches of the smallest net.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = config_from_dict({"tiles": {"size": 64}})
-    small, large = space_corners(cfg, lambda c: work(c)[0])
-    _, heavy = space_corners(cfg, lambda c: work(c)[1])
-    corners = {"smallest": small, "largest": large, "depthwise-heaviest": heavy}
+    small, large = space_corners(cfg, lambda c: int(work(c)[0]))
+    _, heavy = space_corners(cfg, lambda c: int(work(c)[1]))
+    corners = {"smallest": small, "largest": large}
+    if work(heavy)[1] > 0 and heavy not in (small, large):  # as plan_search picks them
+        corners["depthwise-heaviest"] = heavy
     pool = sorted(space_pool(cfg), key=lambda cp: work(cp[0])[0])
     picks = np.linspace(0, len(pool) - 1, a.nets).round().astype(int)  # evenly over the space's MACs
     nets = [pool[i][0] for i in dict.fromkeys(picks.tolist())]
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {
         "MACs (line through smallest and largest)": fit_step_cost([(m, 0.0, y) for m, _, y in
                                                                    (point["smallest"], point["largest"])]),
-        "MACs + depthwise (fit_step_cost on the 3 corners)": fit_step_cost(list(point.values())),
+        "MACs + depthwise (fit_step_cost on the corners)": fit_step_cost(list(point.values())),
     }
     lines = [
         "# The clock's step cost: predicted from the corners against measured",
@@ -90,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
         *[f"| {n} | `{c.arch.key()}` | {point[n][0] / 1e6:.1f} | {point[n][1] / 1e6:.1f} | {1000 * point[n][2]:.1f} |"
           for n, c in corners.items()],
+        "",
+        (lambda c: f"The fit through them: {1e9 * c.per_mac:.3g} s a dense GMAC and {1e9 * c.per_depthwise_mac:.3g} s "
+                   f"a depthwise GMAC ({c.per_depthwise_mac / c.per_mac:.0f}x) a tile, at least {1000 * c.floor:.1f} "
+                   "ms a tile (the smallest net's)." if c.per_mac > 0 else "")(
+            models["MACs + depthwise (fit_step_cost on the corners)"]),
         "",
         "Predicted / measured seconds a tile over the nets (1.00 is exact; the ETA adds trials up, so the sum's "
         "ratio is what it is off by):",

@@ -329,6 +329,12 @@ def test_the_step_cost_prices_depthwise_macs_apart_from_dense_ones():
     assert line.per_tile(5.005e8) == pytest.approx(0.505) and line.per_tile(1e6, 1e6) == pytest.approx(0.01)
     noisy = fit_step_cost([(1e6, 0.0, 0.02), (1e9, 0.0, 0.01)])
     assert noisy.per_tile(1e9) == pytest.approx(0.02)  # noise never makes big nets cheaper
+    # No net is priced below the smallest one timed (a standard net of fewer MACs than that separable one).
+    assert cost.per_tile(1e6) == pytest.approx(truth(4e6, 2e6))
+    # A depthwise net timed absurdly fast (noise) gives a negative cost: the line through the smallest and the
+    # largest net, which the third does not tilt.
+    odd = fit_step_cost([(1e6, 5e5, 0.01), (1e9, 0.0, 1.0), (1e8, 5e7, 0.001)])
+    assert odd.per_tile(1e9) == pytest.approx(1.0) and odd.per_tile(1e6, 5e5) == pytest.approx(0.01)
 
 
 def test_the_plan_times_the_depthwise_heaviest_net_when_the_space_has_separable_convs(tmp_path, caplog):

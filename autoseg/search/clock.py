@@ -58,39 +58,40 @@ PRIOR_TRIALS = 2
 @dataclass(frozen=True)
 class StepCost:
     """Seconds a training step takes: a fixed cost per step, plus per tile a base cost, a cost per dense MAC and
-    one per depthwise MAC. A depthwise conv trains some 25x slower per MAC than a dense one on a CPU (36 nets of
-    the default space, timed: benchmarks/results/full/clock_cost.md), so a separable net's time does not follow
-    its MACs."""
+    one per depthwise MAC, never below the smallest timed net's. A depthwise conv trains 25-40x slower per MAC than
+    a dense one on a CPU (the fits of benchmarks/results/full/clock_eta.md's runs), so a separable net's time does
+    not follow its MACs (benchmarks/results/full/clock_cost.md)."""
 
     base: float
     per_mac: float
     per_depthwise_mac: float = 0.0
     step_seconds: float = 0.0
+    floor: float = 1e-9  # seconds a tile: no net trains faster than the smallest one timed
 
     def per_tile(self, macs: float, depthwise: float = 0.0) -> float:
-        """`macs` of a forward pass on a tile, `depthwise` of them in depthwise convs."""
-        return max(self.base + self.per_mac * (macs - depthwise) + self.per_depthwise_mac * depthwise, 1e-9)
+        """Seconds a tile of a net whose forward pass does `macs` on it, `depthwise` of them in depthwise convs."""
+        return max(self.base + self.per_mac * (macs - depthwise) + self.per_depthwise_mac * depthwise, self.floor)
 
     def step(self, batch: int, macs: float, depthwise: float = 0.0) -> float:
         return self.step_seconds + batch * self.per_tile(macs, depthwise)
 
 
 def fit_step_cost(points: list[tuple[float, float, float]], step_seconds: float = 0.0) -> StepCost:
-    """The step cost through calibrated nets, each (MACs, depthwise MACs, seconds a tile): base, dense and
-    depthwise costs when a depthwise-heavy net was timed beside a small and a large one; otherwise (or when
-    noise gives a negative cost) all MACs alike, along the line through the nets, never falling as they grow."""
+    """The step cost through calibrated nets, each (MACs, depthwise MACs, seconds a tile), the smallest first and
+    the largest second: base, dense and depthwise costs when a depthwise-heavy net was timed beside them;
+    otherwise (or when noise gives a negative cost) all MACs alike, along the line through the first two, never
+    falling as they grow. No net is priced below the smallest's tile."""
     m, d, y = (np.array(col, dtype=float) for col in zip(*points, strict=True))
-    scale = max(float(m.max()), 1.0)  # MACs in units of the largest net's, for a well-conditioned solve
+    floor = max(float(y[0]), 1e-9)
     if len(points) >= 3 and d.max() > 0:
+        scale = max(float(m.max()), 1.0)  # MACs in units of the largest net's, for a well-conditioned solve
         x = np.column_stack([np.ones_like(m), (m - d) / scale, d / scale])
         w = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)[0]  # relative errors
         if (w[1:] >= 0).all():
-            return StepCost(float(w[0]), float(w[1]) / scale, float(w[2]) / scale, step_seconds)
-    x = np.column_stack([np.ones_like(m), m / scale])
-    w = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)[0]
-    if w[1] < 0:  # noise: the smallest net's cost for all
-        return StepCost(float(y[np.argmin(m)]), 0.0, 0.0, step_seconds)
-    return StepCost(float(w[0]), float(w[1]) / scale, float(w[1]) / scale, step_seconds)
+            return StepCost(float(w[0]), float(w[1]) / scale, float(w[2]) / scale, step_seconds, floor)
+    (m0, m1), (y0, y1) = m[:2], y[:2]
+    slope = max(0.0, (y1 - y0) / (m1 - m0)) if m1 > m0 else 0.0  # a third, off-line net would tilt a fit
+    return StepCost(float(y0 - slope * m0), slope, slope, step_seconds, floor)
 
 
 def _step_seconds(cfg: Config, task: SearchTask, cand: Candidate, batch: int) -> float:
@@ -114,7 +115,7 @@ def fold_batch(cfg: Config, task: SearchTask, cand: Candidate) -> int:
 
 
 def tile_work(cand: Candidate, task: SearchTask) -> tuple[float, float]:
-    """MACs of a forward pass on one of the candidate's tiles, and the depthwise convs' share of them."""
+    """MACs of a forward pass on one of the candidate's tiles, and those of its depthwise convs."""
     return (float(tile_macs(cand, task.in_channels, task.num_classes)),
             float(depthwise_macs(cand.arch, task.in_channels, cand.tile, cand.tile)))
 
@@ -270,9 +271,10 @@ def plan_search(
     cfg: Config, task: SearchTask, device: Device, settings: MeasureSettings, study: optuna.Study, started: float
 ) -> SearchClock:
     """Before the first trial: check the latency budget on the space's smallest net (none meets it: one
-    line, exit 2), time a few training steps of its smallest and largest nets, refuse a --max-minutes too
-    short for one trial, say what the time goes on (the search's limit, the final training's budget), give
-    the latency range with the flag that halves the space when there is no budget, and the ETA."""
+    line, exit 2), time a few training steps of its smallest and largest nets (and of its separable net with
+    the most depthwise MACs), refuse a --max-minutes too short for one trial, say what the time goes on (the
+    search's limit, the final training's budget), give the latency range with the flag that halves the space
+    when there is no budget, and the ETA."""
     clock = SearchClock(cfg, task, started)
     scfg, t = cfg.search, cfg.train
     left = scfg.trials - len(distinct_trials(study))
@@ -348,13 +350,14 @@ def plan_search(
                      "nets before any training")
 
     place = len(study.trials) - len(study.user_attrs.get("requeued", []))
-    costs = clock.expected(place, left)
+    costs = clock.expected(place, left, study)  # a resumed search's later trials say what they cost
     c = clock.cost
     log.debug("clock: timed %s; a training step takes %.3g s + per tile %.3g s + %.3g s a dense GMAC + %.3g s "
-              "a depthwise GMAC; the start's whole CVs %s s; later trials priced at %.0f s (%.0f%% of the space's "
-              "median whole CV, %.0f s; its mean is %.0f s)", ", ".join(n.arch.key() for n in timed), c.step_seconds,
-              c.base, 1e9 * c.per_mac, 1e9 * c.per_depthwise_mac, " ".join(f"{x:.0f}" for x in clock.start_costs),
-              clock.later_price(), 100 * clock.share, clock.typical, np.mean([sec for sec, _ in net_costs]))
+              "a depthwise GMAC; the start's whole CVs %s s; later trials priced at %.0f s (measuring, and %.0f%% "
+              "of the space's median whole CV, %.0f s; its mean is %.0f s); %.0f s for the %d trial(s)",
+              ", ".join(n.arch.key() for n in timed), c.step_seconds, c.base, 1e9 * c.per_mac,
+              1e9 * c.per_depthwise_mac, " ".join(f"{x:.0f}" for x in clock.start_costs), clock.later_price(study),
+              100 * clock.share, clock.typical, np.mean([sec for sec, _ in net_costs]), sum(costs), left)
     log.info("ETA: a trial's whole CV (%d folds x %d epochs on %.0f tiles) takes about %s (%s) to %s (%s); "
              "about %s for the %d trial(s) to run%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)),
              small.arch.key(), minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left,
