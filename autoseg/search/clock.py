@@ -58,9 +58,9 @@ PRIOR_TRIALS = 2
 @dataclass(frozen=True)
 class StepCost:
     """Seconds a training step takes: a fixed cost per step, plus per tile a base cost, a cost per dense MAC and
-    one per depthwise MAC, never below the smallest timed net's. A depthwise conv trains 25-40x slower per MAC than
-    a dense one on a CPU (the fits of benchmarks/results/full/clock_eta.md's runs), so a separable net's time does
-    not follow its MACs (benchmarks/results/full/clock_cost.md)."""
+    one per depthwise MAC, never below the smallest timed net's. A depthwise conv trains some 30x slower per MAC
+    than a dense one on a CPU, so a separable net's time does not follow its MACs (the fit and 36 nets timed:
+    benchmarks/results/full/clock_cost.md)."""
 
     base: float
     per_mac: float
