@@ -29,16 +29,16 @@ import torch
 
 from autoseg.config import Config, config_from_dict
 from autoseg.rundir import write_text_atomic
-from autoseg.search import Candidate, fit_step_cost, space_corners, space_pool, tile_macs
+from autoseg.search import Candidate, fit_step_cost, net_work, space_corners, space_pool
 from autoseg.train import auto_batch_size, train_model, training_settings
-from autoseg.unet import build_unet, depthwise_macs
+from autoseg.unet import build_unet
 
 RESULTS = Path(__file__).resolve().parent / "results" / "clock_cost.md"
 CLASSES, TILE_FIT, STEPS = 24, 133, 3
 
 
 def work(c: Candidate) -> tuple[float, float]:
-    return float(tile_macs(c, 3, CLASSES)), float(depthwise_macs(c.arch, 3, c.tile, c.tile))
+    return net_work(c.arch, 3, CLASSES, c.tile)
 
 
 def tile_seconds(c: Candidate, cfg: Config) -> tuple[float, int]:

@@ -32,6 +32,7 @@ from autoseg.search.clock import (
     fit_step_cost,
     fold_batch,
     minutes,
+    net_work,
     plan_search,
 )
 from autoseg.search.loop import run_trials
@@ -139,6 +140,7 @@ __all__ = [
     "make_sampler",
     "measure_candidate",
     "minutes",
+    "net_work",
     "open_study",
     "original_trial",
     "pareto_summary",

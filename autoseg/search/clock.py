@@ -30,7 +30,7 @@ from autoseg.search.space import (
 from autoseg.search.task import SearchTask
 from autoseg.search.trials import distinct_trials, finished_trials, is_repeat, original_trial, trial_place
 from autoseg.train import auto_batch_size, cv_epochs, train_model, training_settings
-from autoseg.unet import build_unet, count_macs, depthwise_macs
+from autoseg.unet import Arch, build_unet, count_macs, depthwise_macs
 
 log = logging.getLogger("autoseg.search")  # one logger for the package: log lines keep the name they had
 
@@ -114,10 +114,15 @@ def fold_batch(cfg: Config, task: SearchTask, cand: Candidate) -> int:
     return max(1, min(bs, n_fit))
 
 
+def net_work(arch: Arch, in_channels: int, num_classes: int, size: int) -> tuple[float, float]:
+    """MACs of a forward pass on a size x size input, and those of its depthwise convs: what StepCost prices."""
+    return (float(count_macs(arch, in_channels, num_classes, size, size)),
+            float(depthwise_macs(arch, in_channels, size, size)))
+
+
 def tile_work(cand: Candidate, task: SearchTask) -> tuple[float, float]:
-    """MACs of a forward pass on one of the candidate's tiles, and those of its depthwise convs."""
-    return (float(tile_macs(cand, task.in_channels, task.num_classes)),
-            float(depthwise_macs(cand.arch, task.in_channels, cand.tile, cand.tile)))
+    """net_work on one of the candidate's tiles."""
+    return net_work(cand.arch, task.in_channels, task.num_classes, cand.tile)
 
 
 def calibrate(cfg: Config, task: SearchTask, nets: list[Candidate]) -> StepCost:
@@ -185,9 +190,8 @@ class SearchClock:
         t = self.cfg.train
         crop = final_crop(t, cand.tile, cand.arch.multiple)
         bs = final_batch_size(t, cand.arch, self.task.in_channels, self.task.num_classes, crop)
-        macs = count_macs(cand.arch, self.task.in_channels, self.task.num_classes, crop, crop)
-        return math.ceil(tiles / bs) * self.cost.step(bs, macs, depthwise_macs(cand.arch, self.task.in_channels,
-                                                                              crop, crop))
+        work = net_work(cand.arch, self.task.in_channels, self.task.num_classes, crop)
+        return math.ceil(tiles / bs) * self.cost.step(bs, *work)
 
     def keep_for_second_stage(self, typical: Candidate) -> None:
         """With a time limit and a second stage: end the trials early enough for the second stage to train its
@@ -307,7 +311,7 @@ def plan_search(
             )
 
     small, large = space_corners(cfg, lambda c: tile_macs(c, task.in_channels, task.num_classes))
-    _, heavy = space_corners(cfg, lambda c: depthwise_macs(c.arch, task.in_channels, c.tile, c.tile))
+    _, heavy = space_corners(cfg, lambda c: int(tile_work(c, task)[1]))
     with_depthwise = tile_work(heavy, task)[1] > 0 and heavy not in (small, large)
     timed = [small, large, *([heavy] if with_depthwise else [])]
     clock.cost = calibrate(cfg, task, timed)
