@@ -97,33 +97,32 @@ def log_lines(out: Path) -> list[tuple[float, str]]:
     return rows
 
 
-def search_start(out: Path, first_trial: float) -> float:
+def search_start(lines: list[tuple[float, str]], first_trial: float) -> float:
     """When the search proper began, after the data stage: the log's "measuring ... latency" line, so the plan
     (calibration, latency range, ETA) counts; without a log, the first trial's start."""
-    return next((at for at, text in log_lines(out) if text.startswith("measuring ") and " latency on " in text),
-                first_trial)
+    return next((at for at, text in lines if text.startswith("measuring ") and " latency on " in text), first_trial)
 
 
-def model_said(out: Path) -> tuple[float, float]:
+def model_said(lines: list[tuple[float, str]]) -> tuple[float, float]:
     """The clock's model of the trials this search ran (--verbose's "trial N took X s; the clock's model says Y s"
     lines): what it said they cost, and what they took, in seconds."""
-    pairs = [re.search(r"took (\d+) s; the clock's model says (\d+) s", text) for _, text in log_lines(out)]
+    pairs = [re.search(r"took (\d+) s; the clock's model says (\d+) s", text) for _, text in lines]
     return sum(float(m[2]) for m in pairs if m), sum(float(m[1]) for m in pairs if m)
 
 
-def eta_halfway(out: Path, trials: int) -> tuple[float, float] | None:
+def eta_halfway(lines: list[tuple[float, str]], trials: int) -> tuple[float, float] | None:
     """The ETA the search gave once half its trials were done (--verbose's "N trial(s) left, about X s"), and
     when."""
-    for at, text in log_lines(out):
+    for at, text in lines:
         m = re.search(r"(\d+) trial\(s\) left, about (\d+) s", text)
         if m and int(m[1]) <= trials // 2:
             return float(m[2]), at
     return None
 
 
-def eta_said(out: Path) -> tuple[float, float] | None:
+def eta_said(lines: list[tuple[float, str]]) -> tuple[float, float] | None:
     """The ETA said before the first trial, in seconds, and when it was said (the log's "ETA:" line)."""
-    for at, text in log_lines(out):
+    for at, text in lines:
         m = re.search(r"about ([\d.]+) (s|min|h) for the \d+ trial", text) if text.startswith("ETA:") else None
         if m:
             return float(m[1]) * {"s": 1, "min": 60, "h": 3600}[m[2]], at
@@ -173,13 +172,14 @@ def score(t: optuna.trial.FrozenTrial, key: str) -> float:
 
 
 def reading(study: optuna.Study, out: Path, trials: int) -> dict:
-    t0 = search_start(out, min(t.datetime_start for t in study.trials).timestamp())
+    lines = log_lines(out)
+    t0 = search_start(lines, min(t.datetime_start for t in study.trials).timestamp())
     done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
     end = max(t.datetime_complete for t in study.trials if t.datetime_complete).timestamp()
-    said, half = eta_said(out), eta_halfway(out, trials)
+    said, half = eta_said(lines), eta_halfway(lines, trials)
     eta = None
     if said is not None:  # seconds: said before the first trial, taken after; modelled and taken per trial; half way
-        modelled, ran = model_said(out)
+        modelled, ran = model_said(lines)
         eta = {"said": said[0], "took": end - said[1], "modelled": modelled, "ran": ran,
                "half_said": half[0] if half else 0.0, "half_took": end - half[1] if half else 0.0}
     return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
