@@ -10,7 +10,8 @@ latency penalty), timed from the first trial's start; and how the clock's ETA an
 run --verbose, and their logs are read). Variants: new (the defaults: the cost-ordered start,
 successive halving at reduction factor 3), old (before #21: TPE's random start, the median pruner), and the
 cost-ordered start with the median pruner (median), Hyperband (hyperband) or successive halving at reduction
-factor 2 (halving2). Each seed gives its own split and representatives, shared by its variants. Results:
+factor 2 (halving2), and the cost-ordered start ordered by MACs alone (macs, as it was before it weighed depthwise
+MACs by their training time). Each seed gives its own split and representatives, shared by its variants. Results:
 results/clock_seeds.md.
 
 The issue's full-size run is this at autoseg's default budget, an hour a search, two side by side, with the best
@@ -36,22 +37,26 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from autoseg.config import load_config
 from autoseg.rundir import write_text_atomic
+from autoseg.search import startup_trials
 from benchmarks import DATA_ROOT
 
 DATASET = DATA_ROOT / "semantic_drone_224"
 RESULTS = Path(__file__).resolve().parent / "results" / "clock_seeds.md"
-# name: (flags, successive halving's reduction factor, None for the default's)
-VARIANTS: dict[str, tuple[list[str], int | None]] = {
+# name: (flags, a constant of autoseg's set in the CLI's process as "module.NAME = value", or None)
+VARIANTS: dict[str, tuple[list[str], str | None]] = {
     "new": ([], None),
     "old": (["--startup", "random", "--pruner", "median"], None),
     "median": (["--pruner", "median"], None),
     "hyperband": (["--pruner", "hyperband"], None),
-    "halving2": (["--pruner", "halving"], 2),
+    "halving2": (["--pruner", "halving"], "sampling.HALVING_RATE = 2"),
+    # the cost-ordered start as it was before it weighed depthwise MACs: ordered by MACs alone
+    "macs": ([], "space.START_DEPTHWISE_WEIGHT = 1.0"),
 }
-# The rate is a constant of autoseg's, not a setting: set it in the CLI's process.
-WITH_RATE = ("import sys; import autoseg.search.sampling as s; s.HALVING_RATE = {}; from autoseg.cli import main; "
-             "sys.exit(main(sys.argv[1:]))")
+# Constants are not settings: the variant sets one in the CLI's process, before the CLI runs.
+WITH_CONSTANT = ("import sys; import autoseg.search.{module} as m; m.{assign}; from autoseg.cli import main; "
+                 "sys.exit(main(sys.argv[1:]))")
 REACH = 0.95
 
 
@@ -62,8 +67,11 @@ def search(data: Path, out: Path, seed: int, variant: str, a: argparse.Namespace
     # are quiet, which would add waits that time the other searches.
     busy = "device:\n  max_busy_cores: null\n" if a.jobs > 1 else ""
     config.write_text(f"train:\n  threads: {a.threads}\n  val_fraction: 0.0\n{busy}")
-    flags, rate = VARIANTS[variant]
-    launch = ["-m", "autoseg"] if rate is None else ["-c", WITH_RATE.format(rate)]
+    flags, constant = VARIANTS[variant]
+    launch = ["-m", "autoseg"]
+    if constant is not None:
+        module, assign = constant.split(".", 1)
+        launch = ["-c", WITH_CONSTANT.format(module=module, assign=assign)]
     budget = [*(["--epochs", str(a.epochs)] if a.epochs else []),
               *(["--max-minutes", f"{a.max_minutes:g}"] if a.max_minutes else [])]
     cmd = [sys.executable, *launch, "search", "--verbose", "--config", str(config), "--images", str(data / "images"),
@@ -182,8 +190,15 @@ def reading(study: optuna.Study, out: Path, trials: int) -> dict:
         modelled, ran = model_said(lines)
         eta = {"said": said[0], "took": end - said[1], "modelled": modelled, "ran": ran,
                "half_said": half[0] if half else 0.0, "half_took": end - half[1] if half else 0.0}
+    k = startup_trials(load_config(None, {"search.trials": trials}))  # TPE's start, cost-ordered or random
+    first = [t for t in study.trials if t.number < k]
+    start = None
+    if len(first) == k and all(t.datetime_complete for t in first):
+        start = {"took": max(t.datetime_complete.timestamp() for t in first) - t0,
+                 "best": max((score(t, "objective") for t in first if t.state == TrialState.COMPLETE), default=None),
+                 "nets": [t.user_attrs.get("arch", "?") for t in first]}
     return {"t0": t0, "done": done, "distinct": sum(t.user_attrs.get("same_as_trial") is None for t in done),
-            "wall": end - t0, "eta": eta}
+            "wall": end - t0, "eta": eta, "start": start}
 
 
 def reach(r: dict, key: str, target: float) -> float | None:
@@ -238,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(run, todo))
     rows, pairs, marks, ends, etas = [], [], [], [], []
     miou: dict[tuple[Path, int, int], float] = {}  # (run, trial, training seed)
+    runs_by_seed: dict[int, dict[str, dict]] = {}
     for seed in a.seeds:
-        runs = {}
+        runs = runs_by_seed[seed] = {}
         for v in a.variants:
             out = a.keep / f"s{seed}_{v}"
             runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out,
@@ -328,6 +344,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{x[0]:.4f} `{x[1].user_attrs['arch']}`" + (f", test mIoU {miou[(out, x[1].number, seed)]:.4f}"
                                                              if (out, x[1].number, seed) in miou else ""))
                 for x in at) + " |")
+    starts = [(seed, v, r["start"]) for seed in a.seeds for v, r in runs_by_seed[seed].items() if r["start"]]
+    if starts:
+        lines += ["", "The start (TPE's first trials, in the order they ran): when its last trial ended, from the "
+                  "search's start, its best objective, and its nets:", "",
+                  "| seed | variant | start ended | its best objective | its nets |", "|---|---|---|---|---|"]
+        lines += [f"| {seed} | {v} | {st['took']:.0f} s | "
+                  + ("-" if st["best"] is None else f"{st['best']:.4f}")
+                  + f" | {', '.join(f'`{n}`' for n in st['nets'])} |" for seed, v, st in starts]
+        for v in a.variants:
+            took = [st["took"] for _, w, st in starts if w == v]
+            if took:
+                lines.append(f"| all | {v} | median {statistics.median(took):.0f} s | | |")
     if etas:
         lines += ["", "The ETA said before the first trial, against the time the trials took after it (a deadline "
                   "cuts the trials short); the same once half the trials were done; and the clock's cost model of "

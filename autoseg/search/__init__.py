@@ -49,6 +49,7 @@ from autoseg.search.sampling import (
 )
 from autoseg.search.space import (
     CHANNEL_STEPS,
+    START_DEPTHWISE_WEIGHT,
     START_NOMINAL_CLASSES,
     START_POOL,
     START_TOP_QUANTILE,
@@ -58,6 +59,7 @@ from autoseg.search.space import (
     sample_candidate,
     space_corners,
     space_pool,
+    start_cost,
     startup_plan,
     startup_trials,
     tile_choices,
@@ -106,6 +108,7 @@ __all__ = [
     "OVER_BUDGET",
     "PRUNED_SHARE",
     "PRUNERS",
+    "START_DEPTHWISE_WEIGHT",
     "START_NOMINAL_CLASSES",
     "START_POOL",
     "START_TOP_QUANTILE",
@@ -155,6 +158,7 @@ __all__ = [
     "shortlist",
     "space_corners",
     "space_pool",
+    "start_cost",
     "startup_plan",
     "startup_trials",
     "study_storage",
