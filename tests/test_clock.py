@@ -229,11 +229,11 @@ def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path,
     assert re.search(r"trial 0 took \d+ s; the clock's model says \d+ s for what it trained; 1 trial\(s\) left, "
                      r"about \d+ s", caplog.text)
     eta, left, fit = clock.remaining(study, 4, since)
-    assert left == 2 == fit and eta > 0 and clock.eta_text(study, 4, since).startswith("ETA ")
+    assert left == 2 == fit and eta > 0 and clock.eta_text((eta, left, fit)).startswith("ETA ")
     clock.deadline = time.time()  # the limit is up: the bar says so, and the log says once that it cuts the search
     with caplog.at_level(logging.INFO, logger="autoseg"):
-        assert clock.eta_text(study, 4, since).startswith("time limit in 1 s, about 0 more")
-        clock.eta_text(study, 4, since)
+        assert clock.eta_text(clock.remaining(study, 4, since)).startswith("time limit in 1 s, about 0 more")
+        clock.eta_text(clock.remaining(study, 4, since))
     assert caplog.text.count("cuts the search: about 0 of the 2 nets left fit") == 1
 
 

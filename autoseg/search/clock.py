@@ -258,8 +258,9 @@ class SearchClock:
             fit = int(np.searchsorted(np.cumsum(costs), budget, side="right")) if costs else 0
         return float(sum(costs)), left, fit
 
-    def eta_text(self, study: optuna.Study, n_trials: int, since: float) -> str:
-        eta, left, fit = self.remaining(study, n_trials, since)
+    def eta_text(self, remaining: tuple[float, int, int]) -> str:
+        """The progress bar's ETA, from what `remaining` returned."""
+        eta, left, fit = remaining
         if self.deadline is not None and fit < left:
             text = f"time limit in {minutes(max(0.0, self.deadline - time.time()))}, about {fit} more"
             if not self.warned:

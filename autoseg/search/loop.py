@@ -53,20 +53,20 @@ def run_trials(
     bar = tqdm(total=n_trials, initial=done, desc="trials", unit="trial", disable=not progress,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
-    def eta() -> None:
+    def eta(remaining: tuple[float, int, int] | None = None) -> None:
         if clock is not None and clock.cost is not None:
-            bar.set_postfix_str(clock.eta_text(study, n_trials, since))
+            bar.set_postfix_str(clock.eta_text(remaining or clock.remaining(study, n_trials, since)))
 
     def tick(study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal done, repeats
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
-        if (clock is not None and clock.cost is not None and not is_repeat(trial) and not unmeasured(trial)
-                and log.isEnabledFor(logging.DEBUG)):
-            eta_s, left, _ = clock.remaining(study, n_trials, since)
+        remaining = None  # what the clock says is left after this trial: for the log and the bar alike
+        if clock is not None and clock.cost is not None and not is_repeat(trial) and not unmeasured(trial):
+            remaining = clock.remaining(study, n_trials, since)
             log.debug("trial %d took %.0f s; the clock's model says %.0f s for what it trained; %d trial(s) left, "
                       "about %.0f s", trial.number, (trial.datetime_complete - trial.datetime_start).total_seconds(),
-                      clock.spent(trial), left, eta_s)
+                      clock.spent(trial), remaining[1], remaining[0])
         done = len(distinct_trials(study))  # other processes add theirs too: after a repeat as after a new net
         bar.update(done - bar.n)
         if done >= n_trials:
@@ -82,8 +82,8 @@ def run_trials(
                 study.stop()
             return
         repeats = 0
-        if not unmeasured(trial):
-            eta()
+        if remaining is not None:
+            eta(remaining)
 
     timeout = None if deadline is None else max(0.0, deadline - time.time())
     with bar, logging_redirect_tqdm():
