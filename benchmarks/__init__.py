@@ -6,6 +6,22 @@ from pathlib import Path
 DATA_ROOT = Path(os.environ.get("AUTOSEG_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 
+# A results file's notes written by hand go below this line; a rerun of its bench writes the tables above it anew
+# and keeps them.
+NOTES_MARK = "<!-- written by hand from here on: a rerun of the bench keeps it -->"
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write a bench's results to `path` (atomically), keeping the notes below NOTES_MARK of the file it replaces."""
+    from autoseg.rundir import write_text_atomic  # here: bench_reliability loads nothing of autoseg while it runs
+
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else ""
+    write_text_atomic(path, text.rstrip("\n") + "\n" + (f"\n{notes}" if notes else ""))
+    if notes:
+        print(f"{path}: the notes written by hand below the tables were kept; check them against the new numbers")
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS in MB (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
     try:

@@ -38,9 +38,9 @@ from autoseg.config import DeviceConfig
 from autoseg.deploy import _put_verified, _sha256
 from autoseg.devices import LocalDevice, MeasureError, MeasureSettings, SSHDevice
 from autoseg.export import int8_bytes, onnx_bytes
-from autoseg.rundir import write_text_atomic
 from autoseg.search import trained_like_batchnorm
 from autoseg.unet import Arch, build_unet, count_macs, count_params
+from benchmarks import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -142,7 +142,7 @@ def main() -> int:
         f"- idempotent re-run when built: {rebuild_s:.1f} s",
         "",
     ]
-    write_text_atomic(RESULTS, "\n".join(head + lines) + "\n")
+    write_results(RESULTS, "\n".join(head + lines) + "\n")
     print(RESULTS.read_text())
     return 0
 

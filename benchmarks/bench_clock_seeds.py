@@ -38,9 +38,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autoseg.config import load_config
-from autoseg.rundir import write_text_atomic
 from autoseg.search import startup_trials
-from benchmarks import DATA_ROOT
+from benchmarks import DATA_ROOT, write_results
 
 DATASET = DATA_ROOT / "semantic_drone_224"
 RESULTS = Path(__file__).resolve().parent / "results" / "clock_seeds.md"
@@ -383,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {seed} | {v} | `{arch}` | {', '.join(f'{x:.4f}' for x in scores)} | "
                          f"{statistics.fmean(scores):.4f} ± {sd:.4f} |")
     lines.append("")
-    write_text_atomic(a.out, "\n".join(lines))
+    write_results(a.out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -45,8 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from autoseg.rundir import write_text_atomic
-from benchmarks import DATA_ROOT, cpu_and_ram
+from benchmarks import DATA_ROOT, cpu_and_ram, write_results
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 if str(TESTS) not in sys.path:
@@ -412,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         + ". Heartbeat shortened to 1 s beats and a 4 s grace for the benchmark (60 s and 180 s in use).",
         "",
     ]
-    write_text_atomic(a.out, "\n".join(lines))
+    write_results(a.out, "\n".join(lines))
     print("\n".join(lines))
     return 0 if met_speedup and met_kill else 1
 

@@ -49,6 +49,7 @@ from autoseg.refine import train_briefly
 from autoseg.rundir import RunDir, write_text_atomic
 from autoseg.train import FOLD_TILE_PASSES, cross_validate, cv_epochs, training_settings
 from autoseg.unet import Arch
+from benchmarks import write_results
 from benchmarks.bench_search import (
     BUSY_CORES,
     DATASET,
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
           if args.final_data == "all" else []),
         "",
     ]
-    write_text_atomic(args.out, "\n".join(lines))
+    write_results(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 0 if ok and ok_all else 1
 

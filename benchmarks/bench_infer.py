@@ -39,8 +39,8 @@ import autoseg
 from autoseg.export import export_final, quantize_int8
 from autoseg.infer import normalize, ort_runner, predict_whole, predict_windows, window_grid
 from autoseg.metrics import confusion_matrix, metrics_from_confusion
-from autoseg.rundir import write_text_atomic
 from autoseg.unet import Arch, build_unet, count_macs
+from benchmarks import write_results
 
 ARCH = Arch(kernels=(3, 3), channels=(16, 64))
 NUM_CLASSES = 5
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     sweep_rows)
     text = "\n".join(lines) + "\n"
     print(text)
-    write_text_atomic(args.out, text)
+    write_results(args.out, text)
     print(f"wrote {args.out}")
     return 0 if all(ok for _, ok, _ in targets) else 1  # like the other benchmarks: 1 = a target missed
 

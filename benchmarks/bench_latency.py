@@ -42,8 +42,8 @@ from autoseg.config import DeviceConfig
 from autoseg.devices import AGENT_ROOT_ENV, Device, LocalDevice, MeasureError, MeasureSettings, SSHDevice
 from autoseg.devices import settings_from_config as _settings_from_config
 from autoseg.export import onnx_bytes
-from autoseg.rundir import write_text_atomic
 from autoseg.unet import Arch, build_unet, count_macs, count_params
+from benchmarks import write_results
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 if str(TESTS) not in sys.path:
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         *[f"- {k}: {v}" for k, v in machine_info(fp)],
         "",
     ]
-    write_text_atomic(args.out, "\n".join(lines))
+    write_results(args.out, "\n".join(lines))
     print(f"wrote {args.out} ({elapsed:.0f} s)")
     return 0 if all(ok for *_, ok in checks) else 1
 

@@ -41,9 +41,8 @@ from PIL import Image
 import autoseg
 from autoseg.export import export_final
 from autoseg.infer import whole_pixel_limit
-from autoseg.rundir import write_text_atomic
 from autoseg.unet import Arch, build_unet
-from benchmarks import cpu_and_ram
+from benchmarks import cpu_and_ram, write_results
 
 ARCH = Arch(kernels=(3, 3), channels=(8, 16))  # small: 10000 x 10000 takes ~25k windows
 NUM_CLASSES = 24
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = report(args, info, rows, floors, targets)
     text = "\n".join(lines) + "\n"
     print(text)
-    write_text_atomic(args.out, text)
+    write_results(args.out, text)
     print(f"wrote {args.out}")
     return 0 if all(ok for _, ok, _ in targets) else 1
 

@@ -49,7 +49,7 @@ from autoseg.devices.cache import _graph_hash
 from autoseg.export import onnx_bytes
 from autoseg.latency_history import remember_arch
 from autoseg.predictor import MIN_MEASUREMENTS, LatencyPredictor, LatencyRecord, accuracy, feature_names
-from autoseg.rundir import RunDir, write_text_atomic
+from autoseg.rundir import RunDir
 from autoseg.search import (
     Candidate,
     Objective,
@@ -63,7 +63,7 @@ from autoseg.search import (
     trial_counts,
 )
 from autoseg.unet import Arch, build_unet
-from benchmarks import cpu_and_ram
+from benchmarks import cpu_and_ram, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "predictor.md"
 SIZES = (64, 128)
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                   "cross-validation."]
     text = "\n".join(lines) + "\n"
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(a.out, text)
+    write_results(a.out, text)
     print(text)
     return 0 if met_acc and met_save else 1
 

@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from autoseg.pipeline import finalize
-from autoseg.rundir import RunDir, write_text_atomic
+from autoseg.rundir import RunDir
 from autoseg.unet import Arch
-from benchmarks import DATA_ROOT, peak_rss_mb
+from benchmarks import DATA_ROOT, peak_rss_mb, write_results
 from benchmarks.bench_search import REF_ARCH, TILE, fmt, machine_info, make_config, prepare_task
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
@@ -243,7 +243,7 @@ def write_report(path: Path, info: dict, b: Budget, rows: list[dict[str, Any]], 
         lines += ["", f"Peak RSS (main + largest worker), largest / smallest dataset: {ratio:.2f}x "
                   f"(target <= {TARGET_RSS_RATIO}x): {'met' if ok else 'missed'}", ""]
         missed += not ok
-    write_text_atomic(path, "\n".join(lines) + "\n")
+    write_results(path, "\n".join(lines) + "\n")
     return int(missed > 0)
 
 

@@ -444,9 +444,9 @@ def main(argv: list[str] | None = None) -> int:
 
     text = "\n".join(lines) + "\n"
     print(text)
-    from autoseg.rundir import write_text_atomic  # after the run: nothing of autoseg loaded while tests run
+    from benchmarks import write_results  # it loads autoseg: after the run, so nothing of it loads while tests run
 
-    write_text_atomic(args.out, text)
+    write_results(args.out, text)
     print(f"wrote {args.out}")
     return 0 if all(ok for _, ok in targets) else 1
 

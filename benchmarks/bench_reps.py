@@ -49,11 +49,10 @@ from autoseg.config import DataConfig, RepsConfig, TrainConfig
 from autoseg.data import Dataset, scan_dataset, split_by_image
 from autoseg.infer import evaluate, torch_runner
 from autoseg.reps import RepSet, build_reps, rep_arrays
-from autoseg.rundir import write_text_atomic
 from autoseg.tiles import TileIndex, build_index
 from autoseg.train import train_model, training_settings
 from autoseg.unet import Arch, build_unet, count_params
-from benchmarks import DATA_ROOT
+from benchmarks import DATA_ROOT, write_results
 
 DATASETS = {"drone": "semantic_drone_224", "isbi": "isbi2012_membrane"}
 RESULTS = Path(__file__).resolve().parent / "results" / "reps.md"
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python -m benchmarks.bench_reps {argv_text}".strip()
     params = {"steps": steps, "tile": a.tile, "seeds": seeds}
     machine += f"; load average at the end {os.getloadavg()[0]:.1f}"
-    write_text_atomic(a.out, markdown(results, primary, command, params, machine, total))
+    write_results(a.out, markdown(results, primary, command, params, machine, total))
     print(f"wrote {a.out}")
     return 0 if all_ok else 1
 

@@ -67,7 +67,7 @@ from autoseg.devices import LocalDevice, MeasureError, open_device, settings_fro
 from autoseg.errors import AutosegError
 from autoseg.pipeline import finalize, run_search
 from autoseg.reps import rep_arrays
-from autoseg.rundir import RunDir, write_text_atomic
+from autoseg.rundir import RunDir
 from autoseg.search import (
     PRUNED_SHARE,
     PRUNERS,
@@ -89,7 +89,7 @@ from autoseg.search import (
 )
 from autoseg.train import FOLD_TILE_PASSES, cross_validate, cv_epochs, training_settings
 from autoseg.unet import Arch, build_unet, count_macs, count_params, validate_arch
-from benchmarks import DATA_ROOT
+from benchmarks import DATA_ROOT, write_results
 
 DATASET = DATA_ROOT / "semantic_drone_224"
 RESULTS = Path(__file__).resolve().parent / "results" / "search.md"
@@ -1112,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     for ok, text in checks:
         print(check_line(ok, text))
     print(f"total wall time {total:.0f} s")
-    write_text_atomic(args.out, "\n".join(lines))
+    write_results(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
     return 0 if all(ok for ok, _ in checks) else 1
 

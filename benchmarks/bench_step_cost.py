@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from autoseg.config import Config, config_from_dict
-from autoseg.rundir import write_text_atomic
 from autoseg.search import Candidate, fit_step_cost, net_work, space_corners, space_pool
 from autoseg.train import auto_batch_size, train_model, training_settings
 from autoseg.unet import build_unet
+from benchmarks import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results" / "clock_cost.md"
 CLASSES, TILE_FIT, STEPS = 24, 133, 3
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| `{c.arch.key()}` | {m / 1e6:.1f} | {d / 1e6:.1f} | {1000 * timed[c][0]:.1f} | " + " | ".join(
             f"{cost.per_tile(m, d) / timed[c][0]:.2f}" for cost in models.values()) + " |")
     lines.append("")
-    write_text_atomic(a.out, "\n".join(lines))
+    write_results(a.out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -27,8 +27,8 @@ from PIL import Image
 from autoseg.config import DataConfig, RepsConfig
 from autoseg.data import load_pair, scan_dataset
 from autoseg.reps import build_reps, resnet18
-from autoseg.rundir import write_text_atomic
 from autoseg.tiles import build_index, stride_for, window_starts
+from benchmarks import write_results
 
 TARGET_SECONDS = 60.0
 TARGET_RSS_GB = 2.0
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "The timed phase includes decoding every image and mask; library imports are warmed up first.",
         "",
     ]
-    write_text_atomic(args.out, "\n".join(lines))
+    write_results(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
     return 0 if all(ok for *_, ok in checks) else 1
 

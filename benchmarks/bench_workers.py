@@ -26,9 +26,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from autoseg.rundir import write_text_atomic
 from autoseg.workers import threads_per_worker
-from benchmarks import DATA_ROOT
+from benchmarks import DATA_ROOT, write_results
 from benchmarks.bench_search import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "workers.md"
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- platform: {platform.platform()}",
         "",
     ]
-    write_text_atomic(args.out, "\n".join(lines))
+    write_results(args.out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
