@@ -18,7 +18,7 @@ from autoseg.unet import Arch, count_macs, depthwise_macs, validate_arch
 # or x2.7 (24 -> 64) per level.
 CHANNEL_STEPS = (0, 1, 2, 3)
 START_POOL = 256  # random nets of the space that search.startup "cost" picks the first trials from
-START_TOP_QUANTILE = 0.75  # the dearest of them sits at this MACs quantile: never the space's costly corner
+START_TOP_QUANTILE = 0.75  # the dearest of them sits at this quantile of start_cost: never the costly corner
 START_NOMINAL_CLASSES = 8  # MACs that order the start must not depend on the data, only on the config
 # A depthwise MAC trains about 30x slower than a dense one on a CPU (bench_step_cost's fit: 32x), so the start
 # orders nets by their MACs with depthwise ones weighed this much: their training time, not their MACs. A constant,
