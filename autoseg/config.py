@@ -151,9 +151,8 @@ class SearchConfig:
     trials: int = field(default=20, metadata=_min(1))  # distinct nets; a repeated proposal does not count
     objective: Literal["penalty", "pareto"] = "penalty"
     sampler: Literal["tpe", "nsga2"] = "tpe"
-    # How TPE's first trials are chosen. cost: nets spread over the space's training cost (quantiles of MACs,
-    # depthwise ones weighed by their time), the cheapest first, so a search starts with answers in minutes;
-    # random: TPE's own random draws.
+    # How TPE's first trials are chosen. cost: nets spread over the space's cost (MACs quantiles), the
+    # cheapest first, so a search starts with answers in minutes; random: TPE's own random draws.
     # NSGA-II always draws its first generation at random.
     startup: Literal["cost", "random"] = "cost"
     # halving: Optuna's SuccessiveHalvingPruner, which judges a trial after its first fold and gives the whole

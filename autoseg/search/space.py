@@ -1,5 +1,5 @@
 """The candidate space: the nets search.space allows, decoding a trial's params into an `Arch` and a tile, and
-the cost-ordered start (the params of TPE's first trials, the net quickest to train first)."""
+the cost-ordered start (the params of TPE's first trials, cheapest net first)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from autoseg.unet import Arch, count_macs, depthwise_macs, validate_arch
 # or x2.7 (24 -> 64) per level.
 CHANNEL_STEPS = (0, 1, 2, 3)
 START_POOL = 256  # random nets of the space that search.startup "cost" picks the first trials from
-START_TOP_QUANTILE = 0.75  # the dearest of them sits at this quantile of start_cost: never the costly corner
+START_TOP_QUANTILE = 0.75  # the dearest of them sits at this MACs quantile: never the space's costly corner
 START_NOMINAL_CLASSES = 8  # MACs that order the start must not depend on the data, only on the config
-# A depthwise MAC trains about 30x slower than a dense one on a CPU (bench_step_cost's fit: 32x), so the start
-# orders nets by their MACs with depthwise ones weighed this much: their training time, not their MACs. A constant,
-# not the calibration's fit, so that the plan stays a function of the config.
-START_DEPTHWISE_WEIGHT = 30.0
+# What a depthwise MAC weighs in start_cost. A depthwise MAC trains some 30x slower than a dense one on a CPU, but
+# weighing them so (the start ordered by training time) found worse nets: at 12 trials over 5 seeds its searches
+# ended 26 % sooner at 81 % of each seed's best CV, against 100 % for MACs alone (benchmarks/results/full/
+# clock_start.md). By MACs, the start tries 32-64 channel separable nets early, the objective's best trade-offs.
+START_DEPTHWISE_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,15 +138,15 @@ def tile_macs(cand: Candidate, in_channels: int = 3, num_classes: int = START_NO
 
 
 def start_cost(cand: Candidate) -> float:
-    """What orders the start: a training step's work on one tile, in dense MACs (depthwise ones weighed
-    START_DEPTHWISE_WEIGHT times)."""
-    depthwise = depthwise_macs(cand.arch, 3, cand.tile, cand.tile)
-    return tile_macs(cand) + (START_DEPTHWISE_WEIGHT - 1.0) * depthwise
+    """What orders the start: a net's MACs on one tile (depthwise ones weighed START_DEPTHWISE_WEIGHT times)."""
+    if START_DEPTHWISE_WEIGHT == 1.0:
+        return float(tile_macs(cand))
+    return tile_macs(cand) + (START_DEPTHWISE_WEIGHT - 1.0) * depthwise_macs(cand.arch, 3, cand.tile, cand.tile)
 
 
 def startup_plan(cfg: Config) -> list[dict[str, Any]]:
-    """With search.startup "cost" (and TPE): the params of TPE's first trials, nets at evenly spaced quantiles
-    of the space's training cost (start_cost) from its cheapest up to START_TOP_QUANTILE, cheapest first.
+    """With search.startup "cost" (and TPE): the params of TPE's first trials, nets at evenly spaced MACs
+    quantiles of the space (start_cost) from its cheapest up to START_TOP_QUANTILE, cheapest first.
 
     A random first draw can be the space's dearest corner (1.9 GMACs a 64 px tile, 40 minutes a fold on
     2 cores); this way the first answers come in minutes and TPE still sees the space's range of cost.
