@@ -746,12 +746,12 @@ def clock_report(cb: ClockBudget, c: dict[str, Any]) -> tuple[list[str], list[tu
         f"Both searches: autoseg's defaults at this budget ({cb.trials} trials, {c['reps']} representatives, "
         f"{cb.folds} folds x {c['epochs']} epochs, no latency budget, tile {TILE}, local latency), same seed and "
         "representatives, no time limit. **Before #21**: TPE's random start and the median pruner. **New**: the "
-        "cost-ordered start (nets at MACs quantiles of the space, cheapest first), successive halving (a "
-        "trial is judged after fold 1, the best third goes on), and plan_search's calibration and latency range "
-        "before the first trial, counted in its time. Times are from the start of each search. The best CV score "
-        f"is the best CV mIoU of a finished trial so far; {TARGET_REACH:.0%} of the best is of the better final best "
-        f"of the two ({c['best']:.4f}). The chosen net so far is what the search would ship if it ended then, "
-        f"trained like a shipped net ({cb.final_tiles:,} crops) and tested on the held-out images.",
+        "cost-ordered start (nets at MACs quantiles of the space, cheapest first), successive halving (a trial is "
+        "judged after fold 1, the best third goes on), and plan_search's calibration and latency range before the "
+        "first trial, counted in its time. Times are from the start of each search. The best CV score is the best "
+        f"CV mIoU of a finished trial so far; {TARGET_REACH:.0%} of the best is of the better final best of the two "
+        f"({c['best']:.4f}). The chosen net so far is what the search would ship if it ended then, trained like a "
+        f"shipped net ({cb.final_tiles:,} crops) and tested on the held-out images.",
         "",
         "| | before #21 | new defaults |",
         "|---|---|---|",
