@@ -139,8 +139,6 @@ def tile_macs(cand: Candidate, in_channels: int = 3, num_classes: int = START_NO
 
 def start_cost(cand: Candidate) -> float:
     """What orders the start: a net's MACs on one tile (depthwise ones weighed START_DEPTHWISE_WEIGHT times)."""
-    if START_DEPTHWISE_WEIGHT == 1.0:
-        return float(tile_macs(cand))
     return tile_macs(cand) + (START_DEPTHWISE_WEIGHT - 1.0) * depthwise_macs(cand.arch, 3, cand.tile, cand.tile)
 
 
