@@ -19,6 +19,9 @@ so far at 15, 30 and 60 minutes and the nets chosen then trained and tested (res
 
     python -m benchmarks.bench_clock_seeds --seeds 0 --variants new old --trials 20 --reps 200 --epochs 0 \
         --max-minutes 60 --marks 15 30 60 --jobs 2 --test-tiles 20000 --keep DIR
+
+With --latency-budget-ms both searches drop the nets over it before training, so their chosen nets compare at equal
+latency (results/full/clock_budget.md).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def search(data: Path, out: Path, seed: int, variant: str, a: argparse.Namespace
         module, assign = constant.split(".", 1)
         launch = ["-c", WITH_CONSTANT.format(module=module, assign=assign)]
     budget = [*(["--epochs", str(a.epochs)] if a.epochs else []),
-              *(["--max-minutes", f"{a.max_minutes:g}"] if a.max_minutes else [])]
+              *(["--max-minutes", f"{a.max_minutes:g}"] if a.max_minutes else []),
+              *(["--latency-budget-ms", f"{a.latency_budget_ms:g}"] if a.latency_budget_ms else [])]
     cmd = [sys.executable, *launch, "search", "--verbose", "--config", str(config), "--images", str(data / "images"),
            "--masks", str(data / "masks"), "--out", str(out), "--trials", str(a.trials), "--num-reps", str(a.reps),
            *budget, "--tile", "64", "--device", "local", "--refine-top", "0", "--final-tiles", "256",
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, help="each search's --max-minutes")
     ap.add_argument("--marks", type=float, nargs="+", default=[],
                     help="minutes at which each search's best so far and chosen net are reported")
+    ap.add_argument("--latency-budget-ms", type=float, help="each search's latency budget (per 64x64 tile): the "
+                    "variants' chosen nets compared at equal latency")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=1, help="searches run at once (give each --threads)")
     ap.add_argument("--test-tiles", type=int, default=0, help="train the nets chosen at the marks and at the end "
@@ -295,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python -m benchmarks.bench_clock_seeds {' '.join(sys.argv[1:] if argv is None else argv)}`",
         "",
-        f"Data `{a.data}`, {a.trials} trials, {a.reps} representatives, 3 folds x {epochs} epochs, tile 64, no "
-        "latency budget, local latency, train "
+        f"Data `{a.data}`, {a.trials} trials, {a.reps} representatives, 3 folds x {epochs} epochs, tile 64, "
+        + (f"latency budget {a.latency_budget_ms:g} ms a tile" if a.latency_budget_ms else "no latency budget")
+        + ", local latency, train "
         f"threads {a.threads}, {a.jobs} search(es) at once"
         + (f", --max-minutes {a.max_minutes:g}" if a.max_minutes else "") +
         f". Time to {REACH:.0%} of the better final best of the variants at each seed, from the search's start "
