@@ -131,12 +131,22 @@ def eta_halfway(lines: list[tuple[float, str]], trials: int) -> tuple[float, flo
     return None
 
 
-def eta_said(lines: list[tuple[float, str]]) -> tuple[float, float] | None:
-    """The ETA said before the first trial, in seconds, and when it was said (the log's "ETA:" line)."""
+UNIT = r"([\d.]+) (s|min|h)"
+
+
+def seconds(number: str, unit: str) -> float:
+    return float(number) * {"s": 1, "min": 60, "h": 3600}[unit]
+
+
+def eta_said(lines: list[tuple[float, str]]) -> tuple[float, float, tuple[float, float] | None] | None:
+    """The ETA said before the first trial, in seconds, when it was said (the log's "ETA:" line), and its range
+    (None from a search that gave none)."""
     for at, text in lines:
-        m = re.search(r"about ([\d.]+) (s|min|h) for the \d+ trial", text) if text.startswith("ETA:") else None
+        m = re.search(rf"about {UNIT} for the \d+ trial", text) if text.startswith("ETA:") else None
         if m:
-            return float(m[1]) * {"s": 1, "min": 60, "h": 3600}[m[2]], at
+            r = re.search(rf"\({UNIT} if the search keeps to the cheaper half of the space, {UNIT} if to the dearer "
+                          r"half\)", text)
+            return seconds(m[1], m[2]), at, (seconds(r[1], r[2]), seconds(r[3], r[4])) if r else None
     return None
 
 
@@ -191,7 +201,7 @@ def reading(study: optuna.Study, out: Path, trials: int) -> dict:
     eta = None
     if said is not None:  # seconds: said before the first trial, taken after; modelled and taken per trial; half way
         modelled, ran = model_said(lines)
-        eta = {"said": said[0], "took": end - said[1], "modelled": modelled, "ran": ran,
+        eta = {"said": said[0], "took": end - said[1], "range": said[2], "modelled": modelled, "ran": ran,
                "half_said": half[0] if half else 0.0, "half_took": end - half[1] if half else 0.0}
     k = startup_trials(load_config(None, {"search.trials": trials}))  # TPE's start, cost-ordered or random
     first = [t for t in study.trials if t.number < k]
@@ -366,9 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", "The ETA said before the first trial, against the time the trials took after it (a deadline "
                   "cuts the trials short); the same once half the trials were done; and the clock's cost model of "
                   "the nets the trials trained (as far as each trained), against the time they took:", "",
-                  "| seed | variant | ETA said | trials took | took / said | half way: said / took (took / said) | "
-                  "the model of the trials / their time |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {seed} | {v} | {e['said']:.0f} s | {e['took']:.0f} s | {e['took'] / e['said']:.2f} | "
+                  "| seed | variant | ETA said (its range) | trials took | took / said (in the range?) | half way: "
+                  "said / took (took / said) | the model of the trials / their time |", "|---|---|---|---|---|---|---|"]
+
+        def within(e: dict) -> str:
+            low, high = e["range"] or (math.nan, math.nan)
+            return "" if e["range"] is None else " (in)" if low <= e["took"] <= high else " (out)"
+
+        lines += [f"| {seed} | {v} | {e['said']:.0f} s"
+                  + (f" ({e['range'][0]:.0f}-{e['range'][1]:.0f} s)" if e["range"] else "")
+                  + f" | {e['took']:.0f} s | {e['took'] / e['said']:.2f}{within(e)} | "
                   + (f"{e['half_said']:.0f} s / {e['half_took']:.0f} s ({e['half_took'] / e['half_said']:.2f}) | "
                      if e["half_said"] else "- | ")
                   + (f"{e['modelled'] / e['ran']:.2f} |" if e["ran"] else "- |") for seed, v, e in etas]
@@ -377,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             return f"median {statistics.median(xs):.2f}, {min(xs):.2f} to {max(xs):.2f}" if xs else "-"
 
         es = [e for *_, e in etas]
-        lines.append(f"| all | | | | {spread([e['took'] / e['said'] for e in es])} | "
+        ranged = [within(e) for e in es if e["range"]]
+        lines.append(f"| all | | | | {spread([e['took'] / e['said'] for e in es])}"
+                     + (f", {ranged.count(' (in)')} of {len(ranged)} in the range" if ranged else "") + " | "
                      f"{spread([e['half_took'] / e['half_said'] for e in es if e['half_said']])} | "
                      f"{spread([e['modelled'] / e['ran'] for e in es if e['ran']])} |")
     if ends:

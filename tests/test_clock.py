@@ -210,7 +210,10 @@ def test_the_plan_says_what_the_time_goes_on_and_the_bar_keeps_the_eta(tmp_path,
                      r"[\d.e-]+ ms \(k3-3_c8-8_standard_transpose\) at 16x16 px on local; --latency-budget-ms [\d.e-]+ "
                      r"\(a median net's, \S+\) drops the slower half", text)
     assert "ETA: a trial's whole CV (2 folds x 1 epochs on 6 tiles) takes about" in text
-    assert "for the 4 trial(s) to run, with halving pruning" in text
+    assert re.search(r"for the 4 trial\(s\) to run \(\S+ s if the search keeps to the cheaper half of the space, "
+                     r"\S+ s if to the dearer half\), with halving pruning", text)
+    low, high = clock.span(0, 4)
+    assert 0 < low <= sum(clock.expected(0, 4)) <= high
     assert clock.end == pytest.approx(started + 1800 - 60)
     assert 0 < clock.second_stage < 600 and clock.deadline == pytest.approx(clock.end - clock.second_stage)
     assert clock.cost is not None and clock.cost.per_tile(1e9) >= clock.cost.per_tile(1e3) > 0
@@ -245,6 +248,25 @@ def test_the_eta_prices_later_trials_by_what_the_later_trials_cost_so_far():
     assert clock.later_price(study) == pytest.approx((2 * MEASURE_SECONDS + PRIOR_TRIALS * prior) / (2 + PRIOR_TRIALS))
     assert clock.expected(0, 3, study) == pytest.approx(
         [MEASURE_SECONDS + clock.share * 10.0, clock.later_price(study), clock.later_price(study)])
+
+
+def test_the_first_eta_spans_the_space_s_cheaper_and_dearer_halves():
+    cfg = load_config(None, TINY)
+    clock = SearchClock(cfg, tiny_task(), time.time())
+    clock.start_costs, clock.typical, clock.halves = [10.0], 100.0, (40.0, 300.0)
+    start = MEASURE_SECONDS + clock.share * 10.0
+    # The start's nets are known; the later trials are priced at each half's median net.
+    assert clock.span(0, 3) == pytest.approx((start + 2 * (MEASURE_SECONDS + clock.share * 40.0),
+                                              start + 2 * (MEASURE_SECONDS + clock.share * 300.0)))
+    assert clock.span(0, 3)[0] < sum(clock.expected(0, 3)) < clock.span(0, 3)[1]
+    # Later trials finished narrow it: each prior counts as PRIOR_TRIALS trials against what they cost.
+    study = optuna.create_study(direction="maximize")
+    for _ in range(4):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={"latency": 1.0}))
+    low, high = clock.span(4, 2, study)
+    assert low == pytest.approx(2 * (3 * MEASURE_SECONDS + PRIOR_TRIALS * (MEASURE_SECONDS + clock.share * 40.0))
+                                / (3 + PRIOR_TRIALS))
+    assert high - low < clock.span(4, 2)[1] - clock.span(4, 2)[0]
 
 
 def limited_clock(minutes: float, refine_top: int, tile_seconds: float) -> SearchClock:

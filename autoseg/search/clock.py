@@ -165,6 +165,9 @@ class SearchClock:
         self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
         self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
         self.typical = 0.0  # whole-CV seconds of the space's median net
+        # whole-CV seconds of the median nets of the space's cheaper and dearer halves (by cost): the first ETA's
+        # range, since before any result nothing says which way the sampler will go
+        self.halves = (0.0, 0.0)
         self.share = PRUNED_SHARE[pruner_kind(cfg)]
         self.warned = False  # the log has said that the time limit cuts the search
 
@@ -225,11 +228,11 @@ class SearchClock:
         _, _, epochs = self.fold_shape(cand.tile)
         return MEASURE_SECONDS + self.cv_seconds(cand) * min(1.0, trained / (epochs * self.cfg.train.folds))
 
-    def later_price(self, study: optuna.Study | None = None) -> float:
-        """Expected seconds of a trial after the start: the space's median net at the pruner's mean share, moved
-        towards what the later trials of `study` finished so far cost (the nets the sampler favours, and how
-        much of them the pruner let train)."""
-        prior = MEASURE_SECONDS + self.share * self.typical
+    def later_price(self, study: optuna.Study | None = None, whole_cv: float | None = None) -> float:
+        """Expected seconds of a trial after the start: the space's median net (or a net whose whole CV takes
+        `whole_cv` seconds) at the pruner's mean share, moved towards what the later trials of `study` finished
+        so far cost (the nets the sampler favours, and how much of them the pruner let train)."""
+        prior = MEASURE_SECONDS + self.share * (self.typical if whole_cv is None else whole_cv)
         if study is None:
             return prior
         start = len(self.start_costs)
@@ -237,11 +240,19 @@ class SearchClock:
                 and trial_place(study, original_trial(study, t)) >= start]
         return (sum(seen) + PRIOR_TRIALS * prior) / (len(seen) + PRIOR_TRIALS)
 
-    def expected(self, place: int, count: int, study: optuna.Study | None = None) -> list[float]:
-        """Expected seconds of the next `count` trials, the first at `place` (the later ones as `study` says)."""
-        later = self.later_price(study)
+    def expected(self, place: int, count: int, study: optuna.Study | None = None,
+                 whole_cv: float | None = None) -> list[float]:
+        """Expected seconds of the next `count` trials, the first at `place` (the later ones as `study` says,
+        from the prior later_price takes `whole_cv` for)."""
+        later = self.later_price(study, whole_cv)
         return [MEASURE_SECONDS + self.share * self.start_costs[p] if p < len(self.start_costs) else later
                 for p in range(place, place + count)]
+
+    def span(self, place: int, count: int, study: optuna.Study | None = None) -> tuple[float, float]:
+        """The range of the ETA of the next `count` trials: their expected seconds with the later trials priced
+        at the median net of the space's cheaper half, and at that of its dearer half."""
+        low, high = (sum(self.expected(place, count, study, cv)) for cv in self.halves)
+        return low, high
 
     def remaining(self, study: optuna.Study, n_trials: int, since: float) -> tuple[float, int, int]:
         """Seconds the trials still to run should take (the model corrected by how it did on the trials
@@ -324,7 +335,9 @@ def plan_search(
         net_costs = [(clock.cv_seconds(small), small)]
     # The median, not the mean: after the start TPE keeps near the best nets so far, which under the latency
     # penalty are seldom the space's dear tail (bench_clock_seeds' ETA table).
-    clock.typical = float(np.median([sec for sec, _ in net_costs]))
+    secs = [sec for sec, _ in net_costs]
+    clock.typical = float(np.median(secs))
+    clock.halves = (float(np.percentile(secs, 25)), float(np.percentile(secs, 75)))
     clock.keep_for_second_stage(net_costs[len(net_costs) // 2][1])  # the median net by cost
     fit, _, epochs = clock.fold_shape(small.tile)
     one = MEASURE_SECONDS + clock.cv_seconds(small)
@@ -356,17 +369,20 @@ def plan_search(
 
     place = len(study.trials) - len(study.user_attrs.get("requeued", []))
     costs = clock.expected(place, left, study)  # a resumed search's later trials say what they cost
+    low, high = clock.span(place, left, study)
     c = clock.cost
     log.debug("clock: timed %s; a training step takes %.3g s + per tile %.3g s + %.3g s a dense GMAC + %.3g s "
               "a depthwise GMAC; the start's whole CVs %s s; later trials priced at %.0f s (measuring, and %.0f%% "
-              "of the space's median whole CV, %.0f s; its mean is %.0f s); %.0f s for the %d trial(s)",
+              "of the space's median whole CV, %.0f s; its mean is %.0f s, its halves' medians %.0f and %.0f s); "
+              "%.0f s for the %d trial(s)",
               ", ".join(n.arch.key() for n in timed), c.step_seconds, c.base, 1e9 * c.per_mac,
               1e9 * c.per_depthwise_mac, " ".join(f"{x:.0f}" for x in clock.start_costs), clock.later_price(study),
-              100 * clock.share, clock.typical, np.mean([sec for sec, _ in net_costs]), sum(costs), left)
+              100 * clock.share, clock.typical, np.mean(secs), *clock.halves, sum(costs), left)
     log.info("ETA: a trial's whole CV (%d folds x %d epochs on %.0f tiles) takes about %s (%s) to %s (%s); "
-             "about %s for the %d trial(s) to run%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)),
-             small.arch.key(), minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left,
-             f", with {pruner_kind(cfg)} pruning" if pruner_kind(cfg) != "none" else "")
+             "about %s for the %d trial(s) to run (%s if the search keeps to the cheaper half of the space, %s if "
+             "to the dearer half)%s", t.folds, epochs, fit, minutes(clock.cv_seconds(small)), small.arch.key(),
+             minutes(clock.cv_seconds(large)), large.arch.key(), minutes(sum(costs)), left, minutes(low),
+             minutes(high), f", with {pruner_kind(cfg)} pruning" if pruner_kind(cfg) != "none" else "")
     if clock.deadline is not None:
         fits = int(np.searchsorted(np.cumsum(costs), clock.deadline - time.time(), side="right"))
         if fits < left:
