@@ -255,7 +255,7 @@ def test_the_first_eta_spans_the_space_s_cheaper_and_dearer_halves():
     clock = SearchClock(cfg, tiny_task(), time.time())
     clock.start_costs, clock.typical, clock.halves = [10.0], 100.0, (40.0, 300.0)
     start = MEASURE_SECONDS + clock.share * 10.0
-    # The start's nets are known; the later trials are priced at each half's median net.
+    # The start's nets are known; the later trials are priced at each half's mean.
     assert clock.span(0, 3) == pytest.approx((start + 2 * (MEASURE_SECONDS + clock.share * 40.0),
                                               start + 2 * (MEASURE_SECONDS + clock.share * 300.0)))
     assert clock.span(0, 3)[0] < sum(clock.expected(0, 3)) < clock.span(0, 3)[1]

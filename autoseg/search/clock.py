@@ -165,8 +165,8 @@ class SearchClock:
         self.cost: StepCost | None = None  # None: not calibrated (nothing was left to run)
         self.start_costs: list[float] = []  # whole-CV seconds of the planned start's nets, by place
         self.typical = 0.0  # whole-CV seconds of the space's median net
-        # whole-CV seconds of the median nets of the space's cheaper and dearer halves (by cost): the first ETA's
-        # range, since before any result nothing says which way the sampler will go
+        # mean whole-CV seconds of the space's cheaper and dearer halves (by cost): the first ETA's range, since
+        # before any result nothing says which way the sampler will go
         self.halves = (0.0, 0.0)
         self.share = PRUNED_SHARE[pruner_kind(cfg)]
         self.warned = False  # the log has said that the time limit cuts the search
@@ -250,7 +250,7 @@ class SearchClock:
 
     def span(self, place: int, count: int, study: optuna.Study | None = None) -> tuple[float, float]:
         """The range of the ETA of the next `count` trials: their expected seconds with the later trials priced
-        at the median net of the space's cheaper half, and at that of its dearer half."""
+        at the mean cost of the nets of the space's cheaper half, and at that of its dearer half."""
         low, high = (sum(self.expected(place, count, study, cv)) for cv in self.halves)
         return low, high
 
@@ -337,7 +337,8 @@ def plan_search(
     # penalty are seldom the space's dear tail (bench_clock_seeds' ETA table).
     secs = [sec for sec, _ in net_costs]
     clock.typical = float(np.median(secs))
-    clock.halves = (float(np.percentile(secs, 25)), float(np.percentile(secs, 75)))
+    half = len(secs) // 2  # secs ascend
+    clock.halves = (float(np.mean(secs[:max(half, 1)])), float(np.mean(secs[half:])))
     clock.keep_for_second_stage(net_costs[len(net_costs) // 2][1])  # the median net by cost
     fit, _, epochs = clock.fold_shape(small.tile)
     one = MEASURE_SECONDS + clock.cv_seconds(small)
@@ -373,7 +374,7 @@ def plan_search(
     c = clock.cost
     log.debug("clock: timed %s; a training step takes %.3g s + per tile %.3g s + %.3g s a dense GMAC + %.3g s "
               "a depthwise GMAC; the start's whole CVs %s s; later trials priced at %.0f s (measuring, and %.0f%% "
-              "of the space's median whole CV, %.0f s; its mean is %.0f s, its halves' medians %.0f and %.0f s); "
+              "of the space's median whole CV, %.0f s; its mean is %.0f s, its halves' means %.0f and %.0f s); "
               "%.0f s for the %d trial(s)",
               ", ".join(n.arch.key() for n in timed), c.step_seconds, c.base, 1e9 * c.per_mac,
               1e9 * c.per_depthwise_mac, " ".join(f"{x:.0f}" for x in clock.start_costs), clock.later_price(study),
