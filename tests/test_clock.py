@@ -49,9 +49,10 @@ from autoseg.search import (
     startup_trials,
     tile_macs,
 )
-from autoseg.search.clock import MEASURE_SECONDS, PRIOR_TRIALS
+from autoseg.search.clock import MEASURE_SECONDS, PRIOR_TRIALS, latency_line, under_budget
+from autoseg.search.space import tile_choices
 from autoseg.train import cross_validate, training_settings
-from autoseg.unet import Arch
+from autoseg.unet import Arch, count_macs
 
 # ------------------------------------------------------------------ small nets first
 
@@ -325,6 +326,49 @@ def test_a_latency_budget_no_net_meets_is_refused_after_timing_only_the_smallest
                         r"k3_c4_standard_transpose \(tile 16\), takes ([\d.e-]+) ms at 16x16 px on local; raise "
                         r"--latency-budget-ms above \1 or allow smaller nets \(search\.space\)", str(e.value))
     assert len(recorders[0].models) == 1  # that net only, and nothing trained
+    recorders[0].close()
+
+
+def test_the_latency_line_is_a_power_of_macs_that_never_falls():
+    line = latency_line([(1e6, 1.0), (1e8, 10.0)])
+    assert line(1e7) == pytest.approx(10 ** 0.5) and line(1e6) == pytest.approx(1.0)
+    flat = latency_line([(1e6, 4.0), (1e8, 1.0)])  # noise can make a larger net time faster: no falling line
+    assert flat(1e9) == pytest.approx(2.0) == flat(1e3)
+    assert latency_line([(1e6, 3.0)])(1e9) == pytest.approx(3.0)
+
+
+def test_a_latency_budget_is_priced_in_the_eta_from_the_start_s_nets_measured(caplog):
+    cfg = load_config(None, {})
+    pool = [c for c, _ in space_pool(cfg)]
+    starts = [sample_candidate(FixedTrial(p), cfg.search.space, tile_choices(cfg)) for p in startup_plan(cfg)]
+
+    def mmacs(c) -> int:
+        return count_macs(c.arch, 3, 2, c.tile, c.tile) // 10**6
+
+    asked = []
+    latency = lambda c: asked.append(c) or float(mmacs(c))  # noqa: E731  ms = MMACs: a line through them is exact
+    with caplog.at_level(logging.INFO, logger="autoseg"):
+        trained = under_budget(50.0, starts, pool, {}, latency, mmacs)
+    assert asked == starts  # only the start's nets are measured; the rest are guessed
+    assert all(trained(c) == (mmacs(c) <= 50.0) for c in pool + starts)
+    over = sum(mmacs(c) > 50.0 for c in starts)
+    assert 0 < over < len(starts)
+    share = 100 * np.mean([mmacs(c) > 50.0 for c in pool])
+    assert (f"latency budget 50 ms: {over} of the {len(starts)} nets measured are over it, and about {share:.0f}% of "
+            "the space by a line through their latencies") in caplog.text
+    assert under_budget(None, starts, pool, {}, latency, mmacs)(pool[-1])  # no budget: every net trains
+
+
+def test_the_plan_under_a_latency_budget_measures_the_start_s_nets_once(tmp_path, caplog):
+    recorders: list[Recorder] = []
+    with caplog.at_level(logging.INFO, logger="autoseg"):
+        cfg, *_, clock = tiny_plan(tmp_path, wrap=lambda d: recorders.append(Recorder(d)) or recorders[-1],
+                                   **{"search.latency_budget_ms": 1e6})
+    starts, models = startup_plan(cfg), recorders[0].models
+    # the smallest, then the start's nets (the smallest is one of them here), each once
+    assert len(starts) <= len(models) == len(set(models)) <= 1 + len(starts)
+    assert f"latency budget 1e+06 ms: 0 of the {len(models)} nets measured are over it" in caplog.text
+    assert len(clock.start_costs) == len(starts) and all(c > 0 for c in clock.start_costs)  # all of them train
     recorders[0].close()
 
 

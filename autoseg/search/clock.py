@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -141,6 +142,15 @@ def calibrate(cfg: Config, task: SearchTask, nets: list[Candidate]) -> StepCost:
         b = fold_batch(cfg, task, net)
         points.append((*tile_work(net, task), max((_step_seconds(cfg, task, net, b) - fixed) / b, 1e-9)))
     return fit_step_cost(points, fixed)
+
+
+def latency_line(points: list[tuple[float, float]]) -> Callable[[float], float]:
+    """Latency (ms) as a power of MACs through measured (MACs, ms) points, fitted in logs and never falling as
+    MACs grow: the plan's rough guess, before any trial, of which nets a latency budget drops."""
+    x, y = (np.log(np.maximum(np.array(col, dtype=float), 1e-12)) for col in zip(*points, strict=True))
+    slope = max(0.0, float(np.polyfit(x, y, 1)[0])) if np.ptp(x) > 0 else 0.0
+    at = float(y.mean() - slope * x.mean())
+    return lambda macs: float(np.exp(at + slope * math.log(max(macs, 1e-12))))
 
 
 def minutes(seconds: float) -> str:
@@ -287,7 +297,8 @@ def plan_search(
     cfg: Config, task: SearchTask, device: Device, settings: MeasureSettings, study: optuna.Study, started: float
 ) -> SearchClock:
     """Before the first trial: check the latency budget on the space's smallest net (none meets it: one
-    line, exit 2), time a few training steps of its smallest and largest nets (and of its separable net with
+    line, exit 2) and measure the start's nets against it (the ETA prices the nets it drops as measured only),
+    time a few training steps of its smallest and largest nets (and of its separable net with
     the most depthwise MACs), refuse a --max-minutes too short for one trial, say what the time goes on (the
     search's limit, the final training's budget), give the latency range with the flag that halves the space
     when there is no budget, and the ETA."""
@@ -313,8 +324,9 @@ def plan_search(
     size = timed_size(smallest.arch, smallest.tile, cfg.device.measure_size)
     where = f"at {size}x{size} px on {device.name}"
     budget = scfg.latency_budget_ms
+    measured: dict[Candidate, float | None] = {}  # latencies (ms) taken before the first trial
     if budget is not None:
-        lat = latency(smallest)
+        lat = measured[smallest] = latency(smallest)
         if lat is not None and lat > budget:
             raise InputError(
                 f"search.latency_budget_ms: no net of the space meets {budget:g} ms: its smallest, "
@@ -328,14 +340,20 @@ def plan_search(
     timed = [small, large, *([heavy] if with_depthwise else [])]
     clock.cost = calibrate(cfg, task, timed)
     pool = space_pool(cfg)
-    clock.start_costs = [clock.cv_seconds(sample_candidate(optuna.trial.FixedTrial(p), scfg.space, tile_choices(cfg)))
-                         for p in startup_plan(cfg)]
+    starts = [sample_candidate(optuna.trial.FixedTrial(p), scfg.space, tile_choices(cfg)) for p in startup_plan(cfg)]
+    by_macs = sorted((c for c, _ in pool), key=lambda c: (timed_macs(c), c.arch.key()))
+    middle = by_macs[len(by_macs) // 2] if by_macs else smallest
+    # a random start plans no nets: the space's median and largest stand in for them
+    probes = starts or [middle, largest]
+    trained = under_budget(budget, probes, by_macs, measured, latency, timed_macs)
+    clock.start_costs = [clock.cv_seconds(c) if trained(c) else 0.0 for c in starts]  # dropped: measured only
     net_costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool), key=lambda sc: sc[0])
     if not net_costs:
         net_costs = [(clock.cv_seconds(small), small)]
     # The median, not the mean: after the start TPE keeps near the best nets so far, which under the latency
-    # penalty are seldom the space's dear tail (bench_clock_seeds' ETA table).
-    secs = [sec for sec, _ in net_costs]
+    # penalty are seldom the space's dear tail (bench_clock_seeds' ETA table). Under a latency budget it keeps
+    # to the nets that the budget lets train, as it keeps away from the trials pruned.
+    secs = [sec for sec, c in net_costs if trained(c)] or [clock.cv_seconds(small)]
     clock.typical = float(np.median(secs))
     half = len(secs) // 2  # secs ascend
     clock.halves = (float(np.mean(secs[:max(half, 1)])), float(np.mean(secs[half:])))
@@ -356,8 +374,6 @@ def plan_search(
         )
 
     if budget is None:
-        by_cost = sorted(pool, key=lambda cp: (timed_macs(cp[0]), cp[0].arch.key()))
-        middle = by_cost[len(by_cost) // 2][0] if by_cost else smallest
         lats = [latency(c) for c in (smallest, middle, largest)]
         if all(v is not None for v in lats):
             log.info("no latency budget: every candidate is trained, the slowest too. The space's nets take %.3g ms "
@@ -392,6 +408,39 @@ def plan_search(
                      "best so far is trained", scfg.max_minutes, fits, left,
                      minutes(max(0.0, clock.deadline - time.time())))
     return clock
+
+
+def under_budget(
+    budget: float | None,
+    probes: list[Candidate],
+    pool: list[Candidate],
+    measured: dict[Candidate, float | None],
+    latency: Callable[[Candidate], float | None],
+    timed_macs: Callable[[Candidate], int],
+) -> Callable[[Candidate], bool]:
+    """Whether the latency budget lets a net train: `probes` (the start's nets, whose trials then read their
+    latency from the cache) measured, the others guessed by a latency_line through them. Says how much of the
+    probes and of the space the budget drops."""
+    if budget is None:
+        return lambda c: True
+    for c in probes:
+        if c not in measured:
+            measured[c] = latency(c)
+    points = [(float(timed_macs(c)), ms) for c, ms in measured.items() if ms is not None]
+    line = latency_line(points) if len(points) >= 2 else None
+
+    def trained(c: Candidate) -> bool:
+        ms = measured.get(c)
+        if ms is None and line is not None:
+            ms = line(timed_macs(c))
+        return ms is None or ms <= budget
+
+    if line is not None:
+        log.info("latency budget %g ms: %d of the %d nets measured are over it, and about %.0f%% of the space by a "
+                 "line through their latencies; those are measured, not trained, and the ETA counts them so", budget,
+                 sum(ms is not None and ms > budget for ms in measured.values()), len(measured),
+                 100 * np.mean([not trained(c) for c in pool]) if pool else 0.0)
+    return trained
 
 
 def _search_limit_text(cfg: Config, clock: SearchClock) -> str:
