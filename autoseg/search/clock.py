@@ -347,13 +347,13 @@ def plan_search(
     probes = starts or [middle, largest]
     trained = under_budget(budget, probes, by_macs, measured, latency, timed_macs)
     clock.start_costs = [clock.cv_seconds(c) if trained(c) else 0.0 for c in starts]  # dropped: measured only
-    net_costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool), key=lambda sc: sc[0])
+    # Under a latency budget TPE keeps to the nets the budget lets train, as it keeps away from trials pruned.
+    net_costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool if trained(c)), key=lambda sc: sc[0])
     if not net_costs:
         net_costs = [(clock.cv_seconds(small), small)]
     # The median, not the mean: after the start TPE keeps near the best nets so far, which under the latency
-    # penalty are seldom the space's dear tail (bench_clock_seeds' ETA table). Under a latency budget it keeps
-    # to the nets that the budget lets train, as it keeps away from the trials pruned.
-    secs = [sec for sec, c in net_costs if trained(c)] or [clock.cv_seconds(small)]
+    # penalty are seldom the space's dear tail (bench_clock_seeds' ETA table).
+    secs = [sec for sec, _ in net_costs]
     clock.typical = float(np.median(secs))
     half = len(secs) // 2  # secs ascend
     clock.halves = (float(np.mean(secs[:max(half, 1)])), float(np.mean(secs[half:])))
