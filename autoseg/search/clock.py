@@ -144,15 +144,6 @@ def calibrate(cfg: Config, task: SearchTask, nets: list[Candidate]) -> StepCost:
     return fit_step_cost(points, fixed)
 
 
-def latency_line(points: list[tuple[float, float]]) -> Callable[[float], float]:
-    """Latency (ms) as a power of MACs through measured (MACs, ms) points, fitted in logs and never falling as
-    MACs grow: the plan's rough guess, before any trial, of which nets a latency budget drops."""
-    x, y = (np.log(np.maximum(np.array(col, dtype=float), 1e-12)) for col in zip(*points, strict=True))
-    slope = max(0.0, float(np.polyfit(x, y, 1)[0])) if np.ptp(x) > 0 else 0.0
-    at = float(y.mean() - slope * x.mean())
-    return lambda macs: float(np.exp(at + slope * math.log(max(macs, 1e-12))))
-
-
 def minutes(seconds: float) -> str:
     if seconds < 60:
         return f"{max(seconds, 1):.0f} s"
@@ -341,14 +332,11 @@ def plan_search(
     clock.cost = calibrate(cfg, task, timed)
     pool = space_pool(cfg)
     starts = [sample_candidate(optuna.trial.FixedTrial(p), scfg.space, tile_choices(cfg)) for p in startup_plan(cfg)]
-    by_macs = sorted((c for c, _ in pool), key=lambda c: (timed_macs(c), c.arch.key()))
-    middle = by_macs[len(by_macs) // 2] if by_macs else smallest
-    # a random start plans no nets: the space's median and largest stand in for them
-    probes = starts or [middle, largest]
-    trained = under_budget(budget, probes, by_macs, measured, latency, timed_macs)
+    trained = under_budget(budget, starts, measured, latency)
     clock.start_costs = [clock.cv_seconds(c) if trained(c) else 0.0 for c in starts]  # dropped: measured only
-    # Under a latency budget TPE keeps to the nets the budget lets train, as it keeps away from trials pruned.
-    net_costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool if trained(c)), key=lambda sc: sc[0])
+    # Priced over the whole space under a latency budget too: there TPE went to the dearest nets the budget let
+    # train, and busy readings let dearer ones in (results/full/clock_budget.md).
+    net_costs = sorted(((clock.cv_seconds(c), c) for c, _ in pool), key=lambda sc: sc[0])
     if not net_costs:
         net_costs = [(clock.cv_seconds(small), small)]
     # The median, not the mean: after the start TPE keeps near the best nets so far, which under the latency
@@ -374,6 +362,8 @@ def plan_search(
         )
 
     if budget is None:
+        by_macs = sorted((c for c, _ in pool), key=lambda c: (timed_macs(c), c.arch.key()))
+        middle = by_macs[len(by_macs) // 2] if by_macs else smallest
         lats = [latency(c) for c in (smallest, middle, largest)]
         if all(v is not None for v in lats):
             log.info("no latency budget: every candidate is trained, the slowest too. The space's nets take %.3g ms "
@@ -412,34 +402,25 @@ def plan_search(
 
 def under_budget(
     budget: float | None,
-    probes: list[Candidate],
-    pool: list[Candidate],
+    starts: list[Candidate],
     measured: dict[Candidate, float | None],
     latency: Callable[[Candidate], float | None],
-    timed_macs: Callable[[Candidate], int],
 ) -> Callable[[Candidate], bool]:
-    """Whether the latency budget lets a net train: `probes` (the start's nets, whose trials then read their
-    latency from the cache) measured, the others guessed by a latency_line through them. Says how much of the
-    probes and of the space the budget drops."""
+    """Whether the latency budget lets a net of the start train: each measured (its trial then reads the latency
+    from the cache), and the log says how many are over it."""
     if budget is None:
         return lambda c: True
-    for c in probes:
+    for c in starts:
         if c not in measured:
             measured[c] = latency(c)
-    points = [(float(timed_macs(c)), ms) for c, ms in measured.items() if ms is not None]
-    line = latency_line(points) if len(points) >= 2 else None
 
     def trained(c: Candidate) -> bool:
         ms = measured.get(c)
-        if ms is None and line is not None:
-            ms = line(timed_macs(c))
         return ms is None or ms <= budget
 
-    if line is not None:
-        log.info("latency budget %g ms: %d of the %d nets measured are over it, and about %.0f%% of the space by a "
-                 "line through their latencies; those are measured, not trained, and the ETA counts them so", budget,
-                 sum(ms is not None and ms > budget for ms in measured.values()), len(measured),
-                 100 * np.mean([not trained(c) for c in pool]) if pool else 0.0)
+    if starts:
+        log.info("latency budget %g ms: %d of the start's %d nets are over it; they are measured, not trained, and "
+                 "the ETA counts them so", budget, sum(not trained(c) for c in starts), len(starts))
     return trained
 
 
