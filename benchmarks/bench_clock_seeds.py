@@ -379,9 +379,12 @@ def main(argv: list[str] | None = None) -> int:
                   "| seed | variant | ETA said (its range) | trials took | took / said (in the range?) | half way: "
                   "said / took (took / said) | the model of the trials / their time |", "|---|---|---|---|---|---|---|"]
 
+        def inside(e: dict) -> bool:
+            low, high = e["range"]
+            return low <= e["took"] <= high
+
         def within(e: dict) -> str:
-            low, high = e["range"] or (math.nan, math.nan)
-            return "" if e["range"] is None else " (in)" if low <= e["took"] <= high else " (out)"
+            return "" if e["range"] is None else " (in)" if inside(e) else " (out)"
 
         lines += [f"| {seed} | {v} | {e['said']:.0f} s"
                   + (f" ({e['range'][0]:.0f}-{e['range'][1]:.0f} s)" if e["range"] else "")
@@ -394,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             return f"median {statistics.median(xs):.2f}, {min(xs):.2f} to {max(xs):.2f}" if xs else "-"
 
         es = [e for *_, e in etas]
-        ranged = [within(e) for e in es if e["range"]]
+        ranged = [inside(e) for e in es if e["range"]]
         lines.append(f"| all | | | | {spread([e['took'] / e['said'] for e in es])}"
-                     + (f", {ranged.count(' (in)')} of {len(ranged)} in the range" if ranged else "") + " | "
+                     + (f", {sum(ranged)} of {len(ranged)} in the range" if ranged else "") + " | "
                      f"{spread([e['half_took'] / e['half_said'] for e in es if e['half_said']])} | "
                      f"{spread([e['modelled'] / e['ran'] for e in es if e['ran']])} |")
     if ends:
