@@ -192,7 +192,8 @@ def score(t: optuna.trial.FrozenTrial, key: str) -> float:
     return float(t.value) if key == "objective" else float(t.user_attrs["cv_mean"])
 
 
-def reading(study: optuna.Study, out: Path, trials: int) -> dict:
+def reading(study: optuna.Study, out: Path, trials: int, k: int) -> dict:
+    """What one search's study and log say; k is its start's trial count (TPE's start, cost-ordered or random)."""
     lines = log_lines(out)
     t0 = search_start(lines, min(t.datetime_start for t in study.trials).timestamp())
     done = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.datetime_complete)
@@ -203,7 +204,6 @@ def reading(study: optuna.Study, out: Path, trials: int) -> dict:
         modelled, ran = model_said(lines)
         eta = {"said": said[0], "took": end - said[1], "range": said[2], "modelled": modelled, "ran": ran,
                "half_said": half[0] if half else 0.0, "half_took": end - half[1] if half else 0.0}
-    k = startup_trials(load_config(None, {"search.trials": trials}))  # TPE's start, cost-ordered or random
     first = [t for t in study.trials if t.number < k]
     start = None
     if len(first) == k and all(t.datetime_complete for t in first):
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(run, todo))
     rows, pairs, marks, ends, etas = [], [], [], [], []
+    k = startup_trials(load_config(None, {"search.trials": a.trials}))
     miou: dict[tuple[Path, int, int], float] = {}  # (run, trial, training seed)
     runs_by_seed: dict[int, dict[str, dict]] = {}
     for seed in a.seeds:
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in a.variants:
             out = a.keep / f"s{seed}_{v}"
             runs[v] = reading(optuna.load_study(study_name="autoseg", storage=f"sqlite:///{out / 'study.db'}"), out,
-                              a.trials)
+                              a.trials, k)
             runs[v]["card"] = json.loads((out / "best" / "model_card.json").read_text())  # what the search shipped
             if runs[v]["eta"]:
                 etas.append((seed, v, runs[v]["eta"]))
