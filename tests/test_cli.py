@@ -545,6 +545,8 @@ def test_config_show_prints_what_a_search_would_run_with_and_check_validates_a_f
     assert resolved["train"]["final_tiles"] == 5000 and resolved["search"]["trials"] == 7
     assert resolved["train"]["final_data"] == "all" and resolved["train"]["folds"] == 3  # defaults included
     assert (resolved["search"]["refine_top"], resolved["search"]["refine_tiles"]) == (4, 1250)  # as settled
+    quiet = autoseg("-q", "config", "show", "--config", cfg, "--trials", "7", "--tile", "128")  # -q first too
+    assert quiet.returncode == 0 and yaml.safe_load(quiet.stdout) == resolved, quiet.stderr
     assert autoseg("config", "check", cfg).stdout.strip() == f"{cfg}: ok"
     cfg.write_text("tiles: {size: 1}\n")
     for proc in (autoseg("config", "check", cfg), autoseg("config", "show", "--config", cfg)):

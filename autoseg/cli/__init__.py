@@ -16,6 +16,7 @@ from autoseg.logs import setup_logging
 from autoseg.rundir import os_hint, os_reason
 
 __all__ = ["main", "overrides_from"]
+TOP_FLAGS = ("-q", "--quiet", "-v", "--verbose")  # the flags that may come before the command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["config", "show"]:  # argparse's REMAINDER does not take flags right after a subcommand
-        args = argparse.Namespace(command="config", config_command="show", flags=argv[2:], top_quiet=False,
-                                  top_verbose=False)
+    top = next((i for i, a in enumerate(argv) if a not in TOP_FLAGS), len(argv))
+    if argv[top:top + 2] == ["config", "show"]:  # argparse's REMAINDER does not take flags right after a subcommand
+        args = argparse.Namespace(command="config", config_command="show", flags=argv[top + 2:],
+                                  top_quiet=bool({"-q", "--quiet"} & set(argv[:top])),
+                                  top_verbose=bool({"-v", "--verbose"} & set(argv[:top])))
     else:
         args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False) or args.top_quiet
