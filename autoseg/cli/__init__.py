@@ -6,7 +6,6 @@ worker, a study whose search has not recorded its data in time).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from autoseg.cli.commands import COMMANDS, cmd_device_check
@@ -26,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     top = next((i for i, a in enumerate(argv) if a not in TOP_FLAGS), len(argv))
     if argv[top:top + 2] == ["config", "show"]:  # argparse's REMAINDER does not take flags right after a subcommand
-        args = argparse.Namespace(command="config", config_command="show", flags=argv[top + 2:],
-                                  top_quiet=bool({"-q", "--quiet"} & set(argv[:top])),
-                                  top_verbose=bool({"-v", "--verbose"} & set(argv[:top])))
+        args = parser.parse_args(argv[:top + 2])
+        args.flags = argv[top + 2:]
     else:
         args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False) or args.top_quiet
